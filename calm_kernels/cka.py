@@ -1,0 +1,187 @@
+"""Linear CKA (Kornblith et al. 2019) between two representations of the same n tokens.
+
+    CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F * ||Yc^T Yc||_F),   Xc = X - column means
+
+Public API (the search depends on it; the Triton kernel plugs in behind it):
+- `linear_cka(x, y, debiased=False) -> CKAResult`: one shot on whole matrices.
+- `CKAAccumulator`: streaming over calibration batches in the feature-space form, so a block's outputs are
+  never held whole. `CKAAccumulator.reference(...)` computes the full-precision side's self term once per
+  block; candidates then reuse it.
+
+Numerics: LLM hidden states have channels whose mean is ~1000x their spread, so the uncentered identity
+X^T Y - n mx my^T cancels catastrophically. Each batch is centered on its own mean (in float64, then the
+product runs in float32) and batches are merged with Chan's parallel co-moment update in float64. The final
+Frobenius reductions run in float64: candidates differ in the 3rd-5th decimal.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class CKAResult:
+    """CKA and its three terms: hsic_xy = ||Yc^T Xc||_F^2, hsic_xx = ||Xc^T Xc||_F^2, hsic_yy likewise."""
+    cka: float
+    hsic_xy: float
+    hsic_xx: float
+    hsic_yy: float
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() > 2:
+        x = x.reshape(-1, x.shape[-1])
+    if y.dim() > 2:
+        y = y.reshape(-1, y.shape[-1])
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError(f"CKA takes (tokens, features) matrices, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"CKA needs the same tokens on both sides: {x.shape[0]} rows vs {y.shape[0]} rows")
+    if not (x.is_floating_point() and y.is_floating_point()):
+        raise TypeError(f"CKA takes floating-point inputs, got {x.dtype} and {y.dtype}")
+    return x, y
+
+
+def _ratio(xy: float, xx: float, yy: float) -> float:
+    denom = (xx ** 0.5) * (yy ** 0.5)
+    return float(xy / denom) if denom > 0 else 0.0
+
+
+def linear_cka_reference(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> CKAResult:
+    """Float64 oracle. Feature space when n >= d, sample space (n x n Grams) when n is the smaller side."""
+    x, y = _check_pair(x, y)
+    x = x.to(torch.float64)
+    y = y.to(torch.float64)
+    n = x.shape[0]
+    if debiased:
+        return _debiased_sample_space(x, y)
+    xc = x - x.mean(0, keepdim=True)
+    yc = y - y.mean(0, keepdim=True)
+    if n < max(x.shape[1], y.shape[1]):
+        kx = xc @ xc.T
+        ky = yc @ yc.T
+        xy = float((kx * ky).sum())
+        xx = float((kx * kx).sum())
+        yy = float((ky * ky).sum())
+    else:
+        xy = float((yc.T @ xc).square().sum())
+        xx = float((xc.T @ xc).square().sum())
+        yy = float((yc.T @ yc).square().sum())
+    return CKAResult(_ratio(xy, xx, yy), xy, xx, yy)
+
+
+def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> float:
+    """Song et al. (2012) unbiased HSIC estimator (up to a constant factor that cancels in CKA)."""
+    n = k.shape[0]
+    if n < 4:
+        raise ValueError(f"debiased CKA needs at least 4 tokens, got {n}")
+    k = k.clone()
+    l = l.clone()
+    k.fill_diagonal_(0)
+    l.fill_diagonal_(0)
+    kl = (k * l).sum()
+    k1 = k.sum(1)
+    l1 = l.sum(1)
+    value = kl + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2 * (k1 @ l1) / (n - 2)
+    return float(value / (n * (n - 3)))
+
+
+def _debiased_sample_space(x: torch.Tensor, y: torch.Tensor) -> CKAResult:
+    # The unbiased estimator is invariant to a constant shift of the features; centering first keeps it exact.
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    kx = x @ x.T
+    ky = y @ y.T
+    xy = _unbiased_hsic(kx, ky)
+    xx = _unbiased_hsic(kx, kx)
+    yy = _unbiased_hsic(ky, ky)
+    return CKAResult(_ratio(xy, xx, yy), xy, xx, yy)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> CKAResult:
+    """Linear CKA of two (tokens, features) matrices (leading dims are flattened into tokens)."""
+    if debiased:
+        return linear_cka_reference(x, y, debiased=True)
+    acc = CKAAccumulator()
+    acc.update(x, y)
+    return acc.compute()
+
+
+class CoMoment:
+    """Streaming centered co-moment sum_i (x_i - mx)(y_i - my)^T, merged batch by batch (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean_x: torch.Tensor | None = None
+        self.mean_y: torch.Tensor | None = None
+        self.matrix: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = _check_pair(x, y)
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        mx = x.to(torch.float64).mean(0)
+        my = y.to(torch.float64).mean(0)
+        # float64 inputs stay float64 (tests, oracles); anything else multiplies in float32 after centering.
+        compute = torch.float64 if x.dtype == torch.float64 and y.dtype == torch.float64 else torch.float32
+        xc = (x.to(torch.float64) - mx).to(compute)
+        yc = (y.to(torch.float64) - my).to(compute)
+        m_b = (xc.T @ yc).to(torch.float64)
+        if self.n == 0:
+            self.n, self.mean_x, self.mean_y, self.matrix = nb, mx, my, m_b
+            return
+        n = self.n + nb
+        dx = mx - self.mean_x
+        dy = my - self.mean_y
+        self.matrix = self.matrix + m_b + torch.outer(dx, dy) * (self.n * nb / n)
+        self.mean_x = self.mean_x + dx * (nb / n)
+        self.mean_y = self.mean_y + dy * (nb / n)
+        self.n = n
+
+
+def frobenius_sq(m: torch.Tensor) -> float:
+    return float(m.to(torch.float64).square().sum())
+
+
+class CKAAccumulator:
+    """Streaming linear CKA in the feature-space form.
+
+    `reference_self_term` is ||Xc^T Xc||_F^2 of the full-precision side when already known (from
+    `CKAAccumulator.reference`); then only X^T Y and Y^T Y are accumulated per candidate.
+    """
+
+    def __init__(self, reference_self_term: float | None = None) -> None:
+        self._xx_known = reference_self_term
+        self._xy = CoMoment()
+        self._yy = CoMoment()
+        self._xx = CoMoment() if reference_self_term is None else None
+
+    @staticmethod
+    def reference(batches) -> float:
+        """||Xc^T Xc||_F^2 of the full-precision outputs, streamed over `batches`."""
+        m = CoMoment()
+        for x in batches:
+            m.update(x, x)
+        if m.matrix is None:
+            raise ValueError("no calibration batches were given")
+        return frobenius_sq(m.matrix)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._xy.update(x, y)
+        self._yy.update(y, y)
+        if self._xx is not None:
+            self._xx.update(x, x)
+
+    @property
+    def tokens(self) -> int:
+        return self._xy.n
+
+    def compute(self) -> CKAResult:
+        if self._xy.matrix is None:
+            raise ValueError("CKAAccumulator.compute() before any update()")
+        xy = frobenius_sq(self._xy.matrix)
+        yy = frobenius_sq(self._yy.matrix)
+        xx = self._xx_known if self._xx is None else frobenius_sq(self._xx.matrix)
+        return CKAResult(_ratio(xy, xx, yy), xy, xx, yy)
