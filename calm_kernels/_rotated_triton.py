@@ -1,0 +1,296 @@
+"""Triton kernels of calm_kernels.rotated (contract, numerics and test status are documented there).
+
+Imported only by the launchers in rotated.py once `use_triton` said yes, so `import calm_kernels` never
+imports triton. Every config list here is a guess: no GPU has run these kernels yet.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from calm_kernels._dispatch import interpreter_enabled
+
+# 3-bit codes j = 0..31 of a 32-code group span three int32 words. Codes 0..10 lie in the 64-bit pair
+# (w0, w1) at bit 3j, codes 11..31 in (w1, w2) at bit 3j - 32; XOR with the field top bits turns
+# offset-binary fields into two's complement ones, which a left then arithmetic right shift sign-extends.
+_LO3_TOP_BITS = tl.constexpr(sum(1 << (3 * j + 2) for j in range(11)))
+_HI3_TOP_BITS = tl.constexpr(sum(1 << (3 * j - 30) for j in range(11, 32)) - (1 << 64))
+_TOP_BITS_2 = tl.constexpr(0xAAAAAAAA - (1 << 32))
+_TOP_BITS_4 = tl.constexpr(0x88888888 - (1 << 32))
+# 1.5 * 2^23: adding it leaves a float32 in [2^23, 2^24), where the spacing is 1, so the add itself rounds
+# to the nearest integer with ties to even; subtracting it back is exact. Valid for |v| < 2^22.
+_ROUNDING_MAGIC = tl.constexpr(12582912.0)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _bucket(n: int) -> int:
+    # Autotune key: one tuning per power-of-two range of the token count, capped where configs stop changing.
+    return min(_next_pow2(max(n, 1)), 4096)
+
+
+@triton.jit
+def _round_half_to_even(v):
+    """Same rule as rotated.round_half_to_even (torch.round); the caller clamps v to the code range."""
+    return (v + _ROUNDING_MAGIC) - _ROUNDING_MAGIC
+
+
+@triton.jit
+def _pow2_normalizer(amax):
+    """Powers of two (f, 1/f) with amax * f in [0.5, 1), built from the exponent bits: exact, no log2."""
+    exponent = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    f_field = tl.maximum(253 - exponent, 1)
+    f = (f_field << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - f_field) << 23).to(tl.float32, bitcast=True)
+    return f, inv
+
+
+@triton.jit
+def _quantize(y, safe_scale, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    v = tl.math.div_rn(y, safe_scale)
+    v = tl.minimum(tl.maximum(v, QMIN * 1.0), QMAX * 1.0)
+    return _round_half_to_even(v).to(tl.int8)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, f_ptr, codes_ptr, scales_ptr,
+    T, K, stride_xt, stride_ct, norm, scale_mult, T_BUCKET,
+    HAS_FACTOR: tl.constexpr, D: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Tokens as rows: no transform, or one factor of order K <= 128 (x (BLOCK_T, D) @ F (D, D))."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, D)
+    row_mask = rows < T
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    inv = tl.full((BLOCK_T,), 1.0, tl.float32)
+    if HAS_FACTOR:
+        f, inv = _pow2_normalizer(tl.max(tl.abs(x), axis=1))
+        factor = tl.load(f_ptr + cols[:, None] * D + cols[None, :])
+        x = tl.dot((x * f[:, None]).to(tl.float16), factor)
+    scale = tl.max(tl.abs(x), axis=1) * scale_mult
+    safe = tl.where(scale > 0, scale, 1.0)
+    codes = _quantize(x, tl.broadcast_to(safe[:, None], (BLOCK_T, D)), QMIN, QMAX)
+    tl.store(codes_ptr + rows[:, None] * stride_ct + cols[None, :], codes, mask=mask)
+    tl.store(scales_ptr + rows, scale * inv * norm, mask=row_mask)
+
+
+@triton.jit
+def _kron2_quantize_kernel(
+    x_ptr, f1_ptr, f2_ptr, codes_ptr, scales_ptr,
+    T, stride_xt, stride_ct, norm, scale_mult, T_BUCKET,
+    d1: tl.constexpr, d2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, RESCALE: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, TOKENS_PER_PROG: tl.constexpr,
+):
+    """Each token row is a (d1, d2) matrix X; x (F1 kron F2) = F1^T X F2: two tensor-core dots per token,
+    the first's accumulator feeding the second as its left operand."""
+    pid = tl.program_id(0)
+    r1 = tl.arange(0, D1)
+    r2 = tl.arange(0, D2)
+    offs = r1[:, None] * d2 + r2[None, :]
+    mask = (r1 < d1)[:, None] & (r2 < d2)[None, :]
+    f1_t = tl.load(f1_ptr + r1[None, :] * D1 + r1[:, None])  # F1^T, fp16, zero-padded
+    f2 = tl.load(f2_ptr + r2[:, None] * D2 + r2[None, :])
+    for i in range(TOKENS_PER_PROG):
+        t64 = pid.to(tl.int64) * TOKENS_PER_PROG + i
+        live = t64 < T
+        x = tl.load(x_ptr + t64 * stride_xt + offs, mask=mask & live, other=0.0).to(tl.float32)
+        f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+        z = tl.dot(f1_t, (x * f).to(tl.float16))
+        if RESCALE:  # learned factors: keep the fp16 operand of the second dot in range
+            g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
+            z = z * g
+            inv = inv * inv_g
+        y = tl.dot(z.to(tl.float16), f2)
+        scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * scale_mult
+        safe = tl.where(scale > 0, scale, 1.0)
+        codes = _quantize(y, tl.full((D1, D2), 1.0, tl.float32) * safe, QMIN, QMAX)
+        tl.store(codes_ptr + t64 * stride_ct + offs, codes, mask=mask & live)
+        tl.store(scales_ptr + t64, scale * inv * norm, mask=live)
+
+
+def _rows_configs(d: int, has_factor: bool) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_T": 16}, num_warps=4)]
+    lo = 16 if has_factor else 1
+    sizes = [bt for bt in (1, 2, 4, 8, 16, 32, 64) if bt >= lo and bt * d <= 16384] or [lo]
+    return [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt in sizes for w in (4, 8)]
+
+
+def _kron2_configs(d1: int, d2: int) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"TOKENS_PER_PROG": 2}, num_warps=4)]
+    warps = (4, 8) if d1 * d2 <= 4096 else (8, 16)
+    return [triton.Config({"TOKENS_PER_PROG": tpp}, num_warps=w, num_stages=s)
+            for tpp in (1, 2, 4, 8) for w in warps for s in (1, 2)]
+
+
+@functools.cache
+def _rows_kernel(d: int, has_factor: bool):
+    return triton.autotune(_rows_configs(d, has_factor), key=["T_BUCKET", "K"])(_quantize_rows_kernel)
+
+
+@functools.cache
+def _kron2_kernel(d1: int, d2: int):
+    return triton.autotune(_kron2_configs(d1, d2), key=["T_BUCKET", "d1", "d2", "RESCALE"])(_kron2_quantize_kernel)
+
+
+def transform_quantize(x: torch.Tensor, bits: int, scale_mult: float, orders: tuple[int, ...],
+                       factors: tuple[tuple[torch.Tensor, ...], float] | None, rescale: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    t, k = x.shape
+    codes = torch.empty((t, k), dtype=torch.int8, device=x.device)
+    scales = torch.empty((t,), dtype=torch.float32, device=x.device)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if t == 0:
+        return codes, scales
+    padded, norm = factors if factors is not None else ((), 1.0)
+    for f in padded:
+        if f.device != x.device or f.dtype != torch.float16 or not f.is_contiguous():
+            raise ValueError("kernel factors must be contiguous float16 on the activations' device "
+                             "(build them with rotated.kernel_factors(transform, device))")
+    if len(orders) == 2:
+        d1, d2 = orders
+        kernel = _kron2_kernel(padded[0].shape[0], padded[1].shape[0])
+        grid = lambda meta: (triton.cdiv(t, meta["TOKENS_PER_PROG"]),)  # noqa: E731
+        kernel[grid](x, padded[0], padded[1], codes, scales, t, x.stride(0), codes.stride(0), norm, scale_mult,
+                     _bucket(t), d1=d1, d2=d2, D1=padded[0].shape[0], D2=padded[1].shape[0], RESCALE=rescale,
+                     QMIN=qmin, QMAX=qmax)
+    else:
+        has_factor = len(orders) == 1
+        d = padded[0].shape[0] if has_factor else max(16, _next_pow2(k))
+        kernel = _rows_kernel(d, has_factor)
+        grid = lambda meta: (triton.cdiv(t, meta["BLOCK_T"]),)  # noqa: E731
+        kernel[grid](x, padded[0] if has_factor else x, codes, scales, t, k, x.stride(0), codes.stride(0), norm,
+                     scale_mult, _bucket(t), HAS_FACTOR=has_factor, D=d, QMIN=qmin, QMAX=qmax)
+    return codes, scales
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int8 x packed-weight GEMM
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _signed_weight_tile(w_ptr, rn64, n_mask, stride_wn, k0, words_per_row,
+                        W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Signed int8 codes (BLOCK_N, BLOCK_K) of columns k0..k0+BLOCK_K from the packed bit stream."""
+    rows = w_ptr + rn64[:, None] * stride_wn
+    if W_BITS == 3:
+        GROUPS: tl.constexpr = BLOCK_K // 32
+        g = k0 // 32 + tl.arange(0, GROUPS)
+        mask = n_mask[:, None] & (g < words_per_row // 3)[None, :]
+        word = rows + g[None, :] * 3
+        w0 = tl.load(word, mask=mask, other=0).to(tl.uint32).to(tl.int64)
+        w1 = tl.load(word + 1, mask=mask, other=0).to(tl.uint32).to(tl.int64)
+        w2 = tl.load(word + 2, mask=mask, other=0).to(tl.uint32).to(tl.int64)
+        lo = (w0 | (w1 << 32)) ^ _LO3_TOP_BITS
+        hi = (w1 | (w2 << 32)) ^ _HI3_TOP_BITS
+        j = tl.arange(0, 32)
+        pair = tl.where((j < 11)[None, None, :], lo[:, :, None], hi[:, :, None])
+        shift = tl.where(j < 11, 61 - 3 * j, 93 - 3 * j).to(tl.int64)
+        q = (pair << shift[None, None, :]) >> 61
+    else:
+        PER_WORD: tl.constexpr = 32 // W_BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        wi = k0 // PER_WORD + tl.arange(0, WORDS)
+        mask = n_mask[:, None] & (wi < words_per_row)[None, :]
+        w = tl.load(rows + wi[None, :], mask=mask, other=0)
+        if W_BITS == 4:
+            w = w ^ _TOP_BITS_4
+        else:
+            w = w ^ _TOP_BITS_2
+        j = tl.arange(0, PER_WORD)
+        q = (w[:, :, None] << (32 - W_BITS - W_BITS * j)[None, None, :]) >> (32 - W_BITS)
+    return tl.reshape(q.to(tl.int8), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _rotated_matmul_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, stride_am, stride_wn, stride_om, M_BUCKET,
+    K: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # K is a compile-time constant (one per layer shape): static trip count for the software pipeliner, and
+    # Triton 3.6's interpreter cannot take a runtime loop bound under numpy >= 2.4.
+    WORDS_PER_ROW: tl.constexpr = (K + 31) // 32 * W_BITS
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row tiles walk the same weight columns together, so weight tiles hit in L2.
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    a_rows = a_ptr + rm[:, None] * stride_am
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0)
+        w = _signed_weight_tile(w_ptr, rn, n_mask, stride_wn, k0, WORDS_PER_ROW, W_BITS, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if OUT_INT32:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
+        w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+        y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _gemm_configs(regime: str) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
+    c = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    if regime == "decode":  # weight-bandwidth bound: many narrow column tiles, long K steps
+        return [c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4) for s in (3, 4)]
+    if regime == "medium":
+        return [c(bm, bn, bk, 4, s) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for s in (3, 4)]
+    return [c(128, 128, 64, 4, 4), c(128, 128, 128, 8, 3), c(128, 256, 64, 8, 3), c(256, 128, 64, 8, 3),
+            c(128, 256, 128, 8, 3), c(256, 128, 128, 8, 3), c(64, 256, 128, 4, 3), c(128, 64, 128, 4, 4)]
+
+
+@functools.cache
+def _gemm_kernel(regime: str):
+    return triton.autotune(_gemm_configs(regime), key=["M_BUCKET", "N", "K", "W_BITS", "OUT_INT32"]
+                           )(_rotated_matmul_kernel)
+
+
+def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor | None, w_packed: torch.Tensor,
+                   w_scales: torch.Tensor | None, w_bits: int, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    m, k = a_codes.shape
+    n = w_packed.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None or out_dtype == torch.int32 else out.copy_(bias.expand(m, n))
+    int_out = out_dtype == torch.int32
+    regime = "decode" if m <= 16 else "medium" if m <= 128 else "large"
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_kernel(regime)[grid](
+        a_codes, w_packed, a_codes if int_out else a_scales, a_codes if int_out else w_scales,
+        bias if bias is not None else a_codes, out,
+        m, n, a_codes.stride(0), w_packed.stride(0), out.stride(0), _bucket(m),
+        K=k, W_BITS=w_bits, HAS_BIAS=bias is not None and not int_out, OUT_INT32=int_out)
+    return out

@@ -1,0 +1,533 @@
+"""Rotated weight-and-activation quantized matmul (W3A3, W4A4, W4A8): online orthogonal transform of the
+activations fused with per-token quantization, then an int8 tensor-core GEMM against packed 3/4-bit weights.
+
+    y = x W^T = (x R)(W R^-T)^T,   R = norm * (F_1 kron F_2 [kron F_3])   (orthogonal for a Hadamard)
+
+Contract
+- Transform (`KroneckerTransform`): R acts on the activation row from the right, x' = x R, and the
+  weights are folded offline as W' = W R^-T (= W R when R is orthogonal). The factors are kept unnormalized
+  (a Hadamard keeps its +-1 entries) and `norm` carries the scalar, so integer inputs transform exactly.
+  - `hadamard_transform(n)`: a normalized Hadamard of order n, split into at most three Kronecker factors
+    whose orders are each <= 128 and constructible here: Sylvester 2^k, Paley I (q + 1, q a prime power
+    = 3 mod 4), Paley II (2(q + 1), q a prime power = 1 mod 4) and doublings of those. Every factor is
+    checked H H^T = d I in integers. Orders 92 and 116 (Williamson-type) are not constructed. Refused:
+    n with no such split (odd n; 2 * odd; 11008 = 2^8 * 43, which needs order 172) and splits whose padded
+    size (each factor padded to a power of two >= 16) exceeds 32768. `supported_hadamard_size(n)` tells.
+    Model sizes that work: 576 = 24 x 24, 896 = 28 x 32, 1536, 4864 = 76 x 64, 4096, 14336 = 112 x 128.
+  - `kronecker_transform(p1, p2)`: learned invertible factors (FlatQuant-style affine path), each <= 128.
+- Activation quantization: per token, symmetric, b in {3, 4, 8} bits:
+  scale = clip_ratio * max|x'| / (2^(b-1) - 1), code = clamp(round_half_to_even(x' / scale), -2^(b-1),
+  2^(b-1) - 1) as int8. An all-zero token gets scale 0 and codes 0. `fake_quantize_activations` is the
+  public quantize-dequantize reference.
+- Weights: per-output-channel symmetric RTN with the same code range; codes q are stored offset-binary,
+  q + 2^(b-1), in the project's bit stream (`calm_kernels.packing.pack_codes`); scales (N,) float32.
+- GEMM: y[m, n] = a_scale[m] * w_scale[n] * sum_k a[m, k] * q[n, k] (+ bias), int32 accumulation, output in
+  the activation dtype. `int_matmul` returns the raw int32 sums (the exact test path).
+
+Kernels (Triton, `calm_kernels/_rotated_triton.py`, imported only when a launcher runs them)
+- `transform_quantize`: one program holds BLOCK_T whole token rows in registers: one read of x, per-token
+  power-of-two normalization (exact, keeps fp16 in range), one tensor-core dot per Kronecker factor
+  (fp16 operands, fp32 accumulation), amax, quantization, one write of int8 codes and a float32 scale per
+  token. Padded rows are limited to 32768 elements.
+- `rotated_matmul`: int8 x int8 -> int32 `tl.dot`; the packed weight tile is sign-extended in registers
+  (XOR of the offset-binary top bit, shift left, arithmetic shift right; 3-bit codes straddle 32-bit words,
+  so they are read from 64-bit pairs); scales and bias in the epilogue.
+
+Numerics: the kernel rounds each stage's input to fp16 (11-bit significand) after normalizing the token to
+amax in [0.5, 1); the reference transforms in float32. Codes therefore agree exactly when the transform is
+exact (integer-valued inputs and factors, as the tests use) and otherwise differ by one only next to a
+rounding tie. Division is IEEE (`div_rn`) and rounding is half-to-even on both sides.
+
+Tested: references on CPU; the Triton kernels under TRITON_INTERPRET=1 only. Not yet run on a GPU:
+the configs, the autotune lists and every performance claim are unmeasured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from calm_kernels._dispatch import use_triton
+from calm_kernels.packing import pack_codes, packed_words, unpack_codes
+
+ACTIVATION_BITS = (3, 4, 8)
+WEIGHT_BITS = (2, 3, 4)
+MAX_FACTOR_ORDER = 128  # a factor's padded (D, D) fp16 matrix must fit one tensor-core operand tile
+MIN_PADDED_FACTOR = 16  # tl.dot needs every dimension >= 16
+MAX_PADDED_ROW = 16384  # two factors of padded order <= 128; a whole padded token row lives in registers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rounding and quantizer references (the oracles the kernels are tested against)
+# ----------------------------------------------------------------------------------------------------------
+
+def round_half_to_even(t: torch.Tensor) -> torch.Tensor:
+    """The one rounding rule of this file: nearest integer, ties to even (IEEE), as `torch.round` does.
+
+    The Triton kernels implement the same rule with the fp32 magic-number add (exact for |v| < 2^22; values
+    are clamped to the code range first), so kernel codes and reference codes agree bit for bit."""
+    return torch.round(t)
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """Signed symmetric code range [-2^(b-1), 2^(b-1) - 1]; the scale maps max|x| to 2^(b-1) - 1."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _check_activation_bits(bits: int) -> None:
+    if bits not in ACTIVATION_BITS:
+        raise ValueError(f"activation bits must be one of {ACTIVATION_BITS}, got {bits}")
+
+
+def _check_weight_bits(bits: int) -> None:
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits}")
+
+
+def _check_clip(clip_ratio: float) -> None:
+    if not (0.0 < clip_ratio <= 1.0):
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+
+
+def _scale_multiplier(bits: int, clip_ratio: float) -> torch.Tensor:
+    # One float32 constant clip/qmax, rounded once, used identically by the reference and the kernel.
+    return torch.tensor(clip_ratio / code_range(bits)[1], dtype=torch.float32)
+
+
+def quantize_per_token_reference(x: torch.Tensor, bits: int, clip_ratio: float = 1.0
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization of a float (T, K) tensor: (int8 codes (T, K), float32 scales (T,))."""
+    _check_activation_bits(bits)
+    _check_clip(clip_ratio)
+    qmin, qmax = code_range(bits)
+    z = x.to(torch.float32)
+    scale = z.abs().amax(dim=-1) * _scale_multiplier(bits, clip_ratio)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = round_half_to_even(torch.clamp(z / safe.unsqueeze(-1), qmin, qmax)).to(torch.int8)
+    return codes, scale
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Per-token symmetric quantize-dequantize along the last dim (any leading dims); returns x's dtype.
+
+    bits in {3, 4, 8}; clip_ratio in (0, 1] shrinks the per-token max before the scale is taken."""
+    shape = x.shape
+    codes, scale = quantize_per_token_reference(x.reshape(-1, shape[-1]), bits, clip_ratio)
+    return (codes.to(torch.float32) * scale.unsqueeze(-1)).reshape(shape).to(x.dtype)
+
+
+def quantize_weights_rtn(w: torch.Tensor, bits: int, clip_ratio: float = 1.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric round-to-nearest of (N, K) weights: (int8 signed codes, float32 scales (N,))."""
+    _check_weight_bits(bits)
+    _check_clip(clip_ratio)
+    if w.dim() != 2:
+        raise ValueError(f"weights must be 2-D (out_features, in_features), got {tuple(w.shape)}")
+    qmin, qmax = code_range(bits)
+    z = w.to(torch.float32)
+    scale = z.abs().amax(dim=1) * torch.tensor(clip_ratio / qmax, dtype=torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = round_half_to_even(torch.clamp(z / safe.unsqueeze(1), qmin, qmax)).to(torch.int8)
+    return codes, scale
+
+
+def pack_weight_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed (N, K) weight codes in [-2^(b-1), 2^(b-1) - 1] -> packed int32 words, stored offset-binary."""
+    _check_weight_bits(bits)
+    qmin, qmax = code_range(bits)
+    c = codes.to(torch.int32)
+    if c.numel() and (int(c.min()) < qmin or int(c.max()) > qmax):
+        raise ValueError(f"signed {bits}-bit weight codes must lie in [{qmin}, {qmax}], "
+                         f"got [{int(c.min())}, {int(c.max())}]")
+    return pack_codes(c - qmin, bits)
+
+
+def unpack_weight_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of pack_weight_codes: (N, words) int32 -> signed int8 codes (N, k)."""
+    _check_weight_bits(bits)
+    return (unpack_codes(packed, bits, k).to(torch.int16) + code_range(bits)[0]).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hadamard matrices of the small orders
+# ----------------------------------------------------------------------------------------------------------
+
+def _prime_power(q: int) -> tuple[int, int] | None:
+    if q < 2:
+        return None
+    p = next(d for d in range(2, q + 1) if q % d == 0)
+    k, r = 0, q
+    while r % p == 0:
+        r //= p
+        k += 1
+    return (p, k) if r == 1 else None
+
+
+def _poly_mod(a: list[int], f: list[int], p: int) -> list[int]:
+    """a mod f over GF(p); polynomials are coefficient lists, lowest degree first; f monic."""
+    a = [c % p for c in a]
+    while len(a) >= len(f):
+        lead = a[-1]
+        if lead:
+            shift = len(a) - len(f)
+            for i, c in enumerate(f):
+                a[shift + i] = (a[shift + i] - lead * c) % p
+        a.pop()
+    return a
+
+
+def _irreducible_poly(p: int, k: int) -> list[int]:
+    """The first monic irreducible polynomial of degree k over GF(p) (trial division, small p^k only)."""
+    def monic(deg: int):
+        for n in range(p ** deg):
+            yield [(n // p ** i) % p for i in range(deg)] + [1]
+
+    for f in monic(k):
+        if all(any(_poly_mod(f, g, p)) for d in range(1, k // 2 + 1) for g in monic(d)):
+            return f
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")
+
+
+def _quadratic_character(q: int) -> tuple[list[int], callable]:
+    """Quadratic character chi of GF(q) as a table over element indices, and element subtraction."""
+    p, k = _prime_power(q)
+    digits = [[(n // p ** i) % p for i in range(k)] for n in range(q)]
+
+    def index(d: list[int]) -> int:
+        return sum((c % p) * p ** i for i, c in enumerate(d))
+
+    if k == 1:
+        squares = {(n * n) % p for n in range(1, p)}
+    else:
+        f = _irreducible_poly(p, k)
+        squares = set()
+        for n in range(1, q):
+            a = digits[n]
+            prod = [0] * (2 * k - 1)
+            for i, ai in enumerate(a):
+                for j, aj in enumerate(a):
+                    prod[i + j] += ai * aj
+            rem = _poly_mod(prod, f, p)
+            squares.add(index(rem + [0] * (k - len(rem))))
+    chi = [0] + [1 if n in squares else -1 for n in range(1, q)]
+
+    def sub(i: int, j: int) -> int:
+        return index([a - b for a, b in zip(digits[i], digits[j])])
+
+    return chi, sub
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    chi, sub = _quadratic_character(q)
+    return torch.tensor([[chi[sub(i, j)] for j in range(q)] for i in range(q)], dtype=torch.int64)
+
+
+def _paley_core(q: int, skew: bool) -> torch.Tensor:
+    """[[0, 1^T], [+-1, Q]]: the conference-type core of both Paley constructions."""
+    s = torch.zeros(q + 1, q + 1, dtype=torch.int64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1 if skew else 1
+    s[1:, 1:] = _jacobsthal(q)
+    return s
+
+
+@functools.cache
+def _hadamard_int(n: int) -> torch.Tensor | None:
+    """A +-1 Hadamard matrix of order n (int64), or None when none of our constructions reaches n."""
+    if n == 1:
+        return torch.ones(1, 1, dtype=torch.int64)
+    if n == 2:
+        return torch.tensor([[1, 1], [1, -1]], dtype=torch.int64)
+    if n % 4:
+        return None
+    if n & (n - 1) == 0:  # Sylvester
+        h = _hadamard_int(n // 2)
+        return torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    pp = _prime_power(n - 1)
+    if pp is not None and (n - 1) % 4 == 3:  # Paley I: H = I + S, S skew
+        return torch.eye(n, dtype=torch.int64) + _paley_core(n - 1, skew=True)
+    q = n // 2 - 1
+    if _prime_power(q) is not None and q % 4 == 1:  # Paley II
+        s = _paley_core(q, skew=False)
+        a = torch.tensor([[1, 1], [1, -1]], dtype=torch.int64)
+        b = torch.tensor([[1, -1], [-1, -1]], dtype=torch.int64)
+        return torch.kron(s, a) + torch.kron(torch.eye(q + 1, dtype=torch.int64), b)
+    half = _hadamard_int(n // 2)
+    if half is not None:
+        return torch.kron(_hadamard_int(2), half)
+    return None
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """Unnormalized +-1 Hadamard matrix of order n (int64), verified H H^T = n I; ValueError if not constructible."""
+    h = _hadamard_int(n)
+    if h is None:
+        raise ValueError(f"no Hadamard matrix of order {n} is constructed here (Sylvester, Paley I/II and "
+                         f"doublings reach every multiple of 4 up to 128 except 92 and 116)")
+    if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.int64)):
+        raise AssertionError(f"constructed Hadamard matrix of order {n} fails H H^T = n I")
+    return h
+
+
+@functools.cache
+def hadamard_orders(limit: int = MAX_FACTOR_ORDER) -> tuple[int, ...]:
+    """Orders <= limit for which hadamard_matrix succeeds."""
+    return tuple(n for n in range(1, limit + 1) if _hadamard_int(n) is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kronecker transforms
+# ----------------------------------------------------------------------------------------------------------
+
+def padded_order(d: int) -> int:
+    """Factor order as the kernel holds it: the next power of two, at least MIN_PADDED_FACTOR."""
+    return max(MIN_PADDED_FACTOR, 1 << (d - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerTransform:
+    """R = norm * kron(factors[0], factors[1], ...), applied as x' = x R; weights fold as W' = W R^-T.
+
+    Args:
+        factors: 1 or 2 square float32 matrices, each of order <= 128; their orders multiply to `size`.
+        norm: scalar multiplier (1/sqrt(n) for a Hadamard; 1 for learned factors).
+        orthogonal: True when R R^T = I (Hadamard); then R^-T = R and no inverse is computed.
+    """
+    factors: tuple[torch.Tensor, ...]
+    norm: float
+    orthogonal: bool
+
+    def __post_init__(self):
+        if not 1 <= len(self.factors) <= 2:
+            raise ValueError(f"a Kronecker transform takes 1 or 2 factors, got {len(self.factors)}")
+        for f in self.factors:
+            if f.dim() != 2 or f.shape[0] != f.shape[1]:
+                raise ValueError(f"Kronecker factors must be square matrices, got shape {tuple(f.shape)}")
+            if f.shape[0] > MAX_FACTOR_ORDER:
+                raise ValueError(f"a Kronecker factor of order {f.shape[0]} exceeds {MAX_FACTOR_ORDER}: split it "
+                                 f"into smaller factors")
+        if self.padded_size > MAX_PADDED_ROW:
+            raise ValueError(f"transform of size {self.size} pads to {self.padded_size} > {MAX_PADDED_ROW} "
+                             f"elements per token, more than the fused kernel holds in registers")
+
+    @property
+    def orders(self) -> tuple[int, ...]:
+        return tuple(int(f.shape[0]) for f in self.factors)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.orders)
+
+    @property
+    def padded_size(self) -> int:
+        return math.prod(padded_order(d) for d in self.orders)
+
+    def matrix(self) -> torch.Tensor:
+        """Dense R (float64): for tests and small sizes only."""
+        r = torch.ones(1, 1, dtype=torch.float64)
+        for f in self.factors:
+            r = torch.kron(r, f.to(torch.float64))
+        return r * self.norm
+
+    def apply_unnormalized(self, x: torch.Tensor) -> torch.Tensor:
+        """x kron(factors) along the last dim, float32 (no `norm`): the reference of the kernel's stages."""
+        shape = x.shape
+        z = x.to(torch.float32).reshape(-1, *self.orders)
+        for axis, f in enumerate(self.factors, start=1):
+            z = torch.movedim(torch.tensordot(z, f.to(torch.float32), dims=([axis], [0])), -1, axis)
+        return z.reshape(shape)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x R along the last dim (float32)."""
+        return self.apply_unnormalized(x) * self.norm
+
+    def fold_into_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W' = W R^-T (float32), so that (x R) W'^T = x W^T."""
+        if w.shape[-1] != self.size:
+            raise ValueError(f"weight has {w.shape[-1]} input features, the transform has size {self.size}")
+        w32 = w.to(torch.float32)
+        if self.orthogonal:
+            return self.apply(w32)
+        inv_t = KroneckerTransform(tuple(torch.linalg.inv(f.to(torch.float64)).T.to(torch.float32)
+                                         for f in self.factors), 1.0 / self.norm, False)
+        return inv_t.apply(w32)
+
+
+def _hadamard_split(n: int, max_order: int) -> tuple[int, ...] | None:
+    """One or two constructible Hadamard orders <= max_order multiplying to n, chosen by smallest padded
+    row, then one factor over two, then a power-of-two second factor (its rows are the contiguous, aligned
+    loads), then fewest padded dot columns."""
+    orders = [d for d in hadamard_orders(max_order) if d > 1]
+    best, best_key = None, None
+    for split in [(n,)] + [(a, n // a) for a in orders if n % a == 0]:
+        if not all(d in orders for d in split):
+            continue
+        padded = [padded_order(d) for d in split]
+        key = (math.prod(padded), len(split), split[-1] & (split[-1] - 1) != 0, sum(padded))
+        if best_key is None or key < best_key:
+            best, best_key = split, key
+    if best is None or best_key[0] > MAX_PADDED_ROW:
+        return None
+    return best
+
+
+def supported_hadamard_size(n: int, max_order: int = MAX_FACTOR_ORDER) -> bool:
+    """True when hadamard_transform(n) exists."""
+    return n >= 1 and _hadamard_split(n, max_order) is not None
+
+
+def hadamard_transform(n: int, max_order: int = MAX_FACTOR_ORDER) -> KroneckerTransform:
+    """Normalized Hadamard of order n as one or two Kronecker factors of order <= max_order."""
+    split = _hadamard_split(n, max_order) if n >= 1 else None
+    if split is None:
+        raise ValueError(
+            f"no online Hadamard of size {n}: it must be one Hadamard order or a product of two, each <= {max_order} "
+            f"(constructible: {', '.join(map(str, hadamard_orders(max_order)))}) with a padded row <= "
+            f"{MAX_PADDED_ROW}; use transform='none' or Kronecker factors for this layer")
+    factors = tuple(hadamard_matrix(d).to(torch.float32) for d in split)
+    return KroneckerTransform(factors, 1.0 / math.sqrt(n), orthogonal=True)
+
+
+def kronecker_transform(*factors: torch.Tensor, orthogonal: bool = False) -> KroneckerTransform:
+    """Learned (invertible) Kronecker factors P1[, P2]: x' = x (P1 kron P2), W' = W (P1 kron P2)^-T."""
+    return KroneckerTransform(tuple(f.detach().to(torch.float32).contiguous() for f in factors), 1.0, orthogonal)
+
+
+def kernel_factors(transform: KroneckerTransform, device: torch.device | str | None = None
+                   ) -> tuple[tuple[torch.Tensor, ...], float]:
+    """The operands the fused kernel reads: each factor zero-padded to (D, D) fp16 and scaled by a power
+    of two so its max |entry| lies in [0.5, 1) (keeps fp16 in range; exact), and the norm absorbing those
+    powers. Build once per layer (calm.nn caches it)."""
+    padded, norm = [], transform.norm
+    for f in transform.factors:
+        d, big = f.shape[0], padded_order(f.shape[0])
+        amax = float(f.abs().max())
+        exp = math.frexp(amax)[1] if amax > 0 else 0
+        g = torch.zeros(big, big, dtype=torch.float32)
+        g[:d, :d] = f.to(torch.float32) * 2.0 ** (-exp)
+        norm *= 2.0 ** exp
+        padded.append(g.to(torch.float16).to(device).contiguous())
+    return tuple(padded), norm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused transform + per-token quantization
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_activations(x: torch.Tensor, transform: KroneckerTransform | None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"activations must be 2-D (tokens, features); reshape leading dims first, got "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"activations must be float16, bfloat16 or float32, got {x.dtype}")
+    if transform is not None and x.shape[1] != transform.size:
+        raise ValueError(f"activations have {x.shape[1]} features, the transform has size {transform.size}")
+
+
+def transform_quantize_reference(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
+                                 transform: KroneckerTransform | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of x R, computed as the kernel orders it: transform with the unnormalized factors,
+    quantize, then multiply the scale by `norm` (codes do not depend on a positive scalar)."""
+    _check_activations(x, transform)
+    if transform is None:
+        return quantize_per_token_reference(x, bits, clip_ratio)
+    codes, scale = quantize_per_token_reference(transform.apply_unnormalized(x), bits, clip_ratio)
+    return codes, scale * torch.tensor(transform.norm, dtype=torch.float32)
+
+
+def transform_quantize(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
+                       transform: KroneckerTransform | None = None,
+                       factors: tuple[tuple[torch.Tensor, ...], float] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, K) float -> (codes int8 (T, K), scales float32 (T,)) of x R quantized per token.
+
+    `factors` is kernel_factors(transform) prepared in advance (optional; built here otherwise)."""
+    _check_activations(x, transform)
+    _check_activation_bits(bits)
+    _check_clip(clip_ratio)
+    if not use_triton(x):
+        return transform_quantize_reference(x, bits, clip_ratio, transform)
+    if x.stride(1) != 1:
+        raise ValueError("activations must be contiguous along features (call .contiguous())")
+    from calm_kernels import _rotated_triton
+
+    if transform is not None and factors is None:
+        factors = kernel_factors(transform, x.device)
+    return _rotated_triton.transform_quantize(x, bits, float(_scale_multiplier(bits, clip_ratio)),
+                                              transform.orders if transform is not None else (),
+                                              factors, not (transform is None or transform.orthogonal))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Integer GEMM against packed weights
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_gemm(a_codes: torch.Tensor, w_packed: torch.Tensor, w_bits: int) -> None:
+    _check_weight_bits(w_bits)
+    if a_codes.dim() != 2 or a_codes.dtype != torch.int8:
+        raise TypeError(f"activation codes must be a 2-D int8 tensor, got {a_codes.dtype} {tuple(a_codes.shape)}")
+    if w_packed.dim() != 2 or w_packed.dtype != torch.int32:
+        raise TypeError(f"packed weights must be a 2-D int32 tensor, got {w_packed.dtype} {tuple(w_packed.shape)}")
+    k = a_codes.shape[1]
+    if w_packed.shape[1] != packed_words(k, w_bits):
+        raise ValueError(f"packed weights have {w_packed.shape[1]} words per row; {k} input features at "
+                         f"{w_bits} bits need {packed_words(k, w_bits)}")
+    if a_codes.device != w_packed.device:
+        raise ValueError(f"activation codes on {a_codes.device}, weights on {w_packed.device}")
+
+
+def int_matmul_reference(a_codes: torch.Tensor, w_packed: torch.Tensor, w_bits: int) -> torch.Tensor:
+    """Exact int32 sums_k a[m, k] q[n, k] (int64 matmul on the CPU)."""
+    _check_gemm(a_codes, w_packed, w_bits)
+    q = unpack_weight_codes(w_packed, w_bits, a_codes.shape[1])
+    return (a_codes.cpu().to(torch.int64) @ q.cpu().to(torch.int64).T).to(torch.int32).to(a_codes.device)
+
+
+def int_matmul(a_codes: torch.Tensor, w_packed: torch.Tensor, w_bits: int) -> torch.Tensor:
+    """int8 (M, K) codes x packed signed weights (N, words) -> int32 (M, N), exact."""
+    _check_gemm(a_codes, w_packed, w_bits)
+    if not use_triton(a_codes, w_packed):
+        return int_matmul_reference(a_codes, w_packed, w_bits)
+    from calm_kernels import _rotated_triton
+
+    return _rotated_triton.rotated_matmul(a_codes.contiguous(), None, w_packed.contiguous(), None, w_bits,
+                                          None, torch.int32)
+
+
+def rotated_matmul_reference(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torch.Tensor,
+                             w_scales: torch.Tensor, w_bits: int, bias: torch.Tensor | None = None,
+                             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float32 reference: (a * a_scale) (q * w_scale)^T + bias, cast to out_dtype. Integer sums stay exact
+    in float32 while K * 128 * 2^(w_bits-1) < 2^24."""
+    _check_gemm(a_codes, w_packed, w_bits)
+    q = unpack_weight_codes(w_packed, w_bits, a_codes.shape[1]).to(torch.float32)
+    acc = a_codes.to(torch.float32) @ q.T
+    y = acc * a_scales.to(torch.float32).unsqueeze(1) * w_scales.to(torch.float32).unsqueeze(0)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
+                   w_bits: int, bias: torch.Tensor | None = None,
+                   out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """y (M, N) = a_scale[m] w_scale[n] sum_k a[m, k] q[n, k] (+ bias) in out_dtype (fp16/bf16/fp32)."""
+    _check_gemm(a_codes, w_packed, w_bits)
+    m, n = a_codes.shape[0], w_packed.shape[0]
+    if a_scales.shape != (m,) or w_scales.shape != (n,):
+        raise ValueError(f"scales must be (M,) = ({m},) and (N,) = ({n},), got {tuple(a_scales.shape)} and "
+                         f"{tuple(w_scales.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"output dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    if not use_triton(a_codes, w_packed):
+        return rotated_matmul_reference(a_codes, a_scales, w_packed, w_scales, w_bits, bias, out_dtype)
+    from calm_kernels import _rotated_triton
+
+    return _rotated_triton.rotated_matmul(a_codes.contiguous(), a_scales.to(torch.float32).contiguous(),
+                                          w_packed.contiguous(), w_scales.to(torch.float32).contiguous(), w_bits,
+                                          None if bias is None else bias.contiguous(), out_dtype)
