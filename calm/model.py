@@ -99,6 +99,11 @@ def _load_folder(path: Path, dtype: torch.dtype):
 
 def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """Return (model, tokenizer) in eval mode. `source`: None (embedded default), a model folder, or a .gguf file."""
+    from transformers.utils import logging as hf_logging
+
+    # calm prints its own progress; transformers' bars and warnings would bury the one-line errors.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
         raise CalmUsageError(f"model path {path} does not exist: pass a Hugging Face model folder or a .gguf file")
