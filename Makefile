@@ -1,0 +1,37 @@
+# The two commands: `make run` (set up, then the CALM search on the default model) and `make test`.
+PY := .venv/bin/python
+RUN_ARGS ?=
+
+.PHONY: setup run test test-unit test-kernels test-fast bench bench-gpu quality lint clean
+
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	$(PY) -m calm.run $(RUN_ARGS)
+
+# Unit and end-to-end tests, then the Triton kernels under the interpreter in their own process (the
+# variable must be set before the kernel modules are imported).
+test: setup
+	$(PY) -m pytest -q tests --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
+
+test-unit: setup
+	$(PY) -m pytest -q tests --ignore=tests/kernels -m "not slow"
+
+test-kernels: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
+
+bench: setup
+	$(PY) bench/bench_cka.py --smoke && $(PY) bench/bench_kmeans.py --smoke && \
+	$(PY) bench/bench_qgemm.py --smoke && $(PY) bench/bench_rotated.py --smoke
+
+bench-gpu:
+	CALM_EXTRAS=bench bash scripts/setup.sh
+	$(PY) bench/bench_cka.py && $(PY) bench/bench_kmeans.py && $(PY) bench/bench_qgemm.py && $(PY) bench/bench_rotated.py
+
+quality: setup
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf .venv outputs .pytest_cache

@@ -1,0 +1,196 @@
+"""Typed configuration: quantization scheme, search pool, run settings. Every dataclass round-trips to JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+
+class CalmUsageError(ValueError):
+    """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+
+
+SCHEME_PATTERN = re.compile(r"^W(?P<w>\d+)(?:A(?P<a>\d+))?(?:K(?P<k>\d+)V(?P<v>\d+))?(?:G(?P<g>\d+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """What a candidate must produce.
+
+    Args:
+        w_bits: weight bits (2, 3, 4 or 8).
+        group_size: input columns sharing one scale/zero; 0 means one group per output channel.
+        symmetric: symmetric grid (zero point fixed at 2^(b-1)) instead of a fitted integer zero point.
+        a_bits: activation bits; 16 means activations stay in floating point.
+        k_bits, v_bits: KV-cache bits; 16 means no KV quantization.
+    """
+    w_bits: int = 3
+    group_size: int = 64
+    symmetric: bool = False
+    a_bits: int = 16
+    k_bits: int = 16
+    v_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.w_bits not in (2, 3, 4, 8):
+            raise CalmUsageError(f"weight bits must be 2, 3, 4 or 8, got {self.w_bits}")
+        if self.group_size < 0:
+            raise CalmUsageError(f"group size must be positive (or 0 for per-channel), got {self.group_size}")
+        for name in ("a_bits", "k_bits", "v_bits"):
+            if getattr(self, name) not in (2, 3, 4, 8, 16):
+                raise CalmUsageError(f"{name} must be 2, 3, 4, 8 or 16, got {getattr(self, name)}")
+
+    @classmethod
+    def from_scheme(cls, scheme: str, symmetric: bool = False) -> "QuantSpec":
+        """Parse `W3A16G64`, `W4A16` (per-channel), `W4A8`, `W3A3K2V2`, ..."""
+        m = SCHEME_PATTERN.match(scheme.strip().upper())
+        if not m:
+            raise CalmUsageError(f"unknown scheme {scheme!r}: write it like W3A16G64 (weights 3 bits, activations "
+                                 f"16, groups of 64), W4A16 (per-channel) or W3A3K2V2")
+        a = int(m["a"]) if m["a"] else 16
+        k = int(m["k"]) if m["k"] else 16
+        v = int(m["v"]) if m["v"] else 16
+        g = int(m["g"]) if m["g"] else 0
+        return cls(w_bits=int(m["w"]), group_size=g, symmetric=symmetric, a_bits=a, k_bits=k, v_bits=v)
+
+    @property
+    def scheme(self) -> str:
+        s = f"W{self.w_bits}A{self.a_bits}"
+        if self.k_bits != 16 or self.v_bits != 16:
+            s += f"K{self.k_bits}V{self.v_bits}"
+        if self.group_size:
+            s += f"G{self.group_size}"
+        return s
+
+    def group_for(self, in_features: int) -> int:
+        """The group size for a layer with `in_features` inputs (per-channel: the whole row)."""
+        g = self.group_size or in_features
+        if in_features % g:
+            divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+            raise CalmUsageError(f"group size {g} does not divide a layer's input size {in_features}; "
+                                 f"use one that does (e.g. {divisors or [in_features]}) or per-channel (no G)")
+        return g
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateSpec:
+    """One member of the search pool: a registered algorithm and its options. `name` labels it in results."""
+    algorithm: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        if not self.options:
+            return self.algorithm
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.algorithm}[{opts}]"
+
+    @classmethod
+    def parse(cls, text: str) -> "CandidateSpec":
+        """`gptq` or `gptq:act_order=static,damp=0.02` (values parsed as JSON where they can be)."""
+        algo, _, rest = text.strip().partition(":")
+        options: dict[str, Any] = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise CalmUsageError(f"candidate option {item!r} in {text!r} must read key=value")
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value.strip()
+        return cls(algorithm=algo.strip().lower(), options=options)
+
+
+def parse_pool(text: str) -> tuple[CandidateSpec, ...]:
+    """`rtn,gptq` or `rtn;gptq:act_order=static,damp=0.02` (use ';' between candidates that carry options)."""
+    parts = [p for p in text.split(";" if ";" in text else ",") if p.strip()]
+    if not parts:
+        raise CalmUsageError("the pool is empty: name at least one algorithm, e.g. --pool rtn,gptq")
+    pool = tuple(CandidateSpec.parse(p) for p in parts)
+    names = [c.name for c in pool]
+    if len(set(names)) != len(names):
+        raise CalmUsageError(f"the pool names a candidate twice: {names}")
+    return pool
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """How the CALM search runs.
+
+    Args:
+        propagation: `greedy` (block l+1 sees the chosen quantized blocks' outputs) or `independent` (FP inputs).
+        tie_tolerance: CKA values closer than this count as a tie, broken by lower MSE.
+        batch_windows: calibration windows per forward pass (memory vs speed).
+    """
+    pool: tuple[CandidateSpec, ...] = (CandidateSpec("rtn"), CandidateSpec("gptq"))
+    propagation: str = "greedy"
+    tie_tolerance: float = 1e-7
+    batch_windows: int = 8
+    debiased_cka: bool = False
+
+    def __post_init__(self) -> None:
+        if self.propagation not in ("greedy", "independent"):
+            raise CalmUsageError(f"propagation must be 'greedy' or 'independent', got {self.propagation!r}")
+        if self.batch_windows < 1:
+            raise CalmUsageError("batch_windows must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Calibration and evaluation text.
+
+    Args:
+        text: None for the embedded Wikipedia extract (gensim wheel), or a local UTF-8 text file.
+        calib_windows, calib_seqlen: calibration windows drawn with `seed` from the calibration half.
+        eval_seqlen: T of the GPTQ perplexity protocol (non-overlapping windows of T tokens).
+        eval_tokens: held-out tokens evaluated (rounded down to whole windows); 0 means the whole held-out half.
+    """
+    text: str | None = None
+    calib_windows: int = 32
+    calib_seqlen: int = 512
+    eval_seqlen: int = 512
+    eval_tokens: int = 16384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("calib_windows", "calib_seqlen", "eval_seqlen"):
+            if getattr(self, name) < 1:
+                raise CalmUsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_tokens < 0:
+            raise CalmUsageError("eval_tokens must be >= 0 (0 = the whole held-out half)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: str | None = None
+    scheme: str = "W3A16G64"
+    symmetric: bool = False
+    search: SearchConfig = SearchConfig()
+    data: DataConfig = DataConfig()
+    baselines: bool = True
+    output: str = "outputs/default"
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec.from_scheme(self.scheme, symmetric=self.symmetric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        search = dict(d.get("search", {}))
+        if "pool" in search:
+            search["pool"] = tuple(CandidateSpec(**c) for c in search["pool"])
+        return cls(**{**d, "search": SearchConfig(**search), "data": DataConfig(**d.get("data", {}))})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.from_dict(json.loads(text))

