@@ -144,11 +144,9 @@ def _kron2_kernel(d1: int, d2: int):
 
 
 def transform_quantize(x: torch.Tensor, bits: int, scale_mult: float, orders: tuple[int, ...],
-                       factors: tuple[tuple[torch.Tensor, ...], float] | None, rescale: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       factors: tuple[tuple[torch.Tensor, ...], float] | None, rescale: bool,
+                       codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t, k = x.shape
-    codes = torch.empty((t, k), dtype=torch.int8, device=x.device)
-    scales = torch.empty((t,), dtype=torch.float32, device=x.device)
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if t == 0:
         return codes, scales
@@ -277,10 +275,10 @@ def _gemm_kernel(regime: str):
 
 def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor | None, w_packed: torch.Tensor,
                    w_scales: torch.Tensor | None, w_bits: int, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+                   out: torch.Tensor) -> torch.Tensor:
     m, k = a_codes.shape
     n = w_packed.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
+    out_dtype = out.dtype
     if m == 0 or n == 0:
         return out
     if k == 0:

@@ -57,6 +57,7 @@ WEIGHT_BITS = (2, 3, 4)
 MAX_FACTOR_ORDER = 128  # a factor's padded (D, D) fp16 matrix must fit one tensor-core operand tile
 MIN_PADDED_FACTOR = 16  # tl.dot needs every dimension >= 16
 MAX_PADDED_ROW = 16384  # two factors of padded order <= 128; a whole padded token row lives in registers
+MAX_PLAIN_ROW = 32768  # transform 'none': one padded row per program, no dot operands beside it
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,38 +191,28 @@ def _irreducible_poly(p: int, k: int) -> list[int]:
     raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")
 
 
-def _quadratic_character(q: int) -> tuple[list[int], callable]:
-    """Quadratic character chi of GF(q) as a table over element indices, and element subtraction."""
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = chi(e_i - e_j) over GF(q), chi the quadratic character; elements are base-p digit vectors
+    (polynomials modulo a monic irreducible of degree k when q = p^k)."""
     p, k = _prime_power(q)
-    digits = [[(n // p ** i) % p for i in range(k)] for n in range(q)]
-
-    def index(d: list[int]) -> int:
-        return sum((c % p) * p ** i for i, c in enumerate(d))
-
+    digits = torch.tensor([[(n // p ** i) % p for i in range(k)] for n in range(q)], dtype=torch.int64)
+    weights = torch.tensor([p ** i for i in range(k)], dtype=torch.int64)
     if k == 1:
         squares = {(n * n) % p for n in range(1, p)}
     else:
         f = _irreducible_poly(p, k)
         squares = set()
         for n in range(1, q):
-            a = digits[n]
+            a = digits[n].tolist()
             prod = [0] * (2 * k - 1)
             for i, ai in enumerate(a):
                 for j, aj in enumerate(a):
                     prod[i + j] += ai * aj
             rem = _poly_mod(prod, f, p)
-            squares.add(index(rem + [0] * (k - len(rem))))
-    chi = [0] + [1 if n in squares else -1 for n in range(1, q)]
-
-    def sub(i: int, j: int) -> int:
-        return index([a - b for a, b in zip(digits[i], digits[j])])
-
-    return chi, sub
-
-
-def _jacobsthal(q: int) -> torch.Tensor:
-    chi, sub = _quadratic_character(q)
-    return torch.tensor([[chi[sub(i, j)] for j in range(q)] for i in range(q)], dtype=torch.int64)
+            squares.add(sum(c * p ** i for i, c in enumerate(rem)))
+    chi = torch.tensor([0] + [1 if n in squares else -1 for n in range(1, q)], dtype=torch.int64)
+    difference = ((digits[:, None, :] - digits[None, :, :]) % p * weights).sum(-1)
+    return chi[difference]
 
 
 def _paley_core(q: int, skew: bool) -> torch.Tensor:
@@ -260,8 +251,8 @@ def _hadamard_int(n: int) -> torch.Tensor | None:
     return None
 
 
-def hadamard_matrix(n: int) -> torch.Tensor:
-    """Unnormalized +-1 Hadamard matrix of order n (int64), verified H H^T = n I; ValueError if not constructible."""
+@functools.cache
+def _verified_hadamard(n: int) -> torch.Tensor:
     h = _hadamard_int(n)
     if h is None:
         raise ValueError(f"no Hadamard matrix of order {n} is constructed here (Sylvester, Paley I/II and "
@@ -269,6 +260,11 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.int64)):
         raise AssertionError(f"constructed Hadamard matrix of order {n} fails H H^T = n I")
     return h
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """Unnormalized +-1 Hadamard matrix of order n (int64), verified H H^T = n I; ValueError if not constructible."""
+    return _verified_hadamard(n).clone()
 
 
 @functools.cache
@@ -440,25 +436,46 @@ def transform_quantize_reference(x: torch.Tensor, bits: int, clip_ratio: float =
 
 def transform_quantize(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
                        transform: KroneckerTransform | None = None,
-                       factors: tuple[tuple[torch.Tensor, ...], float] | None = None
+                       factors: tuple[tuple[torch.Tensor, ...], float] | None = None,
+                       out: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, K) float -> (codes int8 (T, K), scales float32 (T,)) of x R quantized per token.
 
-    `factors` is kernel_factors(transform) prepared in advance (optional; built here otherwise)."""
+    `factors`: kernel_factors(transform) prepared in advance (optional; built here otherwise).
+    `out`: preallocated (codes, scales) to write into (optional)."""
     _check_activations(x, transform)
     _check_activation_bits(bits)
     _check_clip(clip_ratio)
+    t, k = x.shape
+    if out is not None:
+        codes, scales = out
+        if codes.shape != (t, k) or codes.dtype != torch.int8 or not codes.is_contiguous():
+            raise ValueError(f"out codes must be a contiguous int8 ({t}, {k}) tensor")
+        if scales.shape != (t,) or scales.dtype != torch.float32 or not scales.is_contiguous():
+            raise ValueError(f"out scales must be a contiguous float32 ({t},) tensor")
     if not use_triton(x):
-        return transform_quantize_reference(x, bits, clip_ratio, transform)
+        result = transform_quantize_reference(x, bits, clip_ratio, transform)
+        if out is None:
+            return result
+        out[0].copy_(result[0])
+        out[1].copy_(result[1])
+        return out
     if x.stride(1) != 1:
         raise ValueError("activations must be contiguous along features (call .contiguous())")
+    if transform is not None and x.shape[1] > 0 and transform.padded_size > MAX_PADDED_ROW:
+        raise ValueError(f"transform pads rows to {transform.padded_size} > {MAX_PADDED_ROW}")
+    if transform is None and max(16, 1 << (k - 1).bit_length()) > MAX_PLAIN_ROW:
+        raise ValueError(f"{k} features exceed the {MAX_PLAIN_ROW} one read of a row holds")
     from calm_kernels import _rotated_triton
 
     if transform is not None and factors is None:
         factors = kernel_factors(transform, x.device)
+    if out is None:
+        out = (torch.empty((t, k), dtype=torch.int8, device=x.device),
+               torch.empty((t,), dtype=torch.float32, device=x.device))
     return _rotated_triton.transform_quantize(x, bits, float(_scale_multiplier(bits, clip_ratio)),
                                               transform.orders if transform is not None else (),
-                                              factors, not (transform is None or transform.orthogonal))
+                                              factors, not (transform is None or transform.orthogonal), *out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -493,8 +510,9 @@ def int_matmul(a_codes: torch.Tensor, w_packed: torch.Tensor, w_bits: int) -> to
         return int_matmul_reference(a_codes, w_packed, w_bits)
     from calm_kernels import _rotated_triton
 
+    out = torch.empty((a_codes.shape[0], w_packed.shape[0]), dtype=torch.int32, device=a_codes.device)
     return _rotated_triton.rotated_matmul(a_codes.contiguous(), None, w_packed.contiguous(), None, w_bits,
-                                          None, torch.int32)
+                                          None, out)
 
 
 def rotated_matmul_reference(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torch.Tensor,
@@ -513,8 +531,10 @@ def rotated_matmul_reference(a_codes: torch.Tensor, a_scales: torch.Tensor, w_pa
 
 def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor,
                    w_bits: int, bias: torch.Tensor | None = None,
-                   out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """y (M, N) = a_scale[m] w_scale[n] sum_k a[m, k] q[n, k] (+ bias) in out_dtype (fp16/bf16/fp32)."""
+                   out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, N) = a_scale[m] w_scale[n] sum_k a[m, k] q[n, k] (+ bias) in out_dtype (fp16/bf16/fp32).
+
+    `out`: a preallocated contiguous (M, N) tensor of out_dtype to write into (optional)."""
     _check_gemm(a_codes, w_packed, w_bits)
     m, n = a_codes.shape[0], w_packed.shape[0]
     if a_scales.shape != (m,) or w_scales.shape != (n,):
@@ -524,10 +544,15 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torc
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"output dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {out_dtype} ({m}, {n}) tensor")
     if not use_triton(a_codes, w_packed):
-        return rotated_matmul_reference(a_codes, a_scales, w_packed, w_scales, w_bits, bias, out_dtype)
+        y = rotated_matmul_reference(a_codes, a_scales, w_packed, w_scales, w_bits, bias, out_dtype)
+        return y if out is None else out.copy_(y)
     from calm_kernels import _rotated_triton
 
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a_codes.device)
     return _rotated_triton.rotated_matmul(a_codes.contiguous(), a_scales.to(torch.float32).contiguous(),
                                           w_packed.contiguous(), w_scales.to(torch.float32).contiguous(), w_bits,
-                                          None if bias is None else bias.contiguous(), out_dtype)
+                                          None if bias is None else bias.contiguous(), out)

@@ -1,0 +1,195 @@
+"""Rotated W/A-quantized matmul kernels under the Triton interpreter (run with TRITON_INTERPRET=1, own process).
+
+Codes and integer sums compare exactly; where the kernel's fp16 stage operands make the transform inexact
+(float inputs), codes may differ by one only next to a rounding tie of the float64 reference.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from calm_kernels import rotated as R
+from calm_kernels._dispatch import use_triton
+
+pytestmark = pytest.mark.interpreter
+
+SENTINEL_CODE = 99  # outside every code range
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter():
+    if not use_triton(torch.zeros(1)):
+        pytest.skip("run under TRITON_INTERPRET=1 (make test-kernels)")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _poisoned(t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((t, k), SENTINEL_CODE, dtype=torch.int8), torch.full((t,), float("nan"))
+
+
+def _learned(orders: tuple[int, ...], seed: int) -> R.KroneckerTransform:
+    """Invertible small-integer factors (exact in fp16 after the power-of-two prescale): identity plus noise."""
+    g = _gen(seed)
+    return R.kronecker_transform(*[torch.eye(d) * 4 + torch.randint(-1, 2, (d, d), generator=g).float()
+                                   for d in orders])
+
+
+TRANSFORMS = {
+    "hadamard-36x16": lambda: R.hadamard_transform(576),
+    "hadamard-28x32": lambda: R.hadamard_transform(896),
+    "hadamard-12x20-padded": lambda: R.hadamard_transform(240),
+    "hadamard-96-one-factor": lambda: R.hadamard_transform(96),
+    "hadamard-12-one-factor": lambda: R.hadamard_transform(12),
+    "learned-12x20": lambda: _learned((12, 20), 1),
+    "learned-24-one-factor": lambda: _learned((24,), 2),
+    "none": lambda: None,
+}
+
+
+def _size(name: str, transform) -> int:
+    return transform.size if transform is not None else 131
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("bits,clip", [(3, 1.0), (4, 0.9), (8, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_codes_exact_on_integer_inputs(name, bits, clip, dtype):
+    transform = TRANSFORMS[name]()
+    k = _size(name, transform)
+    t = 7
+    x = torch.randint(-3, 4, (t, k), generator=_gen(k + bits)).to(dtype)
+    x[3] = 0  # an all-zero token: scale 0, codes 0
+    x[5, :] = 0
+    x[5, k // 2] = 5  # a one-hot token: the transform spreads it evenly
+    codes, scales = R.transform_quantize(x, bits, clip, transform, out=_poisoned(t, k))
+    ref_codes, ref_scales = R.transform_quantize_reference(x, bits, clip, transform)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(scales, ref_scales)
+    assert scales[3] == 0 and not codes[3].any()
+
+
+@pytest.mark.parametrize("name", ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor",
+                                  "learned-12x20", "none"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype):
+    transform = TRANSFORMS[name]()
+    k = _size(name, transform)
+    t = 9
+    g = _gen(bits * 1000 + k)
+    x = (torch.randn(t, k, generator=g) * torch.rand(t, 1, generator=g) * 8).to(dtype)
+    x[:, 3] *= 40  # an outlier channel, the case rotations are for
+    codes, scales = R.transform_quantize(x, bits, 1.0, transform, out=_poisoned(t, k))
+    # float64 oracle of the exact values the codes round
+    z = x.double() if transform is None else x.double() @ (transform.matrix() / transform.norm)
+    amax = z.abs().amax(1, keepdim=True)
+    v = z / (amax / R.code_range(bits)[1])
+    ref = torch.round(v)
+    assert torch.allclose(scales.double(), (amax.squeeze(1) / R.code_range(bits)[1]) *
+                          (transform.norm if transform is not None else 1.0), rtol=2e-3, atol=0)
+    diff = codes.to(torch.int32) - ref.to(torch.int32)
+    assert diff.abs().max() <= 1
+    tie_distance = (v - v.floor() - 0.5).abs()
+    # fp16 stage operands err by about 2^-12 of each element: well under 1e-3 of the code range
+    # (measured at most 0.055 code units at 8 bits, 0.002 at 4 bits)
+    assert (tie_distance[diff != 0] < 6e-4 * R.code_range(bits)[1]).all()
+    assert (diff != 0).float().mean() < 0.02
+
+
+def test_huge_and_tiny_tokens_stay_in_range():
+    # fp16 would overflow on x H for |x| ~ 1e6 without the per-token power-of-two normalization
+    transform = R.hadamard_transform(576)
+    x = torch.randint(-3, 4, (4, 576), generator=_gen(3)).float()
+    x[0] *= 2.0 ** 40
+    x[1] *= 2.0 ** -60
+    x[2] *= 2.0 ** 16  # beyond the fp16 range itself
+    codes, scales = R.transform_quantize(x, 4, 1.0, transform, out=_poisoned(4, 576))
+    ref_codes, ref_scales = R.transform_quantize_reference(x, 4, 1.0, transform)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(scales, ref_scales)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n,k", [(7, 131, 257), (1, 33, 64), (20, 17, 96), (3, 40, 31)])
+def test_int_matmul_exact(bits, m, n, k):
+    g = _gen(m * n * k + bits)
+    qmin, qmax = R.code_range(bits)
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    q = torch.randint(qmin, qmax + 1, (n, k), generator=g).to(torch.int8)
+    q[0] = qmin  # extreme codes exercise the sign extension
+    q[-1] = qmax
+    a[0] = -128
+    packed = R.pack_weight_codes(q, bits)
+    from calm_kernels import _rotated_triton
+
+    out = torch.full((m, n), -(2 ** 31), dtype=torch.int32)
+    _rotated_triton.rotated_matmul(a, None, packed, None, bits, None, out)
+    expect = a.to(torch.int64) @ q.to(torch.int64).T
+    assert torch.equal(out.to(torch.int64), expect)
+    assert torch.equal(R.int_matmul(a, packed, bits), R.int_matmul_reference(a, packed, bits))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rotated_matmul_epilogue(bits, out_dtype, with_bias):
+    m, n, k = 7, 131, 257
+    g = _gen(bits)
+    qmin, qmax = R.code_range(bits)
+    a = torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8)
+    q = torch.randint(qmin, qmax + 1, (n, k), generator=g).to(torch.int8)
+    a_scales = torch.rand(m, generator=g) * 0.1 + 0.01
+    w_scales = torch.rand(n, generator=g) * 0.05 + 0.01
+    bias = torch.randn(n, generator=g).to(out_dtype) if with_bias else None
+    packed = R.pack_weight_codes(q, bits)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype)
+    y = R.rotated_matmul(a, a_scales, packed, w_scales, bits, bias, out_dtype, out=out)
+    expect = (a.double() @ q.double().T) * a_scales.double()[:, None] * w_scales.double()[None, :]
+    if bias is not None:
+        expect = expect + bias.double()
+    assert y.dtype == out_dtype and not torch.isnan(y).any()
+    tol = 1e-3 if out_dtype == torch.float16 else 1e-6  # fp16 output rounding vs float32 epilogue
+    assert ((y.double() - expect).norm() / expect.norm()) < tol
+    # the float32 reference rounds in the same places: the fp32 output agrees almost bit for bit
+    ref = R.rotated_matmul_reference(a, a_scales, packed, w_scales, bits, bias, out_dtype)
+    assert torch.allclose(y.double(), ref.double(), rtol=2e-3 if out_dtype == torch.float16 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", ["hadamard", "none", "learned"])
+@pytest.mark.parametrize("w_bits,a_bits", [(3, 3), (4, 4), (4, 8)])
+def test_module_triton_path_matches_reference_path(transform, w_bits, a_bits, monkeypatch):
+    from calm.nn import RotatedQuantLinear
+
+    torch.manual_seed(w_bits * 10 + a_bits)
+    lin = nn.Linear(240, 37, bias=True)
+    spec = {"hadamard": "hadamard", "none": "none",
+            "learned": _learned((12, 20), 5).factors}[transform]
+    layer = RotatedQuantLinear.from_float(lin, w_bits, a_bits, transform=spec, clip_ratio=0.95)
+    x = torch.randint(-4, 5, (2, 3, 240)).to(torch.float16)  # exact transform: codes agree exactly
+    y = layer(x)
+    assert y.shape == (2, 3, 37) and y.dtype == torch.float16
+    monkeypatch.setenv("CALM_FORCE_REFERENCE", "1")
+    y_ref = layer(x)
+    assert torch.allclose(y.float(), y_ref.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_launcher_errors():
+    x = torch.randn(3, 576)
+    with pytest.raises(ValueError, match="transform has size"):
+        R.transform_quantize(x, 4, 1.0, R.hadamard_transform(512))
+    with pytest.raises(ValueError, match="activation bits"):
+        R.transform_quantize(x, 5, 1.0, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        R.transform_quantize(torch.randn(576, 3).T, 4, 1.0, R.hadamard_transform(576))
+    packed = R.pack_weight_codes(torch.zeros(4, 64, dtype=torch.int8), 4)
+    with pytest.raises(ValueError, match="words per row"):
+        R.int_matmul(torch.zeros(2, 65, dtype=torch.int8), packed, 4)
+    with pytest.raises(TypeError, match="int8"):
+        R.int_matmul(torch.zeros(2, 64), packed, 4)
+    assert math.isclose(R.hadamard_transform(576).norm, 1 / 24)
