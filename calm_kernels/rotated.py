@@ -1,45 +1,54 @@
 """Rotated weight-and-activation quantized matmul (W3A3, W4A4, W4A8): online orthogonal transform of the
-activations fused with per-token quantization, then an int8 tensor-core GEMM against packed 3/4-bit weights.
+activations fused with per-token quantization, then an int8 tensor-core GEMM against packed 2/3/4-bit weights.
 
-    y = x W^T = (x R)(W R^-T)^T,   R = norm * (F_1 kron F_2 [kron F_3])   (orthogonal for a Hadamard)
+    y = x W^T = (x R)(W R^-T)^T,   R = norm * (F_1 kron F_2)   (orthogonal for a Hadamard)
 
 Contract
-- Transform (`KroneckerTransform`): R acts on the activation row from the right, x' = x R, and the
-  weights are folded offline as W' = W R^-T (= W R when R is orthogonal). The factors are kept unnormalized
-  (a Hadamard keeps its +-1 entries) and `norm` carries the scalar, so integer inputs transform exactly.
-  - `hadamard_transform(n)`: a normalized Hadamard of order n, split into at most three Kronecker factors
-    whose orders are each <= 128 and constructible here: Sylvester 2^k, Paley I (q + 1, q a prime power
-    = 3 mod 4), Paley II (2(q + 1), q a prime power = 1 mod 4) and doublings of those. Every factor is
-    checked H H^T = d I in integers. Orders 92 and 116 (Williamson-type) are not constructed. Refused:
-    n with no such split (odd n; 2 * odd; 11008 = 2^8 * 43, which needs order 172) and splits whose padded
-    size (each factor padded to a power of two >= 16) exceeds 32768. `supported_hadamard_size(n)` tells.
-    Model sizes that work: 576 = 24 x 24, 896 = 28 x 32, 1536, 4864 = 76 x 64, 4096, 14336 = 112 x 128.
-  - `kronecker_transform(p1, p2)`: learned invertible factors (FlatQuant-style affine path), each <= 128.
-- Activation quantization: per token, symmetric, b in {3, 4, 8} bits:
+- Transform (`KroneckerTransform`): R acts on the activation row from the right, x' = x R; the weights are
+  folded offline as W' = W R^-T (= W R when R is orthogonal). The factors are kept unnormalized (a Hadamard
+  keeps its +-1 entries) and `norm` carries the scalar, so integer inputs transform exactly.
+  - `hadamard_transform(n)`: a normalized Hadamard of order n as one factor or the Kronecker product of two,
+    each of order <= 128 and constructible here: Sylvester 2^k, Paley I (q + 1, q a prime power = 3 mod 4),
+    Paley II (2(q + 1), q a prime power = 1 mod 4) and doublings. Every matrix is checked H H^T = d I in
+    integers. Reached: every multiple of 4 up to 128 except 92 and 116 (Williamson-type, not built), so for
+    example 576 = 36 x 16, 896 = 28 x 32, 1536 = 24 x 64, 4096 = 64 x 64, 4864 = 76 x 64, 14336 = 112 x 128.
+    Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): odd n and 2 * odd;
+    n that needs an order outside that set (11008 = 2^8 * 43 of LLaMA-2-7B needs 172; 18944 = 2^8 * 74 of
+    Qwen2-7B needs 148 > 128); n whose padded row (each factor padded to a power of two >= 16) exceeds
+    16384 (e.g. 28672).
+  - `kronecker_transform(p1[, p2])`: learned invertible factors (the FlatQuant-style affine path), each of
+    order <= 128.
+- Activation quantization, per token, symmetric, b in {3, 4, 8}:
   scale = clip_ratio * max|x'| / (2^(b-1) - 1), code = clamp(round_half_to_even(x' / scale), -2^(b-1),
-  2^(b-1) - 1) as int8. An all-zero token gets scale 0 and codes 0. `fake_quantize_activations` is the
-  public quantize-dequantize reference.
-- Weights: per-output-channel symmetric RTN with the same code range; codes q are stored offset-binary,
-  q + 2^(b-1), in the project's bit stream (`calm_kernels.packing.pack_codes`); scales (N,) float32.
-- GEMM: y[m, n] = a_scale[m] * w_scale[n] * sum_k a[m, k] * q[n, k] (+ bias), int32 accumulation, output in
-  the activation dtype. `int_matmul` returns the raw int32 sums (the exact test path).
+  2^(b-1) - 1) in int8; an all-zero token gets scale 0 and codes 0. `fake_quantize_activations` is the public
+  quantize-dequantize reference.
+- Weights: per-output-channel symmetric RTN with the same code range (`quantize_weights_rtn`); codes q are
+  stored offset-binary, q + 2^(b-1), in the project's bit stream (`calm_kernels.packing.pack_codes`) by
+  `pack_weight_codes`; scales (N,) float32.
+- GEMM: y[m, n] = a_scale[m] * w_scale[n] * sum_k a[m, k] q[n, k] (+ bias), int32 accumulation, output in
+  fp16/bf16/fp32 (`rotated_matmul`); `int_matmul` returns the raw int32 sums.
 
-Kernels (Triton, `calm_kernels/_rotated_triton.py`, imported only when a launcher runs them)
-- `transform_quantize`: one program holds BLOCK_T whole token rows in registers: one read of x, per-token
-  power-of-two normalization (exact, keeps fp16 in range), one tensor-core dot per Kronecker factor
-  (fp16 operands, fp32 accumulation), amax, quantization, one write of int8 codes and a float32 scale per
-  token. Padded rows are limited to 32768 elements.
-- `rotated_matmul`: int8 x int8 -> int32 `tl.dot`; the packed weight tile is sign-extended in registers
-  (XOR of the offset-binary top bit, shift left, arithmetic shift right; 3-bit codes straddle 32-bit words,
-  so they are read from 64-bit pairs); scales and bias in the epilogue.
+Kernels (Triton, in `calm_kernels/_rotated_triton.py`, imported only when a launcher runs them)
+- Transform + quantize, two factors: one program walks TOKENS_PER_PROG tokens; each token row is a (d1, d2)
+  tile: one read of x, amax, an exact power-of-two normalization (keeps fp16 operands in range for any
+  input magnitude), F1^T X then (.) F2 as two fp16 tensor-core dots with fp32 accumulation, amax,
+  quantization, one write of int8 codes and a float32 scale. One factor or none: tokens as rows of a
+  (BLOCK_T, K) tile, one dot. Rows are limited to 16384 padded elements (32768 without a transform).
+- GEMM: int8 x int8 -> int32 `tl.dot`; the packed weight tile is sign-extended in registers (XOR with the
+  fields' top bits turns offset-binary into two's complement, then shift left, arithmetic shift right; 3-bit
+  codes straddle 32-bit words, so they are cut from 64-bit word pairs); scales and bias in the epilogue.
+  K is a compile-time constant. No split-K: at M = 1 parallelism comes from narrow column tiles only.
 
-Numerics: the kernel rounds each stage's input to fp16 (11-bit significand) after normalizing the token to
-amax in [0.5, 1); the reference transforms in float32. Codes therefore agree exactly when the transform is
-exact (integer-valued inputs and factors, as the tests use) and otherwise differ by one only next to a
-rounding tie. Division is IEEE (`div_rn`) and rounding is half-to-even on both sides.
+Numerics: the kernel rounds each dot's activation operand to fp16 (11-bit significand, relative to the
+token's normalized max); the reference transforms in float32. Codes therefore agree exactly when the
+transform is exact in both (integer inputs and factors, as the tests use) and otherwise differ by one only
+next to a rounding tie (measured: within 0.06 of a tie at 8 bits, 0.002 at 4 bits; about 1% of codes at
+8 bits). Division is IEEE (`div_rn`) and rounding is half-to-even on both sides; the fp32 magic-number
+rounding in Triton matches `torch.round` exactly.
 
-Tested: references on CPU; the Triton kernels under TRITON_INTERPRET=1 only. Not yet run on a GPU:
-the configs, the autotune lists and every performance claim are unmeasured.
+Tested: the references on the CPU; the Triton kernels under TRITON_INTERPRET=1 only (exact codes, exact
+int32 GEMM, epilogue, module). Not yet run on a GPU: compilation on real hardware, the autotune lists and
+every performance figure are unverified.
 """
 from __future__ import annotations
 
