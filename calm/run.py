@@ -114,7 +114,8 @@ class Progress:
         print(f"[calm {time.perf_counter() - self.start:6.0f}s] {msg}", flush=True)
 
 
-def run(cfg: RunConfig, log: Progress | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Run the whole job; returns results.json's content and the hybrid model (as saved) in memory."""
     log = log or Progress()
     spec = cfg.spec
     for cand in cfg.search.pool:
@@ -202,7 +203,7 @@ def run(cfg: RunConfig, log: Progress | None = None) -> dict[str, Any]:
     atomic_write_text(out / "tables.md", tables)
     print("\n" + tables, flush=True)
     log(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
-    return results
+    return results, model
 
 
 def main(argv: list[str] | None = None) -> int:
