@@ -471,10 +471,8 @@ def transform_quantize(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,
         return out
     if x.stride(1) != 1:
         raise ValueError("activations must be contiguous along features (call .contiguous())")
-    if transform is not None and x.shape[1] > 0 and transform.padded_size > MAX_PADDED_ROW:
-        raise ValueError(f"transform pads rows to {transform.padded_size} > {MAX_PADDED_ROW}")
     if transform is None and max(16, 1 << (k - 1).bit_length()) > MAX_PLAIN_ROW:
-        raise ValueError(f"{k} features exceed the {MAX_PLAIN_ROW} one read of a row holds")
+        raise ValueError(f"transform='none' holds a whole row per program: {k} features pad past {MAX_PLAIN_ROW}")
     from calm_kernels import _rotated_triton
 
     if transform is not None and factors is None:
@@ -551,6 +549,9 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torc
                          f"{tuple(w_scales.shape)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    for name, t in (("a_scales", a_scales), ("w_scales", w_scales), ("bias", bias)):
+        if t is not None and t.device != a_codes.device:
+            raise ValueError(f"{name} is on {t.device}, the codes on {a_codes.device}: move it with .to()")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"output dtype must be float16, bfloat16 or float32, got {out_dtype}")
     if out is not None and (out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous()):
