@@ -150,7 +150,7 @@ class DataConfig:
         eval_tokens: held-out tokens evaluated (rounded down to whole windows); 0 means the whole held-out half.
     """
     text: str | None = None
-    calib_windows: int = 32
+    calib_windows: int = 16
     calib_seqlen: int = 512
     eval_seqlen: int = 512
     eval_tokens: int = 16384

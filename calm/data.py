@@ -22,7 +22,7 @@ import torch
 from calm.config import CalmUsageError, DataConfig
 
 WIKI_RELATIVE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-CLEANER_VERSION = "mwparserfromhell-strip_code-v1"
+CLEANER_VERSION = "mwparserfromhell-strip_code-v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,20 +53,28 @@ def wikipedia_path() -> Path:
 
 _BLANKS = re.compile(r"\n\s*\n+")
 _SPACES = re.compile(r"[ \t]+")
+_REFS = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
+_COMMENTS = re.compile(r"<!--.*?-->", re.S)
+_TAGS = re.compile(r"</?[a-zA-Z][^>]*>")
+_LEFTOVER_LINK = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")
+_LEFTOVER_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 
 
 def clean_wikitext(markup: str) -> str:
     """MediaWiki markup -> plain paragraphs (templates, refs, tables, files and categories removed)."""
     import mwparserfromhell
 
+    # References and comments are not prose; strip_code would keep a reference's text.
+    markup = _COMMENTS.sub("", _REFS.sub("", markup))
     text = mwparserfromhell.parse(markup).strip_code(normalize=True, collapse=True)
     lines = []
     for line in text.splitlines():
         line = _SPACES.sub(" ", line).strip()
-        # Leftovers of links to files/categories and bare list markers carry no prose.
-        if not line or line.startswith(("Category:", "File:", "Image:", "thumb|")):
+        # Table rows that strip_code could not parse, and links to files/categories, carry no prose.
+        if not line or line.startswith(("Category:", "File:", "Image:", "thumb|", "|", "!", "{|")):
             lines.append("")
             continue
+        line = _LEFTOVER_TEMPLATE.sub("", _LEFTOVER_LINK.sub(r"\1", _TAGS.sub("", line))).strip()
         lines.append(line)
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
 
