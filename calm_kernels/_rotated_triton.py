@@ -96,13 +96,15 @@ def _kron2_quantize_kernel(
     r1 = tl.arange(0, D1)
     r2 = tl.arange(0, D2)
     offs = r1[:, None] * d2 + r2[None, :]
-    mask = (r1 < d1)[:, None] & (r2 < d2)[None, :]
     f1_t = tl.load(f1_ptr + r1[None, :] * D1 + r1[:, None])  # F1^T, fp16, zero-padded
     f2 = tl.load(f2_ptr + r2[:, None] * D2 + r2[None, :])
     for i in range(TOKENS_PER_PROG):
         t64 = pid.to(tl.int64) * TOKENS_PER_PROG + i
         live = t64 < T
-        x = tl.load(x_ptr + t64 * stride_xt + offs, mask=mask & live, other=0.0).to(tl.float32)
+        # The token's liveness enters the 2-D mask through a comparison, not `mask & live`: Triton 3.9's
+        # interpreter turns a tensor & scalar of int1 into int32, which tl.load then refuses.
+        tile_mask = (r1 < tl.where(live, d1, 0))[:, None] & (r2 < d2)[None, :]
+        x = tl.load(x_ptr + t64 * stride_xt + offs, mask=tile_mask, other=0.0).to(tl.float32)
         f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
         z = tl.dot(f1_t, (x * f).to(tl.float16))
         if RESCALE:  # learned factors: keep the fp16 operand of the second dot in range
@@ -113,7 +115,7 @@ def _kron2_quantize_kernel(
         scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * scale_mult
         safe = tl.where(scale > 0, scale, 1.0)
         codes = _quantize(y, tl.full((D1, D2), 1.0, tl.float32) * safe, QMIN, QMAX)
-        tl.store(codes_ptr + t64 * stride_ct + offs, codes, mask=mask & live)
+        tl.store(codes_ptr + t64 * stride_ct + offs, codes, mask=tile_mask)
         tl.store(scales_ptr + t64, scale * inv * norm, mask=live)
 
 
