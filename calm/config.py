@@ -24,6 +24,7 @@ class QuantSpec:
         symmetric: symmetric grid (zero point fixed at 2^(b-1)) instead of a fitted integer zero point.
         a_bits: activation bits; 16 means activations stay in floating point.
         k_bits, v_bits: KV-cache bits; 16 means no KV quantization.
+        kv_group_size: channels of a head sharing one KV scale/zero per token; 0 means the whole head.
     """
     w_bits: int = 3
     group_size: int = 64
@@ -31,6 +32,7 @@ class QuantSpec:
     a_bits: int = 16
     k_bits: int = 16
     v_bits: int = 16
+    kv_group_size: int = 0
 
     def __post_init__(self) -> None:
         if self.w_bits not in (2, 3, 4, 8):
@@ -40,9 +42,12 @@ class QuantSpec:
         for name in ("a_bits", "k_bits", "v_bits"):
             if getattr(self, name) not in (2, 3, 4, 8, 16):
                 raise CalmUsageError(f"{name} must be 2, 3, 4, 8 or 16, got {getattr(self, name)}")
+        if self.kv_group_size < 0:
+            raise CalmUsageError(f"KV group size must be positive (or 0 for one group per head), got "
+                                 f"{self.kv_group_size}")
 
     @classmethod
-    def from_scheme(cls, scheme: str, symmetric: bool = False) -> "QuantSpec":
+    def from_scheme(cls, scheme: str, symmetric: bool = False, kv_group_size: int = 0) -> "QuantSpec":
         """Parse `W3A16G64`, `W4A16` (per-channel), `W4A8`, `W3A3K2V2`, ..."""
         m = SCHEME_PATTERN.match(scheme.strip().upper())
         if not m:
@@ -52,7 +57,8 @@ class QuantSpec:
         k = int(m["k"]) if m["k"] else 16
         v = int(m["v"]) if m["v"] else 16
         g = int(m["g"]) if m["g"] else 0
-        return cls(w_bits=int(m["w"]), group_size=g, symmetric=symmetric, a_bits=a, k_bits=k, v_bits=v)
+        return cls(w_bits=int(m["w"]), group_size=g, symmetric=symmetric, a_bits=a, k_bits=k, v_bits=v,
+                   kv_group_size=kv_group_size)
 
     @property
     def scheme(self) -> str:
@@ -169,6 +175,7 @@ class RunConfig:
     model: str | None = None
     scheme: str = "W3A16G64"
     symmetric: bool = False
+    kv_group_size: int = 0
     search: SearchConfig = SearchConfig()
     data: DataConfig = DataConfig()
     baselines: bool = True
@@ -176,7 +183,7 @@ class RunConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec.from_scheme(self.scheme, symmetric=self.symmetric)
+        return QuantSpec.from_scheme(self.scheme, symmetric=self.symmetric, kv_group_size=self.kv_group_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

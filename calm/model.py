@@ -132,9 +132,9 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """The block's linear layers by their name inside the block (self_attn.q_proj, mlp.down_proj, ...)."""
-    from calm.nn import is_quantized_linear
+    from calm.nn import top_level_linears
 
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) or is_quantized_linear(m)}
+    return top_level_linears(block)
 
 
 # The order GPTQ's "true-sequential" mode quantizes a LLaMA block's linears: each group sees the outputs of the

@@ -160,11 +160,10 @@ def model_effective_bits(blocks: list[nn.Module]) -> float:
     """Bits per weight over every linear of the given decoder blocks (embeddings and head are not counted)."""
     bits = weights = 0.0
     for block in blocks:
-        for m in block.modules():
-            if isinstance(m, nn.Linear) or is_quantized_linear(m):
-                b, n = weight_bits(m)
-                bits += b
-                weights += n
+        for m in top_level_linears(block).values():
+            b, n = weight_bits(m)
+            bits += b
+            weights += n
     return bits / weights if weights else 16.0
 
 
@@ -367,3 +366,100 @@ class RotatedQuantLinear(nn.Module):
 
 
 QUANTIZED_LINEARS[RotatedQuantLinear.kind] = RotatedQuantLinear
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV-cache quantization: the k_proj / v_proj outputs quantized per head, asymmetric, in groups
+# ----------------------------------------------------------------------------------------------------------
+
+def fake_quantize_kv(y: torch.Tensor, bits: int, head_dim: int, group_size: int) -> torch.Tensor:
+    """Quantize-dequantize (..., heads * head_dim) per token, per head, in groups of `group_size` channels of
+    the head: asymmetric min/max grid with 2^bits levels (scale = (max - min) / (2^bits - 1), integer zero
+    point, round half to even), computed in float32 and returned in y's dtype. A constant group is exact."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"KV bits must be 2, 3, 4 or 8, got {bits}")
+    if y.shape[-1] % head_dim or head_dim % group_size:
+        raise ValueError(f"KV group size {group_size} must divide head_dim {head_dim}, which must divide the "
+                         f"projection size {y.shape[-1]}")
+    maxq = (1 << bits) - 1
+    z = y.to(torch.float32).reshape(*y.shape[:-1], y.shape[-1] // group_size, group_size)
+    lo = z.amin(dim=-1, keepdim=True)
+    hi = z.amax(dim=-1, keepdim=True)
+    scale = (hi - lo) / maxq
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / safe)
+    q = torch.clamp(torch.round(z / safe) + zero, 0, maxq)
+    deq = torch.where(scale > 0, (q - zero) * safe, z)
+    return deq.reshape(y.shape).to(y.dtype)
+
+
+class KVQuantLinear(nn.Module):
+    """A quantized k_proj or v_proj whose output is quantized as the KV cache stores it.
+
+    What is quantized where: `linear` (any calm.nn quantized linear) computes K or V from the block input;
+    its output (tokens, kv_heads * head_dim) is quantized per token and per head, asymmetric, in groups of
+    `group_size` channels (`fake_quantize_kv`). For V this is exactly the cached tensor. For K it is the
+    pre-RoPE key: the cache holds K before the rotary embedding and RoPE is applied when it is read
+    (transformers' LlamaAttention/Qwen2Attention apply RoPE after k_proj, which is where this sits). Queries,
+    attention scores and probabilities stay in floating point. The CPU forward dequantizes; there is no
+    fused KV kernel.
+    """
+
+    kind = "kv"
+
+    def __init__(self, linear: nn.Module, bits: int, head_dim: int, group_size: int = 0) -> None:
+        super().__init__()
+        group_size = group_size or head_dim
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"KV bits must be 2, 3, 4 or 8, got {bits}")
+        if linear.out_features % head_dim or head_dim % group_size:
+            raise ValueError(f"KV group size {group_size} must divide head_dim {head_dim}, which must divide "
+                             f"out_features {linear.out_features}")
+        self.linear = linear
+        self.bits = bits
+        self.head_dim = head_dim
+        self.group_size = group_size
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def effective_bits(self) -> float:
+        return self.linear.effective_bits
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.linear.dequantized_weight(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_kv(self.linear(x), self.bits, self.head_dim, self.group_size)
+
+    def quant_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "bits": self.bits, "head_dim": self.head_dim, "group_size": self.group_size,
+                "linear": self.linear.quant_config()}
+
+    @classmethod
+    def from_quant_config(cls, cfg: dict[str, Any]) -> "KVQuantLinear":
+        return cls(build_quantized_linear(cfg["linear"]), cfg["bits"], cfg["head_dim"], cfg["group_size"])
+
+    def extra_repr(self) -> str:
+        return f"kv_bits={self.bits}, head_dim={self.head_dim}, group_size={self.group_size}"
+
+
+QUANTIZED_LINEARS[KVQuantLinear.kind] = KVQuantLinear
+
+
+def top_level_linears(module: nn.Module) -> dict[str, nn.Module]:
+    """Float and quantized linears of `module` by name, not descending into a quantized linear (a
+    KVQuantLinear's inner linear is part of it, not a layer of its own)."""
+    found: dict[str, nn.Module] = {}
+    for name, m in module.named_modules():
+        if any(name.startswith(p + ".") for p in found):
+            continue
+        if isinstance(m, nn.Linear) or is_quantized_linear(m):
+            found[name] = m
+    return found

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", default="W3A16G64", help="weights/activations/groups, e.g. W4A16G64, W2A16G64, W3A16")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=False,
                    help="symmetric weight grid instead of asymmetric with integer zero points")
+    p.add_argument("--kv-group-size", type=int, default=0, help="KV-cache quantization (schemes with K/V bits): "
+                   "channels of a head sharing one scale per token; 0 = the whole head")
     p.add_argument("--pool", default="rtn,gptq", help="candidates: comma-separated algorithm names, or "
                    "';'-separated with options like 'rtn;gptq:act_order=static'")
     p.add_argument("--propagation", choices=("greedy", "independent"), default=s.propagation)
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
-        model=args.model, scheme=args.scheme.upper(), symmetric=args.symmetric,
+        model=args.model, scheme=args.scheme.upper(), symmetric=args.symmetric, kv_group_size=args.kv_group_size,
         search=SearchConfig(pool=parse_pool(args.pool), propagation=args.propagation,
                             batch_windows=args.batch_windows, debiased_cka=args.debiased_cka),
         data=DataConfig(text=args.text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,

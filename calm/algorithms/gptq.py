@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch import nn
 
-from calm.algorithms import register, replace_module, weight_only
+from calm.algorithms import register, replace_module
 from calm.config import CalmUsageError, QuantSpec
 from calm.grid import fit_grid, quantize_groups, quantize_to_codes
 from calm.model import SEQUENTIAL_GROUPS, BlockInputs, block_linears, linear_inputs
@@ -154,11 +154,19 @@ def _sequential_groups(block: nn.Module, true_sequential: bool) -> list[tuple[st
 
 
 @register("gptq")
-@weight_only
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, act_order: str = "none",
-                   damp: float = 0.01, block_size: int = 128, true_sequential: bool = True) -> nn.Module:
+                   damp: float = 0.01, block_size: int = 128, true_sequential: bool = True,
+                   clip_ratio: float = 1.0) -> nn.Module:
     if act_order not in ACT_ORDERS:
         raise CalmUsageError(f"gptq act_order must be one of {ACT_ORDERS}, got {act_order!r}")
+    if spec.a_bits != 16 or spec.k_bits != 16 or spec.v_bits != 16:
+        # Activation/KV schemes: per-channel symmetric GPTQ weights in RotatedQuantLinear without a transform
+        # (the "no rotation" baseline), run by the engine the rotation candidates share.
+        from calm.algorithms import rotation
+        clip_ratio, _ = rotation.check_options("gptq", "gptq", clip_ratio, 1.0, act_order, damp)
+        return rotation.quantize_linears(block, inputs, spec, lambda name, linear: None, weights="gptq",
+                                         clip_ratio=clip_ratio, act_order=act_order, damp=damp,
+                                         block_size=block_size, true_sequential=true_sequential)
     for group in _sequential_groups(block, true_sequential):
         linears = block_linears(block)
         accs = {n: HessianAccumulator(linears[n].in_features) for n in group}
@@ -171,3 +179,11 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, ac
             replace_module(block, name, UniformQuantLinear.from_codes(codes, scales, zeros, spec.w_bits, g,
                                                                       spec.symmetric, linear.bias, perm))
     return block
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    from calm.algorithms import actquant
+    actquant.check_activation_spec(spec, "gptq")
+
+
+quantize_block.check_spec = _check_spec

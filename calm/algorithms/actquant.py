@@ -1,0 +1,99 @@
+"""Shared pieces for candidates at schemes that quantize activations (W4A4, W3A3, W4A8) or the KV cache.
+
+Not an algorithm itself. At a_bits < 16 every linear becomes a `calm.nn.RotatedQuantLinear`: an online
+transform of its input (Hadamard, learned Kronecker factors, or none), per-token symmetric activation
+quantization with a clip ratio, and per-output-channel symmetric weights (the integer GEMM of
+calm_kernels.rotated). Weight groups are not part of that format, so such schemes must be per-channel (no
+G). With k_bits/v_bits < 16, k_proj and v_proj are wrapped in `calm.nn.KVQuantLinear` (per head,
+asymmetric, groups of `spec.kv_group_size`) as soon as they are quantized, so that later linears of the
+block are calibrated on the quantized cache.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from calm.config import CalmUsageError, QuantSpec
+from calm.nn import KVQuantLinear, RotatedQuantLinear
+from calm_kernels import rotated
+
+KV_PROJECTIONS = {"self_attn.k_proj": "k_bits", "self_attn.v_proj": "v_bits"}
+
+
+def check_activation_spec(spec: QuantSpec, algorithm: str) -> None:
+    """Refuse what the activation-quantized format cannot hold, naming the fix."""
+    if spec.a_bits == 16:
+        return
+    if spec.a_bits not in rotated.ACTIVATION_BITS:
+        raise CalmUsageError(f"{algorithm}: activations at {spec.a_bits} bits are not supported; use A3, A4 or A8 "
+                             f"(or A16 for weight-only)")
+    if spec.w_bits not in rotated.WEIGHT_BITS:
+        raise CalmUsageError(f"{algorithm}: with quantized activations weights must be 2, 3 or 4 bits (the integer "
+                             f"GEMM's formats), got W{spec.w_bits}")
+    if spec.group_size:
+        raise CalmUsageError(f"{algorithm}: scheme {spec.scheme} quantizes activations, whose integer GEMM takes "
+                             f"per-channel symmetric weights: drop the G (e.g. W{spec.w_bits}A{spec.a_bits})")
+
+
+def check_clip(value: float, name: str) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise CalmUsageError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def transform_for(in_features: int, rotate: bool, algorithm: str):
+    """The online Hadamard of a linear's input (None when not rotating); refuses sizes with no Hadamard."""
+    if not rotate:
+        return None
+    if not rotated.supported_hadamard_size(in_features):
+        raise CalmUsageError(f"{algorithm}: no online Hadamard of size {in_features} (see "
+                             f"calm_kernels.rotated.hadamard_transform); this layer cannot be rotated")
+    return rotated.hadamard_transform(in_features)
+
+
+def rotated_hessian(hessian: torch.Tensor, transform) -> torch.Tensor:
+    """R^T H R: the Hessian of the transformed inputs x R, from the Hessian of x."""
+    if transform is None:
+        return hessian
+    h = transform.apply(hessian.to(torch.float32))
+    return transform.apply(h.T.contiguous()).to(hessian.dtype)
+
+
+def signed_symmetric_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """calm.grid's symmetric per-channel codes (offset by the zero point 2^(b-1)) -> signed codes and the
+    per-row scale vector that RotatedQuantLinear takes."""
+    if scales.shape[1] != 1:
+        raise ValueError("expected one scale per output row (per-channel quantization)")
+    return (codes - zeros).to(torch.int8), scales[:, 0].to(torch.float32)
+
+
+def activation_linear(linear: nn.Linear, spec: QuantSpec, transform, clip_ratio: float,
+                      weight_codes: torch.Tensor | None = None, weight_scales: torch.Tensor | None = None,
+                      weight_clip_ratio: float = 1.0) -> RotatedQuantLinear:
+    """RotatedQuantLinear for `linear` at spec's W/A bits (RTN weights unless codes are given)."""
+    return RotatedQuantLinear.from_float(linear, spec.w_bits, spec.a_bits,
+                                         transform=transform if transform is not None else "none",
+                                         clip_ratio=clip_ratio, weight_clip_ratio=weight_clip_ratio,
+                                         weight_codes=weight_codes, weight_scales=weight_scales)
+
+
+def head_dim_of(block: nn.Module) -> int:
+    attn = getattr(block, "self_attn", None)
+    head_dim = getattr(attn, "head_dim", None)
+    if head_dim is None:
+        raise CalmUsageError("KV-cache quantization needs a LLaMA/Qwen2-style block with self_attn.head_dim")
+    return int(head_dim)
+
+
+def with_kv_quantization(block: nn.Module, name: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
+    """`module` wrapped in a KVQuantLinear when `name` is k_proj/v_proj and the scheme quantizes K/V."""
+    field = KV_PROJECTIONS.get(name)
+    if field is None or getattr(spec, field) == 16:
+        return module
+    head_dim = head_dim_of(block)
+    group = spec.kv_group_size or head_dim
+    if head_dim % group:
+        raise CalmUsageError(f"KV group size {group} does not divide head_dim {head_dim}; use a divisor of it "
+                             f"or 0 (one group per head)")
+    return KVQuantLinear(module, getattr(spec, field), head_dim, group)
