@@ -122,6 +122,7 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
     names = [c.name for c in config.pool]
     blocks = decoder_blocks(model)
     float_blocks = list(blocks)
+    contexts = {c.name: algorithms.prepare(c, float_blocks, spec) for c in config.pool}
     t0 = time.perf_counter()
     inputs: BlockInputs = capture_block_inputs(model, windows, config.batch_windows)
     log(f"captured block inputs: {inputs.tokens} tokens in {len(inputs)} batches")
@@ -144,7 +145,7 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
             qblocks = {}
             for cand in config.pool:
                 tq = time.perf_counter()
-                qblock = algorithms.quantize_block(cand, copy.deepcopy(fp_block), inputs, spec)
+                qblock = algorithms.quantize_block(cand, copy.deepcopy(fp_block), inputs, spec, contexts[cand.name])
                 quantize_seconds = time.perf_counter() - tq
                 ts = time.perf_counter()
                 outs = run_block(qblock, inputs)

@@ -185,3 +185,106 @@ def test_kv_group_that_does_not_divide_the_head_is_refused():
     with pytest.raises(CalmUsageError, match="does not divide head_dim"):
         algorithms.quantize_block(CandidateSpec("rtn"), copy.deepcopy(decoder_blocks(model)[0]), _inputs(model),
                                   spec)
+
+
+# ---- Kurtosis rule -------------------------------------------------------------------------------------
+
+def test_weight_kurtosis_and_robust_z_on_constructed_weights():
+    from calm.algorithms.kurtosis import robust_z, weight_kurtosis
+
+    g = torch.Generator().manual_seed(0)
+    assert weight_kurtosis(torch.randn(400, 400, generator=g)) == pytest.approx(3.0, abs=0.05)
+    assert weight_kurtosis(torch.rand(400, 400, generator=g)) == pytest.approx(1.8, abs=0.02)  # uniform: 9/5
+    spiky = torch.randn(400, 400, generator=g)
+    spiky[0, :20] = 60.0
+    assert weight_kurtosis(spiky) > 20
+    kappas = torch.tensor([3.0, 3.2, 2.8, 3.1, 2.9, 3.0, 12.0], dtype=torch.float64)
+    z = robust_z(kappas)  # median 3.0, MAD 0.1
+    assert z[-1].item() == pytest.approx(0.6745 * 9.0 / 0.1)
+    assert z[0].item() == 0.0 and z[1].item() == pytest.approx(0.6745 * 2.0)
+    assert robust_z(torch.tensor([5.0, 5.0, 5.0, 7.0]))[-1].item() == float("inf")
+
+
+def test_kurtosis_rule_sends_heavy_tailed_linears_to_the_outlier_transform():
+    from calm.algorithms.kurtosis import choose_transforms
+
+    model = tiny_llama()
+    block = decoder_blocks(model)[0]
+    with torch.no_grad():
+        block.mlp.down_proj.weight[0, :8] = 5.0  # a few huge weights: very heavy tails
+    chosen = choose_transforms(block, 3.5, "upper", "rotation", "none", None)
+    assert chosen["mlp.down_proj"][1] == "rotation" and chosen["mlp.down_proj"][0] > 3.5
+    assert all(t == "none" for n, (_, t) in chosen.items() if n != "mlp.down_proj")
+    q = _quantize(block, _inputs(model), "W4A4", "kurtosis:scope=block,outlier=rotation,inlier=none")
+    assert q.mlp.down_proj.transform is not None and q.self_attn.q_proj.transform is None
+
+
+def test_kurtosis_population_comes_from_the_whole_model_through_prepare():
+    model = tiny_llama()
+    spec = QuantSpec.from_scheme("W4A4")
+    cand = CandidateSpec.parse("kurtosis:outlier=rotation,inlier=none")
+    context = algorithms.prepare(cand, list(decoder_blocks(model)), spec)
+    assert context["_population"]["count"] == 14
+    with pytest.raises(CalmUsageError, match="has no option"):
+        algorithms.validate_candidate(CandidateSpec("kurtosis", {"_population": {}}), spec)
+
+
+@pytest.mark.parametrize("candidate,message", [
+    ("kurtosis:side=lower", "side must be"),
+    ("kurtosis:outlier=spin", "outlier must be"),
+    ("kurtosis:threshold=-1", "threshold must be"),
+    ("kurtosis:scope=layer", "scope must be"),
+    ("affine:steps=-2", "steps must be"),
+    ("affine:lr=0", "lr must be"),
+    ("affine:weights=awq", "weights must be"),
+    ("affine:batch_tokens=1", "batch_tokens must be"),
+])
+def test_bad_kurtosis_and_affine_options_are_usage_errors(candidate, message):
+    model = tiny_llama()
+    with pytest.raises(CalmUsageError, match=message):
+        _quantize(decoder_blocks(model)[0], _inputs(model), "W4A4", candidate)
+
+
+# ---- Learned affine ------------------------------------------------------------------------------------
+
+def test_trained_affine_transforms_are_exactly_inverted_in_the_fp_block():
+    from calm.algorithms import affine
+
+    model = tiny_llama()
+    inputs = _inputs(model)
+    block = _real_like_block(model)
+    ref = run_block(block, inputs)
+    spec = QuantSpec.from_scheme("W4A4")
+    trained, scales = affine.train_transforms(block, inputs, spec, lambda n, m: "learned", steps=3, lr=0.05,
+                                              batch_tokens=16)
+    assert set(scales) == {"input_layernorm", "post_attention_layernorm"}
+    assert all(s.detach().abs().max() > 0 for s in scales.values())  # training moved the scales
+    # the training module without quantization is the float block
+    for m in trained.modules():
+        if isinstance(m, affine._TrainableLinear):
+            m.quantize = False
+    with torch.no_grad():
+        assert _rel_err(run_block(trained, inputs), ref) < 1e-5
+    # the deployed form: scales folded into norms and weights, P^-1 folded into the weights, P online
+    folded = copy.deepcopy(block)
+    affine.fold_into_block(folded, scales)
+    for name, linear in block_linears(folded).items():
+        t = affine.transform_of(trained.get_submodule(name))
+        assert t is not None and not t.orthogonal
+        algorithms.replace_module(folded, name, _FoldedLinear(linear, t))
+    assert _rel_err(run_block(folded, inputs), ref) < 1e-5
+
+
+def test_affine_training_lowers_w4a4_error_below_its_start_and_runs_through_the_kronecker_path():
+    model = tiny_llama()
+    inputs = _inputs(model)
+    block = _real_like_block(model)
+    ref = _delta(run_block(block, inputs), inputs)
+    errs = {}
+    for steps in (0, 30):
+        q = _quantize(block, inputs, "W4A4", f"affine:steps={steps},weights=rtn,lr=0.01")
+        errs[steps] = _rel_err(_delta(run_block(q, inputs), inputs), ref)
+    assert errs[30] < 0.9 * errs[0], errs
+    mods = block_linears(q)
+    assert all(isinstance(m, RotatedQuantLinear) and not m.orthogonal for m in mods.values())
+    assert q.input_layernorm.weight.shape == block.input_layernorm.weight.shape

@@ -20,7 +20,7 @@ from calm.model import BlockInputs
 QuantizeBlock = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, QuantizeBlock] = {}
-_MODULES = ("rtn", "gptq", "rotation")
+_MODULES = ("rtn", "gptq", "rotation", "affine", "kurtosis")
 
 
 def register(name: str):
@@ -53,7 +53,7 @@ def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> None:
     """Fail before any work if the candidate's name or options are wrong."""
     fn = get(candidate.algorithm)
     params = inspect.signature(fn).parameters
-    known = [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+    known = [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY and not p.startswith("_")]
     unknown = [k for k in candidate.options if k not in known]
     if unknown:
         raise CalmUsageError(f"algorithm {candidate.algorithm!r} has no option {unknown}; its options: {known}")
@@ -62,8 +62,18 @@ def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> None:
         check(spec)
 
 
-def quantize_block(candidate: CandidateSpec, block: nn.Module, inputs: BlockInputs, spec: QuantSpec) -> nn.Module:
-    return get(candidate.algorithm)(block, inputs, spec, **candidate.options)
+def prepare(candidate: CandidateSpec, float_blocks: list[nn.Module], spec: QuantSpec) -> dict[str, Any]:
+    """Model-wide context an algorithm needs before it sees blocks one at a time (the kurtosis rule's
+    statistics over every linear of the model). An algorithm opts in with a `prepare(float_blocks, spec,
+    **options)` attribute returning keyword arguments whose names start with '_' (not user options)."""
+    fn = get(candidate.algorithm)
+    hook = getattr(fn, "prepare", None)
+    return {} if hook is None else hook(float_blocks, spec, **candidate.options)
+
+
+def quantize_block(candidate: CandidateSpec, block: nn.Module, inputs: BlockInputs, spec: QuantSpec,
+                   context: dict[str, Any] | None = None) -> nn.Module:
+    return get(candidate.algorithm)(block, inputs, spec, **candidate.options, **(context or {}))
 
 
 def weight_only(fn: QuantizeBlock) -> QuantizeBlock:
@@ -84,4 +94,5 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def options_of(fn: QuantizeBlock) -> dict[str, Any]:
     params = inspect.signature(fn).parameters
-    return {k: p.default for k, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY}
+    return {k: p.default for k, p in params.items()
+            if p.kind == inspect.Parameter.KEYWORD_ONLY and not k.startswith("_")}

@@ -73,11 +73,14 @@ def check_options(algorithm: str, weights: str, clip_ratio: float, weight_clip_r
 
 
 def quantize_linears(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, choose: TransformChoice, *,
-                     weights: str = "gptq", clip_ratio: float = 1.0, weight_clip_ratio: float = 1.0,
+                     weights: str = "gptq", clip_ratio: float | Callable[[str], float] = 1.0,
+                     weight_clip_ratio: float = 1.0,
                      act_order: str = "none", damp: float = 0.01, block_size: int = 128,
                      true_sequential: bool = True) -> nn.Module:
     """Quantize every linear of `block` in place: transform from `choose`, weights by RTN or GPTQ, activations
-    at spec.a_bits (RotatedQuantLinear) or, at A16, grouped weight-only modules; K/V wrapped per spec."""
+    at spec.a_bits (RotatedQuantLinear) or, at A16, grouped weight-only modules; K/V wrapped per spec.
+    `clip_ratio`: the activation clip ratio, or a function of the linear's name giving it."""
+    clip_of = clip_ratio if callable(clip_ratio) else (lambda name: clip_ratio)
     if weights == "rtn":
         for name, linear in block_linears(block).items():
             t = choose(name, linear) if spec.a_bits != 16 else None
@@ -85,7 +88,7 @@ def quantize_linears(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, cho
                 q = UniformQuantLinear.from_float(linear, spec.w_bits, spec.group_for(linear.in_features),
                                                   spec.symmetric)
             else:
-                q = actquant.activation_linear(linear, spec, t, clip_ratio, weight_clip_ratio=weight_clip_ratio)
+                q = actquant.activation_linear(linear, spec, t, clip_of(name), weight_clip_ratio=weight_clip_ratio)
             replace_module(block, name, actquant.with_kv_quantization(block, name, q, spec))
         return block
 
@@ -109,7 +112,7 @@ def quantize_linears(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, cho
                 codes, scales, zeros, _ = gptq_quantize_weight(w, actquant.rotated_hessian(h, t), spec.w_bits, k,
                                                                True, act_order, damp, block_size)
                 signed, row_scales = actquant.signed_symmetric_codes(codes, scales, zeros)
-                q = actquant.activation_linear(linear, spec, t, clip_ratio, signed, row_scales)
+                q = actquant.activation_linear(linear, spec, t, clip_of(name), signed, row_scales)
             replace_module(block, name, actquant.with_kv_quantization(block, name, q, spec))
     return block
 
