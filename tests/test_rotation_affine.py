@@ -281,10 +281,10 @@ def test_affine_training_lowers_w4a4_error_below_its_start_and_runs_through_the_
     block = _real_like_block(model)
     ref = _delta(run_block(block, inputs), inputs)
     errs = {}
-    for steps in (0, 30):
-        q = _quantize(block, inputs, "W4A4", f"affine:steps={steps},weights=rtn,lr=0.01")
+    for steps in (0, 20):
+        q = _quantize(block, inputs, "W4A4", f"affine:steps={steps},weights=rtn,lr=0.01,batch_tokens=96")
         errs[steps] = _rel_err(_delta(run_block(q, inputs), inputs), ref)
-    assert errs[30] < 0.9 * errs[0], errs
+    assert errs[20] < 0.8 * errs[0], errs  # measured: 0.32 -> 0.21
     mods = block_linears(q)
     assert all(isinstance(m, RotatedQuantLinear) and not m.orthogonal for m in mods.values())
     assert q.input_layernorm.weight.shape == block.input_layernorm.weight.shape
