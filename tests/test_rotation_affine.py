@@ -275,6 +275,18 @@ def test_trained_affine_transforms_are_exactly_inverted_in_the_fp_block():
     assert _rel_err(run_block(folded, inputs), ref) < 1e-5
 
 
+def test_affine_block_with_folded_norm_scales_survives_save_and_load(tmp_path):
+    model = tiny_llama()
+    inputs = _inputs(model)
+    block = _real_like_block(model)
+    q = _quantize(block, inputs, "W3A3K2V2", "affine:steps=2,weights=rtn,batch_tokens=16")
+    assert not torch.equal(q.input_layernorm.weight, block.input_layernorm.weight)  # scales were folded in
+    path = tmp_path / "affine.safetensors"
+    save_block_state(path, q)
+    loaded = load_block_state(path, block)
+    assert all(torch.equal(a, b) for a, b in zip(run_block(loaded, inputs), run_block(q, inputs)))
+
+
 def test_affine_training_lowers_w4a4_error_below_its_start_and_runs_through_the_kronecker_path():
     model = tiny_llama()
     inputs = _inputs(model)
