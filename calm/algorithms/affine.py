@@ -7,7 +7,7 @@ input, x -> x P, and P^-1 is folded into the weight, W -> W P^-T: exact in float
   post_attention_layernorm): x -> x / s, W -> W diag(s), folded into the norm's weight (exact). o_proj and
   down_proj have no scale (their inputs come from attention and the SwiGLU product; only P transforms them);
 - learnable weight clipping (a ratio per output row) and activation clipping (one ratio per linear), both
-  sigmoid-parameterized and initialized near 1.
+  sigmoid-parameterized; weight clips start at 0.982, activation clips at min(0.982, `clip_init`).
 Training: per block, AdamW on the mean squared error between the block's output with every linear
 fake-quantized (straight-through rounding; K/V fake-quantized too when the scheme quantizes them) and the
 float block's output on the same inputs (the inputs the search hands the block). `steps` optimizer steps,
@@ -74,7 +74,7 @@ def _fake_quant_kv(y: torch.Tensor, bits: int, head_dim: int, group: int) -> tor
 
 class _TrainableLinear(nn.Module):
     def __init__(self, linear: nn.Module, spec: QuantSpec, mode: str, scale: nn.Parameter | None,
-                 kv: tuple[int, int, int] | None) -> None:
+                 kv: tuple[int, int, int] | None, a_clip_init: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("weight", linear.weight.detach().to(torch.float32).clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.float32))
@@ -92,7 +92,8 @@ class _TrainableLinear(nn.Module):
         else:
             self.factors = [f.clone() for f in factors]
         self.w_clip = nn.Parameter(torch.full((linear.out_features, 1), CLIP_INIT))
-        self.a_clip = nn.Parameter(torch.tensor(CLIP_INIT))
+        self.a_clip = nn.Parameter(torch.tensor(min(CLIP_INIT, math.log(a_clip_init / (1.0 - a_clip_init)))
+                                                if a_clip_init < 1.0 else CLIP_INIT))
 
     def folded_weight(self) -> torch.Tensor:
         w = self.weight
@@ -148,7 +149,8 @@ def _block_out(block: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
 
 
 def train_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, mode_for: ModeChoice, *,
-                     steps: int, lr: float, batch_tokens: int, seed: int = 0) -> tuple[nn.Module, dict]:
+                     steps: int, lr: float, batch_tokens: int, seed: int = 0, a_clip_init: float = 1.0
+                     ) -> tuple[nn.Module, dict]:
     """A copy of `block` whose linears are _TrainableLinear, trained; returns it and the norm-site scales."""
     work = copy.deepcopy(block)
     for p in work.parameters():
@@ -166,7 +168,8 @@ def train_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, mod
         field = actquant.KV_PROJECTIONS.get(name)
         if field is not None and getattr(spec, field) != 16:
             kv = (getattr(spec, field), head_dim, spec.kv_group_size or head_dim)
-        replace_module(work, name, _TrainableLinear(linear, spec, modes[name], scales.get(site_of.get(name)), kv))
+        replace_module(work, name, _TrainableLinear(linear, spec, modes[name], scales.get(site_of.get(name)), kv,
+                                                    a_clip_init))
     params = [p for p in work.parameters() if p.requires_grad]
     with _one_thread():
         _optimize(block, work, inputs, params, steps, lr, batch_tokens, seed)
@@ -235,9 +238,10 @@ def _rtn_row_clipped(w: torch.Tensor, bits: int, clip: torch.Tensor) -> tuple[to
 
 def quantize_with_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, mode_for: ModeChoice, *,
                              weights: str, steps: int, lr: float, batch_tokens: int, damp: float = 0.01,
-                             act_order: str = "none") -> nn.Module:
+                             act_order: str = "none", a_clip_init: float = 1.0) -> nn.Module:
     """Train, fold, and replace every linear of `block` (in place) by a RotatedQuantLinear."""
-    trained, scales = train_transforms(block, inputs, spec, mode_for, steps=steps, lr=lr, batch_tokens=batch_tokens)
+    trained, scales = train_transforms(block, inputs, spec, mode_for, steps=steps, lr=lr, batch_tokens=batch_tokens,
+                                       a_clip_init=a_clip_init)
     fold_into_block(block, scales)
     tl = {name: trained.get_submodule(name) for name in block_linears(block)}
     if weights == "gptq":
@@ -274,13 +278,16 @@ def _check_affine_spec(spec: QuantSpec) -> None:
 
 @register("affine")
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, weights: str = "gptq",
-                   steps: int = 40, lr: float = 5e-3, batch_tokens: int = 256, damp: float = 0.01) -> nn.Module:
+                   steps: int = 40, lr: float = 5e-3, batch_tokens: int = 256, damp: float = 0.01,
+                   clip_init: float = 1.0) -> nn.Module:
     check_training_options("affine", weights, steps, lr, batch_tokens)
+    clip_init = actquant.check_clip(clip_init, "affine clip_init")
     for name, linear in block_linears(block).items():
         actquant.transform_for(linear.in_features, True, "affine")
     with torch.enable_grad():
         return quantize_with_transforms(block, inputs, spec, lambda name, linear: "learned", weights=weights,
-                                        steps=steps, lr=lr, batch_tokens=batch_tokens, damp=damp)
+                                        steps=steps, lr=lr, batch_tokens=batch_tokens, damp=damp,
+                                        a_clip_init=clip_init)
 
 
 quantize_block.check_spec = _check_affine_spec
