@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import torch
 
+from calm_kernels._dispatch import use_triton
 
 MAX_BITS = 4  # codes are uint8 and the kernel keeps k centroids per column in registers
+# The fit kernel holds a whole column in one program's registers; taller columns run the reference.
+MAX_KERNEL_ROWS = 32768
 
 
 def _check_bits(bits: int) -> int:
@@ -174,6 +177,10 @@ def kmeans_columns(w: torch.Tensor, bits: int, importance: torch.Tensor | None =
     _check_weights(w)
     _check_iters(iters)
     imp = _check_importance(importance, w)
+    if w.shape[0] <= MAX_KERNEL_ROWS and use_triton(w):
+        from calm_kernels import _kmeans_triton
+
+        return _kmeans_triton.kmeans_columns(w, k, imp, iters)
     init = quantile_init_reference(w, k, imp)
     return lloyd_reference(w, init, imp, iters)
 
@@ -191,4 +198,8 @@ def assign_columns(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         raise ValueError("centroids must be finite floating-point values")
     if centroids.device != w.device:
         raise ValueError(f"centroids are on {centroids.device} but w is on {w.device}; move one of them")
+    if use_triton(w, centroids):
+        from calm_kernels import _kmeans_triton
+
+        return _kmeans_triton.assign_columns(w, centroids)
     return assign_columns_reference(w, centroids)
