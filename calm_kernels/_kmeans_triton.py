@@ -102,9 +102,10 @@ def _kmeans_kernel(
 
     # --- init: weighted quantiles by bisection over order-preserving integer keys -----------------------
     key = _orderable_key(w)
+    # The bisection bounds are int64 (hi - lo can reach 2^32); every midpoint lies in [lo, hi], so the
+    # comparison against the int32 keys is done in int32.
     key_lo = tl.min(tl.where(mask, key, 2147483647), axis=0).to(tl.int64)
     key_hi = tl.max(tl.where(mask, key, -2147483647 - 1), axis=0).to(tl.int64)
-    key = key.to(tl.int64)
     cent = tl.zeros((BLOCK_C, K), dtype=tl.float32)
     for j in tl.static_range(K):
         target = total * ((j + 0.5) / K)
@@ -112,7 +113,7 @@ def _kmeans_kernel(
         hi = key_hi
         for _ in range(32):  # the key range spans < 2^32 values
             mid = lo + ((hi - lo) >> 1)
-            reached = tl.sum(tl.where(key <= mid[None, :], imp, 0.0), axis=0) >= target
+            reached = tl.sum(tl.where(key <= mid.to(tl.int32)[None, :], imp, 0.0), axis=0) >= target
             hi = tl.where(reached, mid, hi)
             lo = tl.where(reached, lo, mid + 1)
         cent = tl.where(kk[None, :] == j, _key_to_float(hi.to(tl.int32))[:, None], cent)
