@@ -97,9 +97,9 @@ def test_fit_matches_reference_lloyd(name):
 
 def test_init_equals_reference_quantiles_exactly():
     # Unit weights: cumulative weights are exact integers in float32, so the bisection hits the same values.
-    w = torch.randn(77, 9, generator=_gen(3)).half()
+    w = torch.randn(45, 5, generator=_gen(3)).half()
     w[:, 0] = 1.0  # constant column: every quantile is that value
-    w[:40, 1] = -2.0  # a heavy repeated value
+    w[:25, 1] = -2.0  # a heavy repeated value
     _, cent = _kernel_fit(w, 3, iters=0)
     assert torch.equal(cent, K.quantile_init_reference(w, 8))
 
@@ -120,8 +120,8 @@ def test_degenerate_columns_and_strided_input():
 
 def test_more_centroids_than_rows_and_determinism():
     w = torch.tensor([[3.0, -1.0], [-2.0, 0.5], [0.0, 0.5]])
-    first = K.kmeans_columns(w, 3)  # public launcher -> kernel
-    second = K.kmeans_columns(w.clone(), 3)
+    first = K.kmeans_columns(w, 3, iters=4)  # public launcher -> kernel
+    second = K.kmeans_columns(w.clone(), 3, iters=4)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     codes, cent = first
     assert torch.equal(cent.T.gather(0, codes.long()), w)  # every value is its own centroid
