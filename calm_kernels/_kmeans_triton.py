@@ -31,10 +31,8 @@ import triton
 import triton.language as tl
 
 from calm_kernels._dispatch import interpreter_enabled
+from calm_kernels.kmeans import MAX_KERNEL_ROWS as MAX_ROWS  # a taller column tile would not fit one program
 
-# A column tile of more than 32768 rows would not fit the registers of one program (32 warps, 32 values
-# per thread per live tensor).
-from calm_kernels.kmeans import MAX_KERNEL_ROWS as MAX_ROWS
 _TILE_ELEMS = 16384  # BLOCK_R * BLOCK_C cap: ~5 live fp32/int32 tiles of 16k values across <= 32 warps
 
 
