@@ -94,15 +94,19 @@ def _unit_where_zero(imp: torch.Tensor, cols: int) -> torch.Tensor:
 def assign_columns_reference(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid of each value in its column: (rows, cols) uint8, ties to the lower index."""
     w32 = w.to(torch.float32)
-    c32 = centroids.to(torch.float32)
-    best = (w32 - c32[:, 0]).abs()
-    codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
-    for j in range(1, c32.shape[1]):
-        d = (w32 - c32[:, j]).abs()
-        closer = d < best
-        best = torch.where(closer, d, best)
-        codes = torch.where(closer, torch.full_like(codes, j), codes)
-    return codes
+    c_rows = centroids.to(torch.float32).T.contiguous()  # (k, cols): centroid j of every column, contiguous
+    best = (w32 - c_rows[0]).abs_()  # float32 |w - c_j|, as the kernels compute it
+    code = torch.zeros_like(best)
+    d = torch.empty_like(best)
+    closer = torch.empty_like(best)
+    for j in range(1, c_rows.shape[0]):
+        torch.sub(w32, c_rows[j], out=d).abs_()
+        torch.lt(d, best, out=closer)  # strict: a tie keeps the lower index
+        # The last j that beat the running minimum is the answer, i.e. the largest such j: a max of
+        # j * closer (float arithmetic; boolean selects are several times slower on the CPU).
+        torch.maximum(code, closer.mul_(j), out=code)
+        torch.minimum(best, d, out=best)
+    return code.to(torch.uint8)
 
 
 def quantile_init_reference(w: torch.Tensor, k: int, importance: torch.Tensor | None = None) -> torch.Tensor:
