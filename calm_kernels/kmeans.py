@@ -29,7 +29,7 @@ otherwise; columns taller than MAX_KERNEL_ROWS always run the reference. On a sh
 reference under one torch thread (calm.algorithms.gptq.single_thread): measured 4-10x faster than two
 contended threads on 576x576 .. 1536x576 weights (0.4-3.5 s for 25 iterations at 2-4 bits, one thread).
 Lloyd from quantile init is a local method: on the bench's smoke shapes (64 and 131 rows, 1% of values 4x
-larger) kmeans1d's exact 1-D optimum had 0.42-0.99 of its inertia at 2-4 bits.
+larger) kmeans1d's exact 1-D optimum reached 0.42-0.99x this inertia at 2-4 bits.
 
 Tested: the reference on the CPU (tests/test_kmeans.py); the kernels under the interpreter
 (tests/kernels/test_kmeans.py) and compiled for sm90 without a device (tests/test_kernel_compile.py). Not
