@@ -71,8 +71,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         baselines=args.baselines, exact_baselines=args.exact_baselines, output=args.output)
 
 
+# Settings that only choose which baselines are evaluated: a resumed run may change them (the search state
+# stays valid; results.json and run_config.json are rewritten).
+_REPORT_ONLY = ("output", "baselines", "exact_baselines")
+
+
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k != "output"}
+    return {k: v for k, v in cfg.items() if k not in _REPORT_ONLY}
 
 
 def check_output_folder(cfg: RunConfig) -> bool:
@@ -95,7 +100,8 @@ def check_output_folder(cfg: RunConfig) -> bool:
     except (TypeError, CalmUsageError):
         pass
     if _comparable(previous) != _comparable(mine):
-        diff = sorted(k for k in set(previous) | set(mine) if k != "output" and previous.get(k) != mine.get(k))
+        diff = sorted(k for k in set(previous) | set(mine)
+                      if k not in _REPORT_ONLY and previous.get(k) != mine.get(k))
         raise CalmUsageError(f"output folder {out} holds another run (settings differ in: {', '.join(diff)}); "
                              f"pass a new --output or delete that folder")
     return True

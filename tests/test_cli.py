@@ -104,12 +104,15 @@ def test_exact_baselines_are_each_members_own_sequential_pass(tmp_path, tiny_mod
     assert len(list((exact / "state" / "uniform-gptq").glob("block_*.json"))) == 2
 
 
-def test_folder_from_before_a_setting_existed_resumes(capsys, tmp_path, tiny_model_dir, text_file):
+def test_resume_from_an_older_folder_and_with_other_baselines(capsys, tmp_path, tiny_model_dir, text_file):
     out = tmp_path / "out"
     assert main(args(tiny_model_dir, text_file, out, "--no-baselines")) == 0
+    assert set(json.loads((out / "results.json").read_text())["perplexity"]) == {"fp", "calm"}
     saved = json.loads((out / "run_config.json").read_text())
-    del saved["exact_baselines"]
+    del saved["exact_baselines"]  # a folder written before the setting existed
     (out / "run_config.json").write_text(json.dumps(saved))
     capsys.readouterr()
-    assert main(args(tiny_model_dir, text_file, out, "--no-baselines")) == 0
+    assert main(args(tiny_model_dir, text_file, out, "--exact-baselines")) == 0
     assert "(resumed)" in capsys.readouterr().out
+    assert set(json.loads((out / "results.json").read_text())["perplexity"]) == {"fp", "rtn", "gptq", "calm"}
+    assert json.loads((out / "run_config.json").read_text())["exact_baselines"] is True
