@@ -13,6 +13,7 @@ from torch import nn
 
 from calm.grid import quantize_groups
 from calm_kernels import packing
+from calm_kernels._dispatch import use_triton as _use_triton
 from calm_kernels.qgemm import codebook_matmul, uniform_matmul
 
 
@@ -83,12 +84,10 @@ class UniformQuantLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            if self.input_perm is not None:
-                x = x.index_select(-1, self.input_perm)
+        if _use_triton(x, self.qweight):
             shape = x.shape
             y = uniform_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.bits,
-                               self.group_size, self.in_features, self.bias)
+                               self.group_size, self.in_features, self.bias, self.input_perm)
             return y.reshape(*shape[:-1], self.out_features)
         # CPU: the reference path. Dequantizing once and keeping the dense copy makes repeated forwards
         # (search, evaluation) cost a plain matmul; the packed buffers stay the source of truth.
@@ -255,7 +254,7 @@ class CodebookQuantLinear(nn.Module):
         return self.outlier_rowptr, self.outlier_cols, self._delta_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if _use_triton(x, self.qweight):
             shape = x.shape
             y = codebook_matmul(x.reshape(-1, shape[-1]), self.qweight, self.codebooks, self.perm, self.layout,
                                 self.bias, self._outliers())
@@ -357,7 +356,6 @@ def model_effective_bits(blocks: list[nn.Module]) -> float:
 import math  # noqa: E402
 
 from calm_kernels import rotated as _rotated  # noqa: E402  (torch only; triton loads inside the launchers)
-from calm_kernels._dispatch import use_triton as _use_triton  # noqa: E402
 
 
 def _resolve_transform(transform, in_features: int):
