@@ -283,11 +283,12 @@ def qgemm(x: torch.Tensor, qweight: torch.Tensor, meta0: torch.Tensor, meta1: to
 
     if config is not None:
         cfg = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        launch = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
         if decode:
             cfg["BLOCK_M"] = meta.pop("BLOCK_M")
         if cfg["SPLIT_K"] > 1:
             ws.zero_()
-        _qgemm_kernel[grid({**meta, **cfg})](*args, **meta, **cfg)
+        _qgemm_kernel[grid({**meta, **cfg})](*args, **meta, **cfg, **launch)
         split = cfg["SPLIT_K"]
     else:
         kernel = _decode_kernel() if decode else _prefill_kernel()
