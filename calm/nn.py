@@ -133,6 +133,11 @@ def _kmeans_columns(w: torch.Tensor, bits: int, iters: int = 25) -> tuple[torch.
     w = w.to(torch.float32)
     n, k = w.shape
     levels = 1 << bits
+    # Columns are independent: chunks bound the (N, chunk, levels) distance tensor to ~64 MiB.
+    chunk = max(1, (1 << 24) // (n * levels))
+    if k > chunk:
+        parts = [_kmeans_columns(w[:, i:i + chunk], bits, iters) for i in range(0, k, chunk)]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
     q = (torch.arange(levels, dtype=torch.float32, device=w.device) + 0.5) / levels
     cent = torch.quantile(w, q, dim=0).T.contiguous()  # (K, levels)
     for _ in range(iters):

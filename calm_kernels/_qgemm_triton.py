@@ -6,8 +6,9 @@ triton. Every config list here is a guess: no GPU has run these kernels yet.
 One kernel serves both formats. A weight is a list of up to five slabs (uniform: one slab of `bits`;
 codebook: one slab per width), each walked in BLOCK_K-column tiles. A tile's packed words are loaded as
 contiguous rows and expanded in registers by broadcast shifts; that puts the tile's codes in an order of
-their own (`_tile_columns`), so the activation tile is gathered in the same order: the reduction over K does
-not care about order, and activation tiles are small next to the weights they meet.
+their own (`_tile_columns`), and the activation tile follows it: loaded contiguously and permuted in registers,
+or, with a column permutation (codebook slabs, act-order), gathered in that order. The reduction over K does
+not care about order.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ def _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, 
     slab_words = tl.cdiv(cols, 32) * BITS
     word_end = word_start + slab_words
     tcol = _tile_columns(BITS, BLOCK_K)
+    A: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     row_off = offs_n.to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     for t in range(pid_k, n_tiles, SPLIT_K):
@@ -100,9 +102,14 @@ def _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, 
         stored = col_start + local
         if HAS_PERM:
             xcol = tl.load(perm_ptr + stored, mask=kmask, other=0)
+            xt = tl.load(x_rows + xcol[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         else:
-            xcol = stored
-        xt = tl.load(x_rows + xcol[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            # Contiguous load, then the tile order by a register permute: natural column b * A + a is
+            # element (b, a) of a (B, A) view and must land at position a * B + b.
+            natural = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows + (col_start + natural)[None, :], mask=mmask[:, None] & (natural < cols)[None, :],
+                         other=0.0)
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_M, BLOCK_K // A, A)), (0, 2, 1)), (BLOCK_M, BLOCK_K))
         codes = _unpack_tile(w_ptr, row_off, nmask, word_start + t * (BLOCK_K * BITS // 32), word_end,
                              BITS, BLOCK_K, BLOCK_N)
         wmask = kmask[:, None] & nmask[None, :]

@@ -16,8 +16,9 @@ Contract
 Kernel (Triton, `calm_kernels/_qgemm_triton.py`, imported only when a launcher runs it)
 - One kernel for both formats: a weight is up to five slabs, each walked in BLOCK_K-column tiles. A tile's
   words are loaded as contiguous rows and expanded by broadcast shifts (3-bit: 32 codes from a 3-word group
-  through two 64-bit windows); the activation tile is gathered in the expanded order (and through the
-  permutation), so the packing needs no kernel-specific layout. Uniform scales/zeros load once per tile when
+  through two 64-bit windows); the activation tile follows the expanded order (a contiguous load and a
+  register permute, or a gather through the column permutation), so the packing needs no kernel-specific
+  layout. Uniform scales/zeros load once per tile when
   the group is a multiple of BLOCK_K, else per column; codebook entries are gathered from the flat float16
   table (L1-resident: a 64-column 4-bit tile's tables are 2 KiB).
 - Decode path, M <= 16: M = 1 is a GEMV (broadcast multiply and row sums in fp32, no tensor cores); M in
