@@ -1,7 +1,8 @@
 """End-to-end quality table: held-out perplexity per scheme and method on the default model.
 
-Runs `python -m calm.run` once per scheme (each run evaluates FP, every pool member uniformly, and the CALM
-hybrid) and writes bench/results/quality.json and bench/QUALITY.md. Runs resume from their output folders.
+Runs `python -m calm.run --exact-baselines` once per scheme (each run evaluates FP, every pool member applied
+uniformly with its own sequential calibration pass, and the CALM hybrid) and writes bench/results/quality.json
+and bench/QUALITY.md. Runs resume from their output folders.
 
     python bench/quality.py --schemes W4A16G64 W3A16G64 W2A16G64 --pool rtn,gptq
 """
@@ -31,7 +32,7 @@ def main() -> int:
     for scheme in args.schemes:
         out = Path(args.outputs) / f"{scheme}-{args.pool.replace(',', '_').replace(';', '_').replace(':', '-')}"
         cfg = config_from_args(build_parser().parse_args(["--scheme", scheme, "--pool", args.pool,
-                                                          "--output", str(out), *extra]))
+                                                          "--output", str(out), "--exact-baselines", *extra]))
         results, _ = run(cfg)
         rows.append({k: results[k] for k in ("scheme", "pool", "propagation", "calibration", "evaluation",
                                               "perplexity", "effective_bits", "seconds")}
@@ -41,7 +42,9 @@ def main() -> int:
     ev = rows[0]["evaluation"]
     lines = [f"Held-out Wikipedia perplexity (T={ev['seqlen']}, {ev['tokens']} tokens), calibration "
              f"{rows[0]['calibration']['windows']} x {rows[0]['calibration']['seqlen']} tokens, "
-             f"{rows[0]['propagation']} propagation.", "",
+             f"{rows[0]['propagation']} propagation; each uniform baseline calibrated on its own quantized blocks "
+             f"(`--exact-baselines`). Reproduce: `python bench/quality.py --schemes "
+             f"{' '.join(r['scheme'] for r in rows)} --pool {args.pool}`.", "",
              "| scheme | " + " | ".join(names) + " | CALM choices |", "|---" * (len(names) + 2) + "|"]
     for r in rows:
         counts = {n: r["chosen"].count(n) for n in dict.fromkeys(r["chosen"])}
