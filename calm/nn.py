@@ -14,6 +14,7 @@ from torch import nn
 from calm.grid import quantize_groups
 from calm_kernels import packing
 from calm_kernels._dispatch import use_triton as _use_triton
+from calm_kernels.kmeans import kmeans_columns
 from calm_kernels.qgemm import codebook_matmul, uniform_matmul
 
 
@@ -124,31 +125,6 @@ class UniformQuantLinear(nn.Module):
                 f"effective_bits={self.effective_bits:.3f}")
 
 
-def _kmeans_columns(w: torch.Tensor, bits: int, iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column 1-D K-means of (N, K) weights with 2^bits centroids: (codes (N, K) uint8, centroids (K, 2^bits)).
-
-    Plain Lloyd iterations from quantile starts; the fast (weighted) K-means is calm_kernels.kmeans' job, this
-    only serves `CodebookQuantLinear.from_float` (RTN-like use without calibration).
-    """
-    w = w.to(torch.float32)
-    n, k = w.shape
-    levels = 1 << bits
-    # Columns are independent: chunks bound the (N, chunk, levels) distance tensor to ~64 MiB.
-    chunk = max(1, (1 << 24) // (n * levels))
-    if k > chunk:
-        parts = [_kmeans_columns(w[:, i:i + chunk], bits, iters) for i in range(0, k, chunk)]
-        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 0)
-    q = (torch.arange(levels, dtype=torch.float32, device=w.device) + 0.5) / levels
-    cent = torch.quantile(w, q, dim=0).T.contiguous()  # (K, levels)
-    for _ in range(iters):
-        codes = (w.unsqueeze(-1) - cent.unsqueeze(0)).abs().argmin(-1)  # (N, K)
-        sums = torch.zeros(k, levels, device=w.device).scatter_add_(1, codes.T, w.T)
-        counts = torch.zeros(k, levels, device=w.device).scatter_add_(1, codes.T, torch.ones_like(w.T))
-        cent = torch.where(counts > 0, sums / counts.clamp_min(1), cent)
-    codes = (w.unsqueeze(-1) - cent.unsqueeze(0)).abs().argmin(-1)
-    return codes.to(torch.uint8), cent
-
-
 class CodebookQuantLinear(nn.Module):
     """y = x @ W^T + b with W[n, j] = codebook_j[code[n, j]]: one float16 lookup table per input column, widths
     per column in {1, 2, 3, 4, 8}, columns permuted into slabs of equal width, optional sparse float16 outliers
@@ -219,7 +195,8 @@ class CodebookQuantLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int | torch.Tensor = 4, iters: int = 25) -> "CodebookQuantLinear":
-        """Per-column K-means (no calibration data) of a float Linear; `bits` an int or a width per column."""
+        """Per-column K-means (calm_kernels.kmeans, no calibration data) of a float Linear; `bits` an int or a
+        width per column, 1-4 (8-bit codebooks come through `from_parts`)."""
         w = linear.weight.detach().to(torch.float32)
         k = w.shape[1]
         column_bits = (torch.full((k,), int(bits), dtype=torch.int64) if not isinstance(bits, torch.Tensor)
@@ -229,7 +206,7 @@ class CodebookQuantLinear(nn.Module):
         centroids = torch.zeros(k, 1 << max_bits, device=w.device)
         for b in column_bits.unique().tolist():
             cols = (column_bits == b).nonzero().flatten().to(w.device)
-            c, cent = _kmeans_columns(w[:, cols], b, iters)
+            c, cent = kmeans_columns(w[:, cols], b, iters=iters)
             codes[:, cols] = c
             centroids[cols, :1 << b] = cent
         return cls.from_parts(codes, centroids, column_bits, None, linear.bias)

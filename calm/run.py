@@ -181,6 +181,9 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
         if cfg.exact_baselines and len(cfg.search.pool) > 1:
             uniform = {}
             for cand in cfg.search.pool:
+                if not algorithms.uses_calibration(cand):
+                    uniform[cand.name] = outcome.candidate_blocks[cand.name]
+                    continue
                 install_blocks(model, outcome.float_blocks)
                 log(f"uniform baseline {cand.name}: its own sequential pass")
                 t = time.perf_counter()
