@@ -181,7 +181,10 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
         if cfg.exact_baselines and len(cfg.search.pool) > 1:
             uniform = {}
             for cand in cfg.search.pool:
-                if not algorithms.uses_calibration(cand):
+                chose_it_everywhere = (cfg.search.propagation == "greedy"
+                                       and all(d.chosen == cand.name for d in outcome.decisions))
+                if chose_it_everywhere or not algorithms.uses_calibration(cand):
+                    # The hybrid is this member's own sequential pass already, or its blocks ignore the inputs.
                     uniform[cand.name] = outcome.candidate_blocks[cand.name]
                     continue
                 install_blocks(model, outcome.float_blocks)

@@ -92,8 +92,9 @@ def test_module_entry_point_exit_code(tmp_path):
 
 def test_exact_baselines_are_each_members_own_sequential_pass(tmp_path, tiny_model_dir, text_file):
     shared, exact, solo = tmp_path / "shared", tmp_path / "exact", tmp_path / "solo"
-    assert main(args(tiny_model_dir, text_file, shared)) == 0
-    assert main(args(tiny_model_dir, text_file, exact, "--exact-baselines")) == 0
+    # Independent propagation: the hybrid is no member's own sequential pass, so every exact baseline is run.
+    assert main(args(tiny_model_dir, text_file, shared, "--propagation", "independent")) == 0
+    assert main(args(tiny_model_dir, text_file, exact, "--propagation", "independent", "--exact-baselines")) == 0
     assert main(args(tiny_model_dir, text_file, solo, "--pool", "gptq", "--no-baselines")) == 0
     ppl = {name: json.loads((p / "results.json").read_text())["perplexity"]
            for name, p in (("shared", shared), ("exact", exact), ("solo", solo))}
@@ -114,5 +115,9 @@ def test_resume_from_an_older_folder_and_with_other_baselines(capsys, tmp_path, 
     capsys.readouterr()
     assert main(args(tiny_model_dir, text_file, out, "--exact-baselines")) == 0
     assert "(resumed)" in capsys.readouterr().out
-    assert set(json.loads((out / "results.json").read_text())["perplexity"]) == {"fp", "rtn", "gptq", "calm"}
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["perplexity"]) == {"fp", "rtn", "gptq", "calm"}
     assert json.loads((out / "run_config.json").read_text())["exact_baselines"] is True
+    if all(b["chosen"] == "gptq" for b in results["blocks"]):  # greedy hybrid == GPTQ's own pass: not redone
+        assert results["perplexity"]["gptq"] == results["perplexity"]["calm"]
+        assert not (out / "state" / "uniform-gptq").exists()
