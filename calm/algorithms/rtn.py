@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from calm.algorithms import actquant, register, replace_module
+from calm.algorithms import actquant, calibration_free, register, replace_module
 from calm.config import QuantSpec
 from calm.model import BlockInputs, block_linears
 from calm.nn import UniformQuantLinear
 
 
 @register("rtn")
+@calibration_free
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, clip_ratio: float = 1.0
                    ) -> nn.Module:
     clip_ratio = actquant.check_clip(clip_ratio, "rtn clip_ratio")
