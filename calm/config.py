@@ -113,7 +113,17 @@ class CandidateSpec:
 
 def parse_pool(text: str) -> tuple[CandidateSpec, ...]:
     """`rtn,gptq` or `rtn;gptq:act_order=static,damp=0.02` (use ';' between candidates that carry options)."""
-    parts = [p for p in text.split(";" if ";" in text else ",") if p.strip()]
+    if ";" in text:
+        parts = [p for p in text.split(";") if p.strip()]
+    else:
+        # Comma-separated: an item with '=' and no ':' is one more option of the candidate before it, so
+        # `kurtosis:steps=5,lr=0.01` stays one candidate (algorithm names never contain '=').
+        parts = []
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            if parts and "=" in item and ":" not in item and ":" in parts[-1]:
+                parts[-1] += "," + item
+            else:
+                parts.append(item)
     if not parts:
         raise CalmUsageError("the pool is empty: name at least one algorithm, e.g. --pool rtn,gptq")
     pool = tuple(CandidateSpec.parse(p) for p in parts)

@@ -37,6 +37,11 @@ def test_pool_parsing_and_options():
         parse_pool("rtn,rtn")
     with pytest.raises(CalmUsageError):
         CandidateSpec.parse("gptq:act_order")
+    # without ';', options after a ':' stay with their candidate
+    single = parse_pool("kurtosis:steps=5,lr=0.01")
+    assert len(single) == 1 and single[0].options == {"steps": 5, "lr": 0.01}
+    assert [c.name for c in parse_pool("rtn,gptq:damp=0.02,act_order=none,rotation")] == [
+        "rtn", "gptq[act_order=none,damp=0.02]", "rotation"]
 
 
 def test_run_config_json_round_trip():
