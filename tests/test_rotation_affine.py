@@ -238,6 +238,7 @@ def test_kurtosis_population_comes_from_the_whole_model_through_prepare():
     ("affine:lr=0", "lr must be"),
     ("affine:weights=awq", "weights must be"),
     ("affine:batch_tokens=1", "batch_tokens must be"),
+    ("affine:clip_init=1.5", "clip_init must be"),
 ])
 def test_bad_kurtosis_and_affine_options_are_usage_errors(candidate, message):
     model = tiny_llama()
