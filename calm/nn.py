@@ -13,7 +13,7 @@ from torch import nn
 
 from calm.grid import quantize_groups
 from calm_kernels import packing
-from calm_kernels.qgemm import uniform_matmul
+from calm_kernels.qgemm import codebook_matmul, uniform_matmul
 
 
 class UniformQuantLinear(nn.Module):
@@ -125,7 +125,190 @@ class UniformQuantLinear(nn.Module):
                 f"effective_bits={self.effective_bits:.3f}")
 
 
-QUANTIZED_LINEARS: dict[str, type[nn.Module]] = {UniformQuantLinear.kind: UniformQuantLinear}
+def _kmeans_columns(w: torch.Tensor, bits: int, iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column 1-D K-means of (N, K) weights with 2^bits centroids: (codes (N, K) uint8, centroids (K, 2^bits)).
+
+    Plain Lloyd iterations from quantile starts; the fast (weighted) K-means is calm_kernels.kmeans' job, this
+    only serves `CodebookQuantLinear.from_float` (RTN-like use without calibration).
+    """
+    w = w.to(torch.float32)
+    n, k = w.shape
+    levels = 1 << bits
+    q = (torch.arange(levels, dtype=torch.float32, device=w.device) + 0.5) / levels
+    cent = torch.quantile(w, q, dim=0).T.contiguous()  # (K, levels)
+    for _ in range(iters):
+        codes = (w.unsqueeze(-1) - cent.unsqueeze(0)).abs().argmin(-1)  # (N, K)
+        sums = torch.zeros(k, levels, device=w.device).scatter_add_(1, codes.T, w.T)
+        counts = torch.zeros(k, levels, device=w.device).scatter_add_(1, codes.T, torch.ones_like(w.T))
+        cent = torch.where(counts > 0, sums / counts.clamp_min(1), cent)
+    codes = (w.unsqueeze(-1) - cent.unsqueeze(0)).abs().argmin(-1)
+    return codes.to(torch.uint8), cent
+
+
+class CodebookQuantLinear(nn.Module):
+    """y = x @ W^T + b with W[n, j] = codebook_j[code[n, j]]: one float16 lookup table per input column, widths
+    per column in {1, 2, 3, 4, 8}, columns permuted into slabs of equal width, optional sparse float16 outliers
+    (format in calm_kernels.packing). Buffers: `qweight`, `codebooks`, `perm`, `outlier_rowptr`,
+    `outlier_cols`, `outlier_vals` (the last three only with outliers), `bias`.
+    """
+
+    kind = "codebook"
+
+    def __init__(self, in_features: int, out_features: int, slabs, outliers: int | None = None,
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        layout = packing.CodebookLayout(tuple((int(b), int(c)) for b, c in slabs))
+        if layout.in_features != in_features:
+            raise ValueError(f"slabs {list(layout.slabs)} hold {layout.in_features} columns, not in_features "
+                             f"{in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.layout = layout
+        self.register_buffer("qweight", torch.zeros(out_features, layout.total_words, dtype=torch.int32,
+                                                    device=device))
+        self.register_buffer("codebooks", torch.zeros(layout.codebook_length, dtype=torch.float16, device=device))
+        self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
+        has_outliers = outliers is not None
+        nnz = int(outliers or 0)
+        self.register_buffer("outlier_rowptr", torch.zeros(out_features + 1, dtype=torch.int32, device=device)
+                             if has_outliers else None)
+        self.register_buffer("outlier_cols", torch.zeros(nnz, dtype=packing.outlier_col_dtype(in_features),
+                                                         device=device) if has_outliers else None)
+        self.register_buffer("outlier_vals", torch.zeros(nnz, dtype=torch.float16, device=device)
+                             if has_outliers else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._dense_cache: torch.Tensor | None = None
+        self._delta_cache: torch.Tensor | None = None
+
+    # Construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, codes: torch.Tensor, centroids: torch.Tensor, column_bits: torch.Tensor,
+                   outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   bias: torch.Tensor | None = None) -> "CodebookQuantLinear":
+        """From codes (out, in) where codes[:, j] index centroids[j, :2**column_bits[j]].
+
+        Args:
+            codes: (out_features, in_features) integer codes.
+            centroids: (in_features, >= 2**max(column_bits)) float; stored as float16.
+            column_bits: (in_features,) widths in {1, 2, 3, 4, 8}.
+            outliers: optional (rows, cols, values): the weight at each position is the value (float16),
+                whatever its code says.
+            bias: optional (out_features,).
+        """
+        packed = packing.pack_codebook(codes, centroids, column_bits, outliers)
+        out_features, in_features = codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        nnz = None if packed.outlier_cols is None else packed.outlier_cols.numel()
+        m = cls(in_features, out_features, packed.layout.slabs, nnz, bias=bias is not None, dtype=dtype,
+                device=codes.device)
+        m.qweight.copy_(packed.qweight)
+        m.codebooks.copy_(packed.codebooks)
+        m.perm.copy_(packed.perm)
+        if nnz is not None:
+            m.outlier_rowptr.copy_(packed.outlier_rowptr)
+            m.outlier_cols.copy_(packed.outlier_cols)
+            m.outlier_vals.copy_(packed.outlier_vals)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int | torch.Tensor = 4, iters: int = 25) -> "CodebookQuantLinear":
+        """Per-column K-means (no calibration data) of a float Linear; `bits` an int or a width per column."""
+        w = linear.weight.detach().to(torch.float32)
+        k = w.shape[1]
+        column_bits = (torch.full((k,), int(bits), dtype=torch.int64) if not isinstance(bits, torch.Tensor)
+                       else bits.to(torch.int64).cpu())
+        max_bits = int(column_bits.max())
+        codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
+        centroids = torch.zeros(k, 1 << max_bits, device=w.device)
+        for b in column_bits.unique().tolist():
+            cols = (column_bits == b).nonzero().flatten().to(w.device)
+            c, cent = _kmeans_columns(w[:, cols], b, iters)
+            codes[:, cols] = c
+            centroids[cols, :1 << b] = cent
+        return cls.from_parts(codes, centroids, column_bits, None, linear.bias)
+
+    # Inference ---------------------------------------------------------------------------------------------
+    def packed(self) -> packing.PackedCodebook:
+        return packing.PackedCodebook(self.layout, self.qweight, self.codebooks, self.perm, self.outlier_rowptr,
+                                      self.outlier_cols, self.outlier_vals)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense (out, in) weight in the original column order, outliers applied."""
+        return packing.dequantize_codebook(self.packed(), dtype)
+
+    def column_bits(self) -> torch.Tensor:
+        """Width of every original input column (in_features,)."""
+        bits = torch.empty(self.in_features, dtype=torch.int64)
+        bits[self.perm.to(torch.int64).cpu()] = self.layout.column_bits()
+        return bits
+
+    def _outliers(self):
+        if self.outlier_rowptr is None or self.outlier_cols.numel() == 0:
+            return None
+        if self._delta_cache is None:
+            self._delta_cache = packing.codebook_outlier_deltas(self.qweight, self.codebooks, self.perm,
+                                                                self.layout, self.outlier_rowptr,
+                                                                self.outlier_cols, self.outlier_vals)
+        return self.outlier_rowptr, self.outlier_cols, self._delta_cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            shape = x.shape
+            y = codebook_matmul(x.reshape(-1, shape[-1]), self.qweight, self.codebooks, self.perm, self.layout,
+                                self.bias, self._outliers())
+            return y.reshape(*shape[:-1], self.out_features)
+        if self._dense_cache is None or self._dense_cache.dtype != x.dtype:
+            self._dense_cache = self.dequantized_weight(x.dtype)
+        return nn.functional.linear(x, self._dense_cache, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        self._dense_cache = None
+        self._delta_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense_cache = None
+        self._delta_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    # Description -------------------------------------------------------------------------------------------
+    @property
+    def num_outliers(self) -> int:
+        return 0 if self.outlier_cols is None else self.outlier_cols.numel()
+
+    @property
+    def effective_bits(self) -> float:
+        """Codes (slab padding included), float16 codebooks, the permutation and the outliers, per weight."""
+        return packing.codebook_effective_bits(self.layout, self.out_features, self.num_outliers,
+                                               self.outlier_rowptr is not None)
+
+    @property
+    def bits(self) -> float:
+        """Mean code width per column."""
+        return sum(b * c for b, c in self.layout.slabs) / self.in_features
+
+    def quant_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "slabs": [list(s) for s in self.layout.slabs],
+                "outliers": None if self.outlier_rowptr is None else self.num_outliers,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_quant_config(cls, cfg: dict[str, Any]) -> "CodebookQuantLinear":
+        return cls(cfg["in_features"], cfg["out_features"], [tuple(s) for s in cfg["slabs"]], cfg["outliers"],
+                   bias=cfg["bias"])
+
+    def extra_repr(self) -> str:
+        slabs = ", ".join(f"{c}x{b}b" for b, c in self.layout.slabs)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits:.3f}, "
+                f"slabs=[{slabs}], outliers={self.num_outliers}, effective_bits={self.effective_bits:.3f}")
+
+
+QUANTIZED_LINEARS: dict[str, type[nn.Module]] = {UniformQuantLinear.kind: UniformQuantLinear,
+                                                  CodebookQuantLinear.kind: CodebookQuantLinear}
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
