@@ -20,8 +20,8 @@ Per linear (W is out x in; a column is one input channel):
 - Outlier reservation (`outliers=true`): in the top `outlier_columns` (10%) of columns by the outlier count,
   the `outlier_top` (1.4%) largest and as many smallest values per column stay in floating point; elsewhere
   `outlier_rest` (0.4%) per tail. They are chosen on the column's updated values when it is quantized, are
-  left out of its K-means fit (weight 0), keep their exact value (no error to spread) and are stored as
-  sparse (row, column, value) entries.
+  left out of its K-means fit (weight 0), keep their value (rounded to float16, as stored; the rounding
+  error is spread like any other) and are stored as sparse (row, column, value) entries.
 Codebooks, per-column widths and outliers go into calm.nn.CodebookQuantLinear in the original column order;
 its effective bits count codes, codebooks (float16) and outliers. CLAQ has no groups: the scheme's group
 size and symmetric flag do not apply to it.
@@ -47,8 +47,8 @@ OUTLIER_THRESHOLD = 13.0  # CLAQ: a weight is an outlier when |w| >= 13 x mean |
 class ClaqResult:
     """One quantized matrix in the original column order.
 
-    codes (out, in) uint8; centroids (in, 2^max_bits) float32, column j uses its first 2^column_bits[j]
-    (the rest repeat its largest centroid); column_bits (in,) int; outliers: (rows, cols, values) or None;
+    codes (out, in) uint8; centroids (in, 2^max_bits) float32 holding float16 values, column j uses its first
+    2^column_bits[j] (the rest repeat its largest centroid); column_bits (in,) int; outliers: (rows, cols, values) or None;
     dequantized: the dense (out, in) weight the codes, codebooks and outliers stand for.
     """
     codes: torch.Tensor
@@ -136,6 +136,8 @@ def claq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
             sel = col_bits[cols] == b
             imp = importance[:, sel] if importance is not None else None
             _, c = kmeans_columns(values[:, sel], int(b), imp, kmeans_iters)
+            # The module stores float16 codebooks: compensate the error of the values it will really hold.
+            c = c.to(torch.float16).to(torch.float32)
             c = torch.cat([c, c[:, -1:].expand(-1, (1 << max_bits) - c.shape[1])], dim=1)
             cents[cols[sel]] = c
 
@@ -159,7 +161,7 @@ def claq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
                 b = int(col_bits[col])
                 c = cents[col:col + 1, :1 << b]
                 q = assign_columns(wc.unsqueeze(1), c)[:, 0]
-                dq = torch.where(mask, wc, c[0, q.long()])
+                dq = torch.where(mask, wc.to(torch.float16).to(torch.float32), c[0, q.long()])
                 codes[:, col] = q
                 deq[:, col] = dq
                 keep[:, col] = mask
