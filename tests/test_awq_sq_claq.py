@@ -243,3 +243,16 @@ def test_claq_block_and_validation():
             quantize(bad, "W3A16", block, inputs)
     with pytest.raises(CalmUsageError, match="2 to 4 bits"):
         algorithms.validate_candidate(CandidateSpec.parse("claq"), QuantSpec.from_scheme("W8A16"))
+
+
+@pytest.mark.parametrize("name,scheme", [("awq:n_grid=4", "W3A16G32"), ("smoothquant", "W4A8"),
+                                         ("claq:bits_target=2.1,outliers=true", "W2A16")])
+def test_block_state_round_trip(tmp_path, name, scheme):
+    from calm.io import load_block_state, save_block_state
+
+    block, inputs = llama_block(outlier_channels=5.0)
+    q = quantize(name, scheme, block, inputs)
+    save_block_state(tmp_path / "b.safetensors", q)
+    back = load_block_state(tmp_path / "b.safetensors", block)
+    for a, b in zip(run_block(q, inputs), run_block(back, inputs)):
+        assert torch.equal(a, b)
