@@ -172,6 +172,10 @@ class RunConfig:
     search: SearchConfig = SearchConfig()
     data: DataConfig = DataConfig()
     baselines: bool = True
+    # True: each pool member's uniform baseline gets its own sequential pass (block l+1 calibrated on that
+    # member's quantized blocks, the published protocol); False: baselines reuse the candidate blocks the
+    # search made on the hybrid's inputs (no extra quantization; exact for calibration-free members like RTN).
+    exact_baselines: bool = False
     output: str = "outputs/default"
 
     @property

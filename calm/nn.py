@@ -13,6 +13,8 @@ from torch import nn
 
 from calm.grid import quantize_groups
 from calm_kernels import packing
+from calm_kernels._dispatch import use_triton as _use_triton
+from calm_kernels.kmeans import kmeans_columns
 from calm_kernels.qgemm import codebook_matmul, uniform_matmul
 
 
@@ -83,12 +85,10 @@ class UniformQuantLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            if self.input_perm is not None:
-                x = x.index_select(-1, self.input_perm)
+        if _use_triton(x, self.qweight):
             shape = x.shape
             y = uniform_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.bits,
-                               self.group_size, self.in_features, self.bias)
+                               self.group_size, self.in_features, self.bias, self.input_perm)
             return y.reshape(*shape[:-1], self.out_features)
         # CPU: the reference path. Dequantizing once and keeping the dense copy makes repeated forwards
         # (search, evaluation) cost a plain matmul; the packed buffers stay the source of truth.
@@ -123,26 +123,6 @@ class UniformQuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}, "
                 f"effective_bits={self.effective_bits:.3f}")
-
-
-def _kmeans_columns(w: torch.Tensor, bits: int, iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column 1-D K-means of (N, K) weights with 2^bits centroids: (codes (N, K) uint8, centroids (K, 2^bits)).
-
-    Plain Lloyd iterations from quantile starts; the fast (weighted) K-means is calm_kernels.kmeans' job, this
-    only serves `CodebookQuantLinear.from_float` (RTN-like use without calibration).
-    """
-    w = w.to(torch.float32)
-    n, k = w.shape
-    levels = 1 << bits
-    q = (torch.arange(levels, dtype=torch.float32, device=w.device) + 0.5) / levels
-    cent = torch.quantile(w, q, dim=0).T.contiguous()  # (K, levels)
-    for _ in range(iters):
-        codes = (w.unsqueeze(-1) - cent.unsqueeze(0)).abs().argmin(-1)  # (N, K)
-        sums = torch.zeros(k, levels, device=w.device).scatter_add_(1, codes.T, w.T)
-        counts = torch.zeros(k, levels, device=w.device).scatter_add_(1, codes.T, torch.ones_like(w.T))
-        cent = torch.where(counts > 0, sums / counts.clamp_min(1), cent)
-    codes = (w.unsqueeze(-1) - cent.unsqueeze(0)).abs().argmin(-1)
-    return codes.to(torch.uint8), cent
 
 
 class CodebookQuantLinear(nn.Module):
@@ -215,7 +195,8 @@ class CodebookQuantLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int | torch.Tensor = 4, iters: int = 25) -> "CodebookQuantLinear":
-        """Per-column K-means (no calibration data) of a float Linear; `bits` an int or a width per column."""
+        """Per-column K-means (calm_kernels.kmeans, no calibration data) of a float Linear; `bits` an int or a
+        width per column, 1-4 (8-bit codebooks come through `from_parts`)."""
         w = linear.weight.detach().to(torch.float32)
         k = w.shape[1]
         column_bits = (torch.full((k,), int(bits), dtype=torch.int64) if not isinstance(bits, torch.Tensor)
@@ -225,7 +206,7 @@ class CodebookQuantLinear(nn.Module):
         centroids = torch.zeros(k, 1 << max_bits, device=w.device)
         for b in column_bits.unique().tolist():
             cols = (column_bits == b).nonzero().flatten().to(w.device)
-            c, cent = _kmeans_columns(w[:, cols], b, iters)
+            c, cent = kmeans_columns(w[:, cols], b, iters=iters)
             codes[:, cols] = c
             centroids[cols, :1 << b] = cent
         return cls.from_parts(codes, centroids, column_bits, None, linear.bias)
@@ -255,7 +236,7 @@ class CodebookQuantLinear(nn.Module):
         return self.outlier_rowptr, self.outlier_cols, self._delta_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if _use_triton(x, self.qweight):
             shape = x.shape
             y = codebook_matmul(x.reshape(-1, shape[-1]), self.qweight, self.codebooks, self.perm, self.layout,
                                 self.bias, self._outliers())
@@ -357,7 +338,6 @@ def model_effective_bits(blocks: list[nn.Module]) -> float:
 import math  # noqa: E402
 
 from calm_kernels import rotated as _rotated  # noqa: E402  (torch only; triton loads inside the launchers)
-from calm_kernels._dispatch import use_triton as _use_triton  # noqa: E402
 
 
 def _resolve_transform(transform, in_features: int):

@@ -7,6 +7,7 @@ anything is written. An output folder holding the same run resumes its search fr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -24,7 +25,7 @@ from calm.io import atomic_write_json, atomic_write_text, save_quantized
 from calm.model import block_linears, decoder_blocks, describe_source, load_model
 from calm.nn import model_effective_bits
 from calm.report import block_table, perplexity_table
-from calm.search import calm_search, install_blocks
+from calm.search import calm_search, install_blocks, state_name
 
 RUN_CONFIG = "run_config.json"
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate every pool member applied uniformly to all blocks")
+    p.add_argument("--exact-baselines", action=argparse.BooleanOptionalAction, default=False,
+                   help="give each uniform baseline its own sequential calibration pass (the published protocol; "
+                   "one more quantization pass per pool member) instead of reusing the search's candidate blocks")
     p.add_argument("--debiased-cka", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--output", default="outputs/default", help="output folder (resumes a matching run)")
     return p
@@ -64,11 +68,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                             batch_windows=args.batch_windows, debiased_cka=args.debiased_cka),
         data=DataConfig(text=args.text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
                         eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed),
-        baselines=args.baselines, output=args.output)
+        baselines=args.baselines, exact_baselines=args.exact_baselines, output=args.output)
+
+
+# Settings that only choose which baselines are evaluated: a resumed run may change them (the search state
+# stays valid; results.json and run_config.json are rewritten).
+_REPORT_ONLY = ("output", "baselines", "exact_baselines")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k != "output"}
+    return {k: v for k, v in cfg.items() if k not in _REPORT_ONLY}
 
 
 def check_output_folder(cfg: RunConfig) -> bool:
@@ -86,8 +95,13 @@ def check_output_folder(cfg: RunConfig) -> bool:
     except json.JSONDecodeError as exc:
         raise CalmUsageError(f"{saved} is unreadable ({exc}); pass a new --output") from exc
     mine = json.loads(json.dumps(cfg.to_dict()))
+    try:  # a folder written before a setting existed holds that setting's default
+        previous = json.loads(json.dumps(RunConfig.from_dict(previous).to_dict()))
+    except (TypeError, CalmUsageError):
+        pass
     if _comparable(previous) != _comparable(mine):
-        diff = sorted(k for k in set(previous) | set(mine) if k != "output" and previous.get(k) != mine.get(k))
+        diff = sorted(k for k in set(previous) | set(mine)
+                      if k not in _REPORT_ONLY and previous.get(k) != mine.get(k))
         raise CalmUsageError(f"output folder {out} holds another run (settings differ in: {', '.join(diff)}); "
                              f"pass a new --output or delete that folder")
     return True
@@ -163,7 +177,22 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
     outcome = calm_search(model, corpus.calibration, spec, cfg.search, state_dir=out / "state", log=log)
     seconds["search"] = time.perf_counter() - t
     if cfg.baselines:
-        for name, blocks in outcome.candidate_blocks.items():
+        uniform = outcome.candidate_blocks
+        if cfg.exact_baselines and len(cfg.search.pool) > 1:
+            uniform = {}
+            for cand in cfg.search.pool:
+                if not algorithms.uses_calibration(cand):
+                    uniform[cand.name] = outcome.candidate_blocks[cand.name]
+                    continue
+                install_blocks(model, outcome.float_blocks)
+                log(f"uniform baseline {cand.name}: its own sequential pass")
+                t = time.perf_counter()
+                solo = dataclasses.replace(cfg.search, pool=(cand,), propagation="greedy")
+                uniform[cand.name] = calm_search(model, corpus.calibration, spec, solo,
+                                                 state_dir=out / "state" / f"uniform-{state_name(cand.name)}", log=log
+                                                 ).chosen_blocks
+                seconds[f"uniform_{cand.name}"] = time.perf_counter() - t
+        for name, blocks in uniform.items():
             install_blocks(model, blocks)
             evaluate(name)
     install_blocks(model, outcome.chosen_blocks)

@@ -107,11 +107,14 @@ def score_outputs(reference: list[torch.Tensor], outputs: list[torch.Tensor], re
     return cka, sq_err / count, (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else float("inf")
 
 
+def state_name(name: str) -> str:
+    """A candidate name (`gptq:act_order=static`) as a file-name part."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def _state_paths(state_dir: Path, index: int, names: list[str]) -> tuple[Path, dict[str, Path]]:
-    def safe(name: str) -> str:
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return (state_dir / f"block_{index:03d}.json",
-            {n: state_dir / f"block_{index:03d}-{safe(n)}.safetensors" for n in names})
+            {n: state_dir / f"block_{index:03d}-{state_name(n)}.safetensors" for n in names})
 
 
 def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config: SearchConfig,

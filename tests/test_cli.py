@@ -88,3 +88,31 @@ def test_module_entry_point_exit_code(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("calm: error: unknown scheme")
+
+
+def test_exact_baselines_are_each_members_own_sequential_pass(tmp_path, tiny_model_dir, text_file):
+    shared, exact, solo = tmp_path / "shared", tmp_path / "exact", tmp_path / "solo"
+    assert main(args(tiny_model_dir, text_file, shared)) == 0
+    assert main(args(tiny_model_dir, text_file, exact, "--exact-baselines")) == 0
+    assert main(args(tiny_model_dir, text_file, solo, "--pool", "gptq", "--no-baselines")) == 0
+    ppl = {name: json.loads((p / "results.json").read_text())["perplexity"]
+           for name, p in (("shared", shared), ("exact", exact), ("solo", solo))}
+    # GPTQ applied to every block, each calibrated on GPTQ's own outputs: what a GPTQ-only search builds.
+    assert ppl["exact"]["gptq"] == pytest.approx(ppl["solo"]["calm"], rel=1e-6)
+    assert ppl["exact"]["rtn"] == pytest.approx(ppl["shared"]["rtn"], rel=1e-6)  # RTN needs no calibration
+    assert ppl["exact"]["calm"] == pytest.approx(ppl["shared"]["calm"], rel=1e-6)
+    assert len(list((exact / "state" / "uniform-gptq").glob("block_*.json"))) == 2
+
+
+def test_resume_from_an_older_folder_and_with_other_baselines(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "out"
+    assert main(args(tiny_model_dir, text_file, out, "--no-baselines")) == 0
+    assert set(json.loads((out / "results.json").read_text())["perplexity"]) == {"fp", "calm"}
+    saved = json.loads((out / "run_config.json").read_text())
+    del saved["exact_baselines"]  # a folder written before the setting existed
+    (out / "run_config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(args(tiny_model_dir, text_file, out, "--exact-baselines")) == 0
+    assert "(resumed)" in capsys.readouterr().out
+    assert set(json.loads((out / "results.json").read_text())["perplexity"]) == {"fp", "rtn", "gptq", "calm"}
+    assert json.loads((out / "run_config.json").read_text())["exact_baselines"] is True

@@ -76,6 +76,17 @@ def weight_only(fn: QuantizeBlock) -> QuantizeBlock:
     return fn
 
 
+def calibration_free(fn: QuantizeBlock) -> QuantizeBlock:
+    """Mark an algorithm whose result does not depend on the calibration inputs (e.g. RTN): its blocks from a
+    search are already its uniform baseline."""
+    fn.calibration_free = True
+    return fn
+
+
+def uses_calibration(candidate: CandidateSpec) -> bool:
+    return not getattr(get(candidate.algorithm), "calibration_free", False)
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

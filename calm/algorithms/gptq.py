@@ -6,7 +6,9 @@ processed in lazy blocks; with groups, the scale and zero of a group are fitted 
 up, on the already-updated weights. Inside a decoder block, linears are quantized true-sequentially
 (q/k/v, then o, then gate/up, then down), each group calibrated on the outputs of the quantized ones before.
 
-act_order:
+act_order (the block-level default is "static": on SmolLM2 at W3G64, left-to-right GPTQ had a higher held-out
+block-output error than RTN in blocks where massive activations dominate the Hessian, e.g. block 3: 0.086 vs
+0.083 relative, while static order gave 0.072; measured with 16 x 512 calibration tokens, see README):
 - "none": columns left to right.
 - "static": columns by descending diag(H), but each group keeps its contiguous columns and a grid fitted on
   the original weights beforehand (llm-compressor's "weight"/static order): inference needs no reordering.
@@ -161,7 +163,7 @@ def _sequential_groups(block: nn.Module, true_sequential: bool) -> list[tuple[st
 
 @register("gptq")
 @weight_only
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, act_order: str = "none",
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, act_order: str = "static",
                    damp: float = 0.01, block_size: int = 128, true_sequential: bool = True) -> nn.Module:
     if act_order not in ACT_ORDERS:
         raise CalmUsageError(f"gptq act_order must be one of {ACT_ORDERS}, got {act_order!r}")

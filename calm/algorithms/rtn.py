@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from calm.algorithms import register, replace_module, weight_only
+from calm.algorithms import calibration_free, register, replace_module, weight_only
 from calm.config import QuantSpec
 from calm.model import BlockInputs, block_linears
 from calm.nn import UniformQuantLinear
@@ -11,6 +11,7 @@ from calm.nn import UniformQuantLinear
 
 @register("rtn")
 @weight_only
+@calibration_free
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec) -> nn.Module:
     for name, linear in block_linears(block).items():
         group = spec.group_for(linear.in_features)

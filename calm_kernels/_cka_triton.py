@@ -1,0 +1,233 @@
+"""Triton kernels of calm_kernels.cka (contract and numerics are documented there).
+
+Imported only by the launchers in cka.py once `use_triton` said yes, so `import calm_kernels` never imports
+triton.
+
+Feature-space Gram kernel (`_gram_kernel`): one program owns a (BLOCK, BLOCK) tile of A_c^T B_c and walks the
+tokens in BLOCK_K chunks. Centering is fused: the column shift is subtracted while a tile is loaded (masked
+rows become exact zeros after the subtraction), so no centered copy exists. Two epilogues:
+- SQUARED_SUM: the fp32 tile is widened to float64, squared and summed; one float64 partial per program
+  (a symmetric Gram computes only the tiles on and above the diagonal and counts the others twice). The
+  Gram itself is never written.
+- ACCUMULATE: the tile is added to a float64 (da, db) co-moment state (streaming over batches); a symmetric
+  Gram computes the upper tiles and writes each off-diagonal tile to its mirror position too.
+Sample-space kernel (`_sample_kernel`): one program owns a (BLOCK, BLOCK) tile of both n x n Grams
+K = Xc Xc^T and L = Yc Yc^T (upper tiles only), built over the features of X and of Y, and reduces
+<K, L>, <K, K> and <L, L> of the tile in float64.
+
+Dot operands: fp16/bf16 inputs of one dtype multiply as that dtype after centering in float32 (one rounding
+of the centered value, relative 2^-11 / 2^-8); anything else multiplies float32 operands with
+input_precision="tf32x3" (about float32 accuracy on tensor cores). Accumulation is float32 within a
+program's token loop, float64 across programs and batches.
+
+Config lists are guesses: no GPU has run these kernels yet (interpreter only).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from calm_kernels._dispatch import interpreter_enabled
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _centered_tile(ptr, rows, cols, stride_r, stride_c, shift_ptr, n, d, OP_DTYPE: tl.constexpr):
+    """Load ptr[rows, cols] minus shift[cols] in float32, zero outside (n, d), cast to the dot dtype."""
+    mask = (rows[:, None] < n) & (cols[None, :] < d)
+    v = tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(shift_ptr + cols, mask=cols < d, other=0.0)
+    return tl.where(mask, v - s[None, :], 0.0).to(OP_DTYPE)
+
+
+@triton.jit
+def _dot(a, b, acc, OP_DTYPE: tl.constexpr):
+    if OP_DTYPE == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gram_kernel(
+    a_ptr, b_ptr, sa_ptr, sb_ptr, out_ptr,
+    n, da, db,
+    stride_an, stride_ad, stride_bn, stride_bd, stride_or, stride_oc, N_BUCKET,
+    SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, OP_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid = pid_m * tl.num_programs(1) + pid_n
+    # A symmetric Gram's tiles below the diagonal are skipped (counted twice / mirrored by their twin).
+    skip = pid_m > pid_n
+    if not SYMMETRIC:
+        skip = False
+    if skip:
+        if not ACCUMULATE:
+            tl.store(out_ptr + pid, 0.0)
+    else:
+        ri = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        rj = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, n, BLOCK_K):
+            tok = k0 + kk
+            a = _centered_tile(a_ptr, tok, ri, stride_an, stride_ad, sa_ptr, n, da, OP_DTYPE)  # (BLOCK_K, BLOCK)
+            b = _centered_tile(b_ptr, tok, rj, stride_bn, stride_bd, sb_ptr, n, db, OP_DTYPE)
+            acc = _dot(tl.trans(a), b, acc, OP_DTYPE)
+        if ACCUMULATE:
+            mask = (ri[:, None] < da) & (rj[None, :] < db)
+            ptrs = out_ptr + ri[:, None] * stride_or + rj[None, :] * stride_oc
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc.to(tl.float64), mask=mask)
+            mirrored = pid_m < pid_n
+            if not SYMMETRIC:
+                mirrored = False
+            if mirrored:
+                mirror = out_ptr + rj[None, :] * stride_or + ri[:, None] * stride_oc
+                tl.store(mirror, tl.load(mirror, mask=mask, other=0.0) + acc.to(tl.float64), mask=mask)
+        else:
+            acc64 = acc.to(tl.float64)
+            part = tl.sum(tl.sum(acc64 * acc64, axis=1), axis=0)
+            if SYMMETRIC:
+                part = part * tl.where(pid_m < pid_n, 2.0, 1.0)
+            tl.store(out_ptr + pid, part)
+
+
+@triton.jit
+def _sample_kernel(
+    x_ptr, y_ptr, sx_ptr, sy_ptr, part_ptr,
+    n, dx, dy,
+    stride_xn, stride_xd, stride_yn, stride_yd, N_BUCKET,
+    OP_DTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid = pid_m * tl.num_programs(1) + pid_n
+    if pid_m > pid_n:
+        tl.store(part_ptr + 3 * pid, 0.0)
+        tl.store(part_ptr + 3 * pid + 1, 0.0)
+        tl.store(part_ptr + 3 * pid + 2, 0.0)
+    else:
+        ra = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        rb = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
+        kx = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, dx, BLOCK_K):
+            f = k0 + kk
+            xa = _centered_tile(x_ptr, ra, f, stride_xn, stride_xd, sx_ptr, n, dx, OP_DTYPE)  # (BLOCK, BLOCK_K)
+            xb = _centered_tile(x_ptr, rb, f, stride_xn, stride_xd, sx_ptr, n, dx, OP_DTYPE)
+            kx = _dot(xa, tl.trans(xb), kx, OP_DTYPE)
+        ky = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, dy, BLOCK_K):
+            f = k0 + kk
+            ya = _centered_tile(y_ptr, ra, f, stride_yn, stride_yd, sy_ptr, n, dy, OP_DTYPE)
+            yb = _centered_tile(y_ptr, rb, f, stride_yn, stride_yd, sy_ptr, n, dy, OP_DTYPE)
+            ky = _dot(ya, tl.trans(yb), ky, OP_DTYPE)
+        k64 = kx.to(tl.float64)
+        l64 = ky.to(tl.float64)
+        weight = tl.where(pid_m < pid_n, 2.0, 1.0)  # off-diagonal tiles stand for their mirror too
+        tl.store(part_ptr + 3 * pid, weight * tl.sum(tl.sum(k64 * l64, axis=1), axis=0))
+        tl.store(part_ptr + 3 * pid + 1, weight * tl.sum(tl.sum(k64 * k64, axis=1), axis=0))
+        tl.store(part_ptr + 3 * pid + 2, weight * tl.sum(tl.sum(l64 * l64, axis=1), axis=0))
+
+
+def _configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for b, k, w, s in ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 32, 4, 5))]
+
+
+@functools.cache
+def _gram_tuned():
+    # ACCUMULATE read-modify-writes its output, so autotuning must restore it between trials.
+    return triton.autotune(_configs(), key=["da", "db", "N_BUCKET", "SYMMETRIC", "ACCUMULATE", "OP_DTYPE"],
+                           restore_value=["out_ptr"])(_gram_kernel)
+
+
+@functools.cache
+def _sample_tuned():
+    return triton.autotune(_configs(), key=["dx", "dy", "N_BUCKET", "OP_DTYPE"])(_sample_kernel)
+
+
+def _bucket(n: int) -> int:
+    return min(1 << max(0, (n - 1).bit_length()), 1 << 20)
+
+
+def _op_dtype(*tensors: torch.Tensor):
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 and next(iter(dtypes)) in _HALF:
+        return tl.float16 if next(iter(dtypes)) == torch.float16 else tl.bfloat16
+    return tl.float32
+
+
+def _ready(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32) if t.dtype == torch.float64 else t
+
+
+def gram_squared_sum(a: torch.Tensor, b: torch.Tensor | None, shift_a: torch.Tensor,
+                     shift_b: torch.Tensor | None = None) -> float:
+    """||(A - shift_a)^T (B - shift_b)||_F^2 in float64 without writing the Gram; B None means B = A."""
+    a = _ready(a)
+    symmetric = b is None
+    b, shift_b = (a, shift_a) if symmetric else (_ready(b), shift_b)
+    n, da = a.shape
+    db = b.shape[1]
+    op = _op_dtype(a, b)
+
+    def grid(meta):
+        return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]))
+
+    # NaN-filled and sized for the smallest tile of the config list: every program of the launched grid must
+    # write its slot (skipped tiles write 0), and only the launched grid's slots are summed.
+    parts = torch.full((triton.cdiv(da, 32) * triton.cdiv(db, 32),), float("nan"), dtype=torch.float64,
+                       device=a.device)
+    kernel = _gram_tuned()
+    kernel[grid](a, b, shift_a, shift_b, parts, n, da, db,
+                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), 0, 0, _bucket(n),
+                        SYMMETRIC=symmetric, ACCUMULATE=False, OP_DTYPE=op)
+    block = kernel.best_config.kwargs["BLOCK"]
+    return float(parts[: triton.cdiv(da, block) * triton.cdiv(db, block)].sum())
+
+
+def gram_accumulate(state: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, shift_a: torch.Tensor,
+                    shift_b: torch.Tensor | None = None) -> None:
+    """state (da, db) float64 += (A - shift_a)^T (B - shift_b); B None means B = A (upper tiles, mirrored)."""
+    a = _ready(a)
+    symmetric = b is None
+    b, shift_b = (a, shift_a) if symmetric else (_ready(b), shift_b)
+    n, da = a.shape
+    db = b.shape[1]
+
+    def grid(meta):
+        return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]))
+
+    _gram_tuned()[grid](a, b, shift_a, shift_b, state, n, da, db,
+                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), state.stride(0), state.stride(1),
+                        _bucket(n), SYMMETRIC=symmetric, ACCUMULATE=True, OP_DTYPE=_op_dtype(a, b))
+
+
+def sample_space_terms(x: torch.Tensor, y: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor
+                       ) -> tuple[float, float, float]:
+    """(<K, L>, <K, K>, <L, L>) of the centered n x n Grams in float64, Grams never written."""
+    x = _ready(x)
+    y = _ready(y)
+    n, dx = x.shape
+    dy = y.shape[1]
+
+    def grid(meta):
+        t = triton.cdiv(n, meta["BLOCK"])
+        return (t, t)
+
+    parts = torch.full((triton.cdiv(n, 32) ** 2 * 3,), float("nan"), dtype=torch.float64, device=x.device)
+    kernel = _sample_tuned()
+    kernel[grid](x, y, shift_x, shift_y, parts, n, dx, dy,
+                          x.stride(0), x.stride(1), y.stride(0), y.stride(1), _bucket(n),
+                          OP_DTYPE=_op_dtype(x, y))
+    tiles = triton.cdiv(n, kernel.best_config.kwargs["BLOCK"]) ** 2
+    xy, xx, yy = parts[: 3 * tiles].view(-1, 3).sum(0).tolist()
+    return xy, xx, yy

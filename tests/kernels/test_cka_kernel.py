@@ -1,0 +1,133 @@
+"""Linear CKA kernels under the Triton interpreter (run with TRITON_INTERPRET=1, own process).
+
+The float64 reference is the oracle. fp32 inputs: relative error below 1e-6 on the CKA value and on each
+Frobenius term, including columns whose mean is 1000x their spread. fp16 inputs: the kernel rounds each
+centered operand to fp16 once (relative 2^-11), so the terms agree to about 1e-3.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calm_kernels import cka as C
+from calm_kernels._dispatch import use_triton
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter():
+    if not use_triton(torch.zeros(1)):
+        pytest.skip("run under TRITON_INTERPRET=1 (make test-kernels)")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _pair(n: int, dx: int, dy: int, seed: int, big_mean: bool = True, dtype=torch.float32):
+    """Y is a noisy linear map of X (CKA well inside (0, 1)); some columns carry means 1000x their spread."""
+    g = _gen(seed)
+    x = torch.randn(n, dx, generator=g)
+    y = x @ torch.randn(dx, dy, generator=g) / dx ** 0.5 + 0.3 * torch.randn(n, dy, generator=g)
+    if big_mean:
+        x[:, ::3] += 1000.0
+        y[:, 1::4] -= 1000.0
+    return x.to(dtype), y.to(dtype)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _assert_close(got: C.CKAResult, ref: C.CKAResult, tol: float) -> None:
+    for name in ("cka", "hsic_xy", "hsic_xx", "hsic_yy"):
+        assert _rel(getattr(got, name), getattr(ref, name)) < tol, (name, getattr(got, name), getattr(ref, name))
+
+
+@pytest.mark.parametrize("n,dx,dy,form", [
+    (37, 19, 23, "feature"),   # ragged everywhere, n > d
+    (131, 7, 45, "feature"),   # tokens span several BLOCK_K chunks
+    (29, 67, 41, "sample"),    # n < d: several token tiles, ragged features
+    (45, 33, 33, "sample"),    # forced sample space although n > d
+    (100, 40, 24, "auto"),
+    (12, 70, 50, "auto"),
+])
+@pytest.mark.parametrize("big_mean", [False, True])
+def test_one_shot_matches_float64_reference_fp32(n, dx, dy, form, big_mean):
+    x, y = _pair(n, dx, dy, seed=n + dx + dy, big_mean=big_mean)
+    _assert_close(C.linear_cka_kernel(x, y, form), C.linear_cka_reference(x, y), 1e-6)
+
+
+def test_auto_form_picks_the_cheaper_side():
+    assert C._cka_form(10_000, 64, 64) == "feature"
+    assert C._cka_form(64, 4096, 4096) == "sample"
+
+
+def test_public_linear_cka_dispatches_to_the_kernel_and_flattens_leading_dims():
+    x, y = _pair(2 * 17, 24, 24, seed=5)
+    got = C.linear_cka(x.reshape(2, 17, 24), y.reshape(2, 17, 24))
+    assert got == C.linear_cka_kernel(x, y)
+    _assert_close(got, C.linear_cka_reference(x, y), 1e-6)
+
+
+def test_fp16_inputs_within_half_precision_rounding():
+    x, y = _pair(50, 30, 20, seed=7, dtype=torch.float16)
+    ref = C.linear_cka_reference(x, y)  # float64 of the same fp16 values
+    for form in ("feature", "sample"):
+        got = C.linear_cka_kernel(x, y, form)
+        _assert_close(got, ref, 3e-3)
+        assert abs(got.cka - ref.cka) < 1e-3
+
+
+def test_identical_inputs_score_one():
+    x, _ = _pair(40, 21, 21, seed=8)
+    assert abs(C.linear_cka_kernel(x, x, "feature").cka - 1.0) < 1e-6
+    assert abs(C.linear_cka_kernel(x, x, "sample").cka - 1.0) < 1e-6
+
+
+def test_streaming_equals_one_shot_and_self_term_reuse():
+    x, y = _pair(150, 26, 35, seed=9)
+    cuts = [0, 1, 41, 41, 100, 150]  # a one-token batch and an empty batch among ragged ones
+    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
+    acc = C.CKAAccumulator()
+    for bx, by in batches:
+        acc.update(bx, by)
+    streamed = acc.compute()
+    assert acc.tokens == 150
+    _assert_close(streamed, C.linear_cka_kernel(x, y, "feature"), 1e-6)
+    _assert_close(streamed, C.linear_cka_reference(x, y), 1e-6)
+
+    self_term = C.CKAAccumulator.reference(bx for bx, _ in batches)
+    assert _rel(self_term, streamed.hsic_xx) < 1e-9
+    reuse = C.CKAAccumulator(reference_self_term=self_term)
+    for bx, by in batches:
+        reuse.update(bx, by)
+    _assert_close(reuse.compute(), streamed, 1e-12)
+
+
+def test_streaming_state_is_the_centered_co_moment():
+    x, y = _pair(70, 9, 13, seed=10)
+    m = C.ShiftedCoMoment()
+    m.update(x[:30], y[:30])
+    m.update(x[30:], y[30:])
+    x64, y64 = x.double(), y.double()
+    want = (x64 - x64.mean(0)).T @ (y64 - y64.mean(0))
+    assert torch.allclose(m.centered(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    s = C.ShiftedCoMoment(symmetric=True)
+    s.update(x[:30])
+    s.update(x[30:])
+    want_xx = (x64 - x64.mean(0)).T @ (x64 - x64.mean(0))
+    assert torch.allclose(s.centered(), want_xx, rtol=1e-6, atol=1e-6 * float(want_xx.abs().max()))
+
+
+def test_bad_input():
+    x, y = _pair(20, 8, 8, seed=11)
+    with pytest.raises(ValueError, match="form"):
+        C.linear_cka_kernel(x, y, "gram")
+    with pytest.raises(ValueError, match="same tokens"):
+        C.linear_cka_kernel(x, y[:-1])
+    acc = C.CKAAccumulator()
+    acc.update(x, y)
+    with pytest.raises(ValueError, match="same path"):
+        acc.update(x.double(), y.double())  # float64 runs the reference; one accumulator cannot mix them
