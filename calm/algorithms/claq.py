@@ -10,8 +10,8 @@ Per linear (W is out x in; a column is one input channel):
   fully updated values (`fit_columns=1`). By default (`fit_columns=32`) the codebooks of the next 32 columns
   are fitted in one batched call when the first of them comes up: they carry every update from the columns
   before them, only not yet from the up to 31 columns of their own batch; each column is then assigned to
-  its codebook after its full update. The batched fit is what makes CLAQ cost seconds per layer on a CPU;
-  bench/QUALITY.md measures both.
+  its codebook after its full update. The batched fit is what makes CLAQ cost seconds per layer on a CPU
+  (bench/pool_layer_times.py times both).
 - Adaptive precision (`bits_target` b): columns ranked by `order`; for 2 <= b < 3 the top (b - 2) / 2 of
   them get 4 bits and the rest 2, for 3 <= b <= 4 the top (b - 3) get 4 bits and the rest 3 (3.12 -> 12% of
   columns at 4 bits). Without bits_target every column has the scheme's bits.
@@ -19,9 +19,10 @@ Per linear (W is out x in; a column is one input channel):
   columns, broken by the saliency below); "saliency" by GPTQ's mean_i W_ij^2 / Hinv_jj^2.
 - Outlier reservation (`outliers=true`): in the top `outlier_columns` (10%) of columns by the outlier count,
   the `outlier_top` (1.4%) largest and as many smallest values per column stay in floating point; elsewhere
-  `outlier_rest` (0.4%) per tail. They are chosen on the column's updated values when it is quantized, are
-  left out of its K-means fit (weight 0), keep their value (rounded to float16, as stored; the rounding
-  error is spread like any other) and are stored as sparse (row, column, value) entries.
+  `outlier_rest` (0.4%) per tail. They are chosen on the column's updated values when it is quantized and
+  keep their value (rounded to float16, as stored; that rounding error is spread like any other); the
+  K-means fit gives weight 0 to the column's tails as they stand at fit time. Stored as sparse
+  (row, column, value) entries.
 Codebooks, per-column widths and outliers go into calm.nn.CodebookQuantLinear in the original column order;
 its effective bits count codes, codebooks (float16) and outliers. CLAQ has no groups: the scheme's group
 size and symmetric flag do not apply to it.
