@@ -20,7 +20,7 @@ from calm.model import BlockInputs
 QuantizeBlock = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, QuantizeBlock] = {}
-_MODULES = ("rtn", "gptq")
+_MODULES = ("rtn", "gptq", "awq", "smoothquant", "claq")
 
 
 def register(name: str):
