@@ -26,12 +26,17 @@ def block_table(results: dict[str, Any]) -> str:
 def perplexity_table(results: dict[str, Any]) -> str:
     ev = results["evaluation"]
     t = ev["seqlen"]
-    head = f"| model | held-out PPL (T={t}, {ev['tokens']} tokens) | effective bits |"
-    rows = [head, "|---|---|---|"]
+    head = f"| model | held-out PPL (T={t}, {ev['tokens']} tokens) | effective bits | quantize s/block |"
+    rows = [head, "|---|---|---|---|"]
     bits = results.get("effective_bits", {})
+    # Seconds each candidate spent quantizing, summed over blocks (the search's per-block timings).
+    seconds = results.get("quantize_seconds", {})
+    n_blocks = max(1, len(results.get("blocks", [])))
     for name, ppl in results["perplexity"].items():
         label = {"fp": "FP (float32, dequantized Q4_1 source)" if results.get("default_model") else "FP",
                  "calm": "CALM hybrid"}.get(name, f"{name} (uniform)")
         b = bits.get(name)
-        rows.append(f"| {label} | {ppl:.3f} | {'' if b is None else f'{b:.3f}'} |")
+        sec = seconds.get(name)
+        rows.append(f"| {label} | {ppl:.3f} | {'' if b is None else f'{b:.3f}'} | "
+                    f"{'' if sec is None else f'{sec / n_blocks:.2f}'} |")
     return "\n".join(rows)

@@ -20,7 +20,7 @@ from calm.model import BlockInputs
 QuantizeBlock = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, QuantizeBlock] = {}
-_MODULES = ("rtn", "gptq", "rotation", "affine", "kurtosis")
+_MODULES = ("rtn", "gptq", "awq", "smoothquant", "claq", "rotation", "affine", "kurtosis")
 
 
 def register(name: str):
