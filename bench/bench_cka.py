@@ -176,22 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             records += bench_shape(n, d, device, dtype, timer, ceilings, args.smoke, notes)
             if not args.smoke:
                 torch.cuda.empty_cache()
-    meta = {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": B.git_commit(),
-            "ceilings": {"bandwidth_GBps": ceilings["bandwidth"] / 1e9, "bf16_TFLOPS": ceilings["bf16"] / 1e12,
-                         "fp32_TFLOPS": ceilings["fp32"] / 1e12}}
-    for r in records:
-        r.update(meta)
-    print_table(records)
-    for note in dict.fromkeys(notes):
-        print("note:", note)
-    if args.smoke:
-        print("goals: judged on a GPU run only (a smoke run times the CPU references)")
-    else:
-        for line in goal_lines(records):
-            print("goal:", line)
-    out = B.write_records(records, "cka", name, args.smoke, args.out)
-    print(f"wrote {len(records)} records to {out}")
-    return 0
+    return B.finish(records, notes, kernel="cka", name=name, triton=triton_version,
+                    ceilings_meta={"bandwidth_GBps": ceilings["bandwidth"] / 1e9,
+                                   "bf16_TFLOPS": ceilings["bf16"] / 1e12,
+                                   "fp32_TFLOPS": ceilings["fp32"] / 1e12},
+                    smoke=args.smoke, out=args.out, print_table=print_table, goal_lines=goal_lines)
 
 
 if __name__ == "__main__":

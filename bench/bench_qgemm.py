@@ -16,12 +16,8 @@ activations + output) / bandwidth, 2 M N K / bf16 peak).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import _common as B  # noqa: E402
 from calm.nn import CodebookQuantLinear, UniformQuantLinear  # noqa: E402
 from calm_kernels import packing  # noqa: E402
 
@@ -80,22 +77,14 @@ def gpu_median_us(calls, reps: int = 200) -> float:
 
 
 def measure_ceilings(device: str, smoke: bool) -> dict[str, float]:
-    """Copy bandwidth (bytes/s) and the bf16 matmul peak (flop/s) measured now, on this device."""
+    """Copy bandwidth (bytes/s) and the bf16 matmul peak (flop/s) measured now, on this device, with this
+    script's timer (CUDA events, not do_bench)."""
     timer = cpu_median_us if smoke else gpu_median_us
-    n_copy = (1 << 22) if smoke else (1 << 28)  # 16 MiB on the CPU, 1 GiB of float32 on the GPU
-    src = torch.empty(n_copy, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    out = {"bandwidth": 2 * src.numel() * 4 / (timer([lambda: dst.copy_(src)]) * 1e-6)}
-    s = 256 if smoke else 8192
-    dt = torch.float32 if smoke else torch.bfloat16
-    a = torch.randn(s, s, device=device, dtype=dt)
-    b = torch.randn(s, s, device=device, dtype=dt)
-    out["bf16"] = 2 * s ** 3 / (timer([lambda: a @ b]) * 1e-6)
-    return out
+    return B.measure_ceilings(device, lambda fn: timer([fn]), smoke, peaks=("bf16",))
 
 
 def roofline_us(ceilings: dict[str, float], bytes_moved: float, m: int, n: int, k: int) -> float:
-    return max(bytes_moved / ceilings["bandwidth"], 2 * m * n * k / ceilings["bf16"]) * 1e6
+    return B.roofline_us(ceilings, bytes_moved, 2 * m * n * k, "bf16")
 
 
 def rotation_count(bytes_per_set: float, smoke: bool) -> int:
@@ -371,18 +360,6 @@ def goal_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
 def parse_shape(text: str) -> tuple[int, int]:
     try:
         n, k = (int(v) for v in text.lower().split("x"))
@@ -403,21 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("bench_qgemm: no CUDA device; this benchmark needs a GPU (use --smoke for a CPU plumbing check)")
         return 2
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        if not args.smoke:
-            print("bench_qgemm: triton is not installed; pip install triton (the kernel under test is Triton)")
-            return 2
-        triton_version = None
+    triton_version, status = B.triton_version(args.smoke, "bench_qgemm", "the kernel under test is Triton")
+    if status is not None:
+        return status
     device = "cpu" if args.smoke else "cuda"
-    device_name = f"cpu-smoke-{platform.machine()}" if args.smoke else torch.cuda.get_device_name()
+    device_name = B.device_name(args.smoke)
     shapes = args.shapes or (SMOKE_SHAPES if args.smoke else SHAPES)
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
-    mode = "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "reference"
     print(f"device: {device_name}; torch {torch.__version__}; triton {triton_version}"
-          + (f"; smoke run on the CPU ({mode} path), timings mean nothing" if args.smoke else ""))
+          + (f"; smoke run on the CPU ({B.path_mode()} path), timings mean nothing" if args.smoke else ""))
     ceilings = measure_ceilings(device, args.smoke)
     print(f"measured: copy bandwidth {ceilings['bandwidth'] / 1e9:.1f} GB/s; bf16 peak "
           f"{ceilings['bf16'] / 1e12:.1f} TFLOP/s")
@@ -427,26 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {n}x{k}: K must be a multiple of the group size {GROUP}")
             continue
         records += bench_shape(n, k, tokens, args.cases, device, args.smoke, ceilings, notes)
-    meta = {"device": device_name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit(),
-            "ceilings": {"bandwidth_GBps": ceilings["bandwidth"] / 1e9, "bf16_TFLOPS": ceilings["bf16"] / 1e12}}
-    for r in records:
-        r.update(meta)
-    print_table(records)
-    for note in dict.fromkeys(notes):
-        print("note:", note)
-    if args.smoke:
-        print("goals: judged on a GPU run only (a smoke run times the CPU references); GPU numbers are pending")
-    else:
-        for line in goal_lines(records):
-            print("goal:", line)
-    out = args.out
-    if out is None:
-        folder = Path(os.environ.get("TMPDIR", "/tmp")) if args.smoke else ROOT / "bench" / "results"
-        out = folder / f"qgemm-{device_slug(device_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
-    print(f"wrote {len(records)} records to {out}")
-    return 0
+    return B.finish(records, notes, kernel="qgemm", name=device_name, triton=triton_version,
+                    ceilings_meta={"bandwidth_GBps": ceilings["bandwidth"] / 1e9,
+                                   "bf16_TFLOPS": ceilings["bf16"] / 1e12},
+                    smoke=args.smoke, out=args.out, print_table=print_table, goal_lines=goal_lines,
+                    smoke_goals=B.SMOKE_GOALS + "; GPU numbers are pending")
 
 
 if __name__ == "__main__":

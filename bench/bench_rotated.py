@@ -13,13 +13,7 @@ figure: max(bytes moved / bandwidth, multiply-adds / the matching tensor-core pe
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import _common as B  # noqa: E402
 from calm.nn import RotatedQuantLinear  # noqa: E402
 from calm_kernels import rotated as R  # noqa: E402
 
@@ -35,62 +30,6 @@ TOKENS = [1, 16, 256, 2048, 8192]
 SMOKE_SHAPES = [(64, 576), (48, 896)]
 SMOKE_TOKENS = [1, 5]
 SCHEMES = {"W3A3": (3, 3), "W4A4": (4, 4), "W4A8": (4, 8)}
-
-
-# ---- timing and device ceilings -------------------------------------------------------------------------
-
-def make_timer(smoke: bool):
-    if smoke:
-        def cpu_median_us(fn, reps: int = 3) -> float:
-            fn()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times) * 1e6
-        return cpu_median_us
-
-    import triton.testing
-
-    def gpu_median_us(fn) -> float:
-        fn()  # autotuning and lazy initialization happen here, outside the timed repetitions
-        torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-    return gpu_median_us
-
-
-def measure_ceilings(device: str, timer, smoke: bool) -> dict[str, float]:
-    """Copy bandwidth (bytes/s) and matmul peaks (multiply-adds x 2 per second) measured now, on this device."""
-    n_copy = (1 << 22) if smoke else (1 << 28)  # 16 MiB on the CPU, 1 GiB of float32 on the GPU
-    src = torch.empty(n_copy, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ceilings = {"bandwidth": 2 * src.numel() * 4 / (timer(lambda: dst.copy_(src)) * 1e-6)}
-    s = 256 if smoke else 8192
-    a = torch.randn(s, s, device=device)
-    b = torch.randn(s, s, device=device)
-    ab16, bb16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    ceilings["bf16"] = 2 * s ** 3 / (timer(lambda: ab16 @ bb16) * 1e-6)
-    a8 = torch.randint(-64, 64, (s, s), dtype=torch.int8, device=device)
-    b8 = torch.randint(-64, 64, (s, s), dtype=torch.int8, device=device).T.contiguous().T
-    try:
-        ceilings["int8"] = 2 * s ** 3 / (timer(lambda: torch._int_mm(a8, b8)) * 1e-6)
-    except (RuntimeError, NotImplementedError) as exc:
-        print(f"note: int8 peak not measured (torch._int_mm: {str(exc).splitlines()[0]}); using 2 x bf16")
-        ceilings["int8"] = 2 * ceilings["bf16"]
-    try:
-        af8, bf8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).T.contiguous().T
-        one = torch.ones((), device=device)
-        ceilings["fp8"] = 2 * s ** 3 / (timer(lambda: torch._scaled_mm(af8, bf8, scale_a=one, scale_b=one,
-                                                                         out_dtype=torch.bfloat16)) * 1e-6)
-    except (RuntimeError, NotImplementedError, AttributeError) as exc:
-        print(f"note: fp8 peak not measured ({str(exc).splitlines()[0][:100]}); using 2 x bf16")
-        ceilings["fp8"] = 2 * ceilings["bf16"]
-    return ceilings
-
-
-def roofline_us(ceilings: dict[str, float], bytes_moved: float, flops: float = 0.0, peak: str = "bf16") -> float:
-    return max(bytes_moved / ceilings["bandwidth"], flops / ceilings[peak] if flops else 0.0) * 1e6
 
 
 # ---- peers ----------------------------------------------------------------------------------------------
@@ -142,14 +81,14 @@ def bench_shape(n: int, k: int, m: int, scheme: str, device: str, dtype: torch.d
     xb, out_b, w_b = m * k * 2, m * n * 2, n * k * w_bits / 8
     gemm_ops = 2 * m * n * k
     add("calm", timer(lambda: layer(x)),
-        roofline_us(ceilings, xb + 2 * m * k + w_b + out_b + 8 * m + 4 * n, gemm_ops, "int8"))
+        B.roofline_us(ceilings, xb + 2 * m * k + w_b + out_b + 8 * m + 4 * n, gemm_ops, "int8"))
     add("calm:transform+quantize", timer(lambda: R.transform_quantize(x, a_bits, 1.0, t, factors)),
-        roofline_us(ceilings, xb + m * k + 4 * m))
+        B.roofline_us(ceilings, xb + m * k + 4 * m))
     add("calm:gemm", timer(lambda: R.rotated_matmul(codes, scales, layer.qweight, layer.w_scales, w_bits,
                                                     None, dtype)),
-        roofline_us(ceilings, m * k + w_b + out_b + 4 * m + 4 * n, gemm_ops, "int8"))
+        B.roofline_us(ceilings, m * k + w_b + out_b + 4 * m + 4 * n, gemm_ops, "int8"))
     add("cublas-bf16", timer(lambda: torch.nn.functional.linear(x, w)),
-        roofline_us(ceilings, xb + n * k * 2 + out_b, gemm_ops, "bf16"), bits=16)
+        B.roofline_us(ceilings, xb + n * k * 2 + out_b, gemm_ops, "bf16"), bits=16)
 
     # torch._int_mm behind a PyTorch Hadamard and quantizer (int8 weights: W R quantized to the same codes)
     hadamard = [f.to(device=device, dtype=dtype) for f in t.factors]
@@ -163,13 +102,13 @@ def bench_shape(n: int, k: int, m: int, scheme: str, device: str, dtype: torch.d
     try:
         pc, ps = pytorch_hadamard_quantize(x, hadamard, t.norm, a_bits)
         int_mm_gemm(pc, ps)
-        roof_peer = roofline_us(ceilings, xb + 2 * m * k + n * k + out_b, gemm_ops, "int8")
+        roof_peer = B.roofline_us(ceilings, xb + 2 * m * k + n * k + out_b, gemm_ops, "int8")
         add("torch-int-mm+pytorch-hadamard", timer(lambda: int_mm_gemm(*pytorch_hadamard_quantize(
             x, hadamard, t.norm, a_bits))), roof_peer, bits=8)
         add("torch-int-mm:hadamard+quantize", timer(lambda: pytorch_hadamard_quantize(x, hadamard, t.norm, a_bits)),
-            roofline_us(ceilings, xb + m * k + 4 * m), bits=8)
+            B.roofline_us(ceilings, xb + m * k + 4 * m), bits=8)
         add("torch-int-mm:gemm", timer(lambda: int_mm_gemm(pc, ps)),
-            roofline_us(ceilings, m * k + n * k + out_b, gemm_ops, "int8"), bits=8)
+            B.roofline_us(ceilings, m * k + n * k + out_b, gemm_ops, "int8"), bits=8)
     except (RuntimeError, NotImplementedError) as exc:
         notes.append(f"torch._int_mm skipped at M={m} N={n} K={k}: {str(exc).splitlines()[0][:120]}")
 
@@ -183,9 +122,9 @@ def bench_shape(n: int, k: int, m: int, scheme: str, device: str, dtype: torch.d
         a8, sa = fp8_rowwise(x)
         fp8_gemm(a8, sa)
         add("fp8-rowwise-scaled-mm", timer(lambda: fp8_gemm(*fp8_rowwise(x))),
-            roofline_us(ceilings, xb + 2 * m * k + n * k + out_b, gemm_ops, "fp8"), bits=8)
+            B.roofline_us(ceilings, xb + 2 * m * k + n * k + out_b, gemm_ops, "fp8"), bits=8)
         add("fp8-rowwise-scaled-mm:gemm", timer(lambda: fp8_gemm(a8, sa)),
-            roofline_us(ceilings, m * k + n * k + out_b, gemm_ops, "fp8"), bits=8)
+            B.roofline_us(ceilings, m * k + n * k + out_b, gemm_ops, "fp8"), bits=8)
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
         notes.append(f"fp8 _scaled_mm skipped at M={m} N={n} K={k}: {str(exc).splitlines()[0][:120]}")
     return rec
@@ -232,18 +171,6 @@ def goal_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: plumbing check, no real timings")
@@ -255,24 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("bench_rotated: no CUDA device; this benchmark needs a GPU (use --smoke for a CPU plumbing check)")
         return 2
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        if not args.smoke:
-            print("bench_rotated: triton is not installed; pip install triton (the kernels under test are Triton)")
-            return 2
-        triton_version = None
+    triton_version, status = B.triton_version(args.smoke, "bench_rotated")
+    if status is not None:
+        return status
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16  # bf16 matmul on the CPU is slow and not the point
-    device_name = f"cpu-smoke-{platform.machine()}" if args.smoke else torch.cuda.get_device_name()
-    timer = make_timer(args.smoke)
+    device_name = B.device_name(args.smoke)
+    timer = B.make_timer(args.smoke, interpreter_reps=3)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
-    mode = "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "reference"
     print(f"device: {device_name}; torch {torch.__version__}; triton {triton_version}"
-          + (f"; smoke run on the CPU ({mode} path), timings mean nothing" if args.smoke else ""))
-    ceilings = measure_ceilings(device, timer, args.smoke)
+          + (f"; smoke run on the CPU ({B.path_mode()} path), timings mean nothing" if args.smoke else ""))
+    ceilings = B.measure_ceilings(device, timer, args.smoke, peaks=("bf16", "int8", "fp8"),
+                                  smoke_bf16_from_fp32=False)
     print(f"measured: copy bandwidth {ceilings['bandwidth'] / 1e9:.1f} GB/s; peaks bf16 {ceilings['bf16'] / 1e12:.1f}, "
           f"int8 {ceilings['int8'] / 1e12:.1f}, fp8 {ceilings['fp8'] / 1e12:.1f} T(FL)OP/s")
     records, notes = [], []
@@ -282,27 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                 records += bench_shape(n, k, m, scheme, device, dtype, timer, ceilings, notes)
                 if not args.smoke:
                     torch.cuda.empty_cache()
-    meta = {"device": device_name, "torch": torch.__version__, "triton": triton_version, "commit": git_commit(),
-            "ceilings": {"bandwidth_GBps": ceilings["bandwidth"] / 1e9,
-                         **{f"{p}_TOPS": ceilings[p] / 1e12 for p in ("bf16", "int8", "fp8")}}}
-    for r in records:
-        r.update(meta)
-    print_table(records)
-    for note in dict.fromkeys(notes):
-        print("note:", note)
-    if args.smoke:
-        print("goals: judged on a GPU run only (a smoke run times the CPU references)")
-    else:
-        for line in goal_lines(records):
-            print("goal:", line)
-    out = args.out
-    if out is None:
-        folder = Path(os.environ.get("TMPDIR", "/tmp")) if args.smoke else ROOT / "bench" / "results"
-        out = folder / f"rotated-{device_slug(device_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
-    print(f"wrote {len(records)} records to {out}")
-    return 0
+    return B.finish(records, notes, kernel="rotated", name=device_name, triton=triton_version,
+                    ceilings_meta={"bandwidth_GBps": ceilings["bandwidth"] / 1e9,
+                                   **{f"{p}_TOPS": ceilings[p] / 1e12 for p in ("bf16", "int8", "fp8")}},
+                    smoke=args.smoke, out=args.out, print_table=print_table, goal_lines=goal_lines)
 
 
 if __name__ == "__main__":
