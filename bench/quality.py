@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from calm.config import RunConfig  # noqa: E402
 from calm.io import atomic_write_json, atomic_write_text  # noqa: E402
 from calm.run import build_parser, config_from_args, run  # noqa: E402
 
@@ -33,6 +34,12 @@ def with_section(path: Path, table: str) -> str:
     return text.rstrip("\n") + "\n\n" + section
 
 
+def same_run(saved: Path, cfg: RunConfig) -> bool:
+    """The folder's run_config.json is this configuration (settings added since it was written at defaults)."""
+    previous = RunConfig.from_dict(json.loads(saved.read_text()))
+    return json.loads(previous.to_json()) == json.loads(cfg.to_json())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--schemes", nargs="+", default=["W4A16G64", "W3A16G64", "W2A16G64"])
@@ -47,7 +54,7 @@ def main() -> int:
         cfg = config_from_args(build_parser().parse_args(["--scheme", scheme, "--pool", args.pool,
                                                           "--output", str(out), "--exact-baselines", *extra]))
         done = out / "results.json"
-        if done.is_file() and json.loads((out / "run_config.json").read_text()) == json.loads(cfg.to_json()):
+        if done.is_file() and same_run(out / "run_config.json", cfg):
             results = json.loads(done.read_text())  # this exact run finished before: reuse its figures
             print(f"[quality] {scheme}: reusing {done}", flush=True)
         else:
