@@ -23,7 +23,6 @@ trained) or by GPTQ on W P^-T with the Hessian of x P (`weights=gptq`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from typing import Callable
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from calm.algorithms import actquant, register, replace_module
+from calm.algorithms.gptq import single_thread
 from calm.config import CalmUsageError, QuantSpec
 from calm.model import BlockInputs, block_linears
 from calm_kernels import rotated
@@ -171,22 +171,9 @@ def train_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, mod
         replace_module(work, name, _TrainableLinear(linear, spec, modes[name], scales.get(site_of.get(name)), kv,
                                                     a_clip_init))
     params = [p for p in work.parameters() if p.requires_grad]
-    with _one_thread():
+    with single_thread():
         _optimize(block, work, inputs, params, steps, lr, batch_tokens, seed)
     return work, scales
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Train on one thread: the step is many small ops, and on the shared 2-core CPU two OpenMP threads made
-    it 9x slower (measured on a tiny block: 7.6 s vs 0.86 s for 20 steps), as calm.algorithms.gptq found
-    for its column loop."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _optimize(block: nn.Module, work: nn.Module, inputs: BlockInputs, params: list[nn.Parameter], steps: int,
