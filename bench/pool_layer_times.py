@@ -2,7 +2,8 @@
 
 The block's calibration inputs are the FP model's (same calibration as `python -m calm.run`: 16 x 512 tokens,
 seed 0). Per linear: RTN, GPTQ, CLAQ (batched codebook fits, the default, and one K-means per column as in
-CLAQ's reference code); AWQ and SmoothQuant work on the whole block (their scale groups span several
+CLAQ's reference code), and the K-means alone: calm_kernels.kmeans over all columns at once against
+scikit-learn's KMeans one column at a time (timed on 32 columns, scaled); AWQ and SmoothQuant work on the whole block (their scale groups span several
 linears), so their block time is reported and divided by the number of linears. Wall-clock seconds on
 this machine (CPU, shared: figures are upper bounds of the algorithms' cost), written to
 bench/results/pool-layer-times-<device>.json and printed as a table.
@@ -24,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from calm import algorithms  # noqa: E402
 from calm.algorithms.claq import claq_quantize_weight  # noqa: E402
@@ -31,12 +33,33 @@ from calm.algorithms.gptq import HessianAccumulator, gptq_quantize_weight  # noq
 from calm.config import CandidateSpec, DataConfig, QuantSpec  # noqa: E402
 from calm.grid import quantize_groups  # noqa: E402
 from calm.model import block_linears, capture_block_inputs, decoder_blocks, linear_inputs, run_block  # noqa: E402
+from calm_kernels import kmeans as K  # noqa: E402
+
+SKLEARN_COLUMNS = 32  # columns fitted one by one with scikit-learn; its time is scaled to all columns
 
 
 def timed(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def sklearn_column_loop_seconds(w: torch.Tensor, bits: int) -> float | None:
+    """scikit-learn KMeans fitted one weight column at a time (CLAQ's reference code), from calm's quantile
+    init, 25 Lloyd iterations at most: seconds for SKLEARN_COLUMNS columns, scaled to all of them. None when
+    scikit-learn is not installed (`pip install -e .[bench]`)."""
+    try:
+        from bench_kmeans import sklearn_columns
+    except ImportError:
+        return None
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return None
+    cols = min(SKLEARN_COLUMNS, w.shape[1])
+    init = K.quantile_init_reference(w.float(), 1 << bits)
+    seconds = timed(lambda: sklearn_columns(w.float(), init, None, 1 << bits, cols))
+    return seconds * w.shape[1] / cols
 
 
 def main() -> int:
@@ -79,6 +102,8 @@ def main() -> int:
         row["gptq"] = timed(lambda: gptq_quantize_weight(w, h, args.bits, args.group, False))
         row["claq"] = timed(lambda: claq_quantize_weight(w, h, args.bits))
         row["claq_fit_per_column"] = timed(lambda: claq_quantize_weight(w, h, args.bits, fit_columns=1))
+        row["kmeans_calm"] = timed(lambda: K.kmeans_columns(w, args.bits))
+        row["kmeans_sklearn_columns"] = sklearn_column_loop_seconds(w, args.bits)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -95,13 +120,13 @@ def main() -> int:
         path = ROOT / "bench" / "results" / "pool-layer-times-cpu.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
-    cols = ["rtn", "gptq", "claq", "claq_fit_per_column"]
+    cols = ["rtn", "gptq", "claq", "claq_fit_per_column", "kmeans_calm", "kmeans_sklearn_columns"]
     print(f"\nPer-linear quantization seconds, {label} block {args.block}, W{args.bits} "
           f"(RTN/GPTQ groups of {args.group}; CLAQ per column, no groups), {inputs.tokens} calibration tokens\n")
     print("| linear | shape | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in rows:
-        print(f"| {r['linear']} | {r['shape'][0]}x{r['shape'][1]} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")
+        print(f"| {r['linear']} | {r['shape'][0]}x{r['shape'][1]} | " + " | ".join("n/a" if r[c] is None else f"{r[c]:.2f}" for c in cols) + " |")
     n = len(names)
     print("\nWhole block: " + ", ".join(f"{k} {v:.1f} s ({v / n:.2f} s per linear)" for k, v in block_times.items()))
     return 0

@@ -3,7 +3,7 @@
 A cheaper stand-in for `python -m calm.run` when a CPU cannot afford every candidate on every block: each
 candidate quantizes blocks 0..N-1 on the float model's block inputs (independent propagation, so all
 candidates see the same inputs, computed once) and is scored per block by linear CKA, MSE and relative
-error against the float block output (calm.search.score_outputs); the model with those N blocks replaced
+error against the float block output (calm.search.block_scores); the model with those N blocks replaced
 is evaluated with the GPTQ perplexity protocol (calm.evaluate). `--calm a,b,c` also assembles the CALM
 hybrid over those candidates (per block the highest CKA, ties by MSE, as calm.search.choose) and evaluates
 it. A candidate may carry its own scheme: `gptq@W3A16` (per channel) next to `gptq` (the --scheme).
@@ -32,7 +32,7 @@ from calm.data import load_corpus  # noqa: E402
 from calm.evaluate import perplexity  # noqa: E402
 from calm.model import capture_block_inputs, decoder_blocks, load_model, run_block  # noqa: E402
 from calm.nn import model_effective_bits, release_caches  # noqa: E402
-from calm.search import CandidateScore, choose, score_outputs  # noqa: E402
+from calm.search import CandidateScore, block_scores, choose  # noqa: E402
 from calm_kernels.cka import CKAAccumulator  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main() -> int:
             qb = algorithms.quantize_block(cand, copy.deepcopy(fp_blocks[i]), inputs, spec)
             seconds[name].append(time.perf_counter() - t)
             t = time.perf_counter()
-            cka, mse, rel = score_outputs(reference, run_block(qb, inputs), self_term, False)
+            cka, mse, rel = block_scores(reference, run_block(qb, inputs), reference_self_term=self_term)
             scores[i][name] = CandidateScore(cka, mse, rel, seconds[name][-1], time.perf_counter() - t)
             release_caches(qb)
             quantized[name].append(qb)

@@ -133,6 +133,9 @@ def parse_pool(text: str) -> tuple[CandidateSpec, ...]:
     return pool
 
 
+SCORES = ("cka", "cka-normed", "cka-rms", "cka-final")
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """How the CALM search runs.
@@ -141,14 +144,22 @@ class SearchConfig:
         propagation: `greedy` (block l+1 sees the chosen quantized blocks' outputs) or `independent` (FP inputs).
         tie_tolerance: CKA values closer than this count as a tie, broken by lower MSE.
         batch_windows: calibration windows per forward pass (memory vs speed).
+        debiased_cka: the unbiased-HSIC CKA estimator instead of the plain one.
+        score: what CKA compares: `cka` the raw block outputs, `cka-normed` the outputs as the next RMS norm
+            (with its weight) sees them, `cka-rms` the same without the weight (`calm.search.score_features`),
+            `cka-final` the model's last normalized hidden state (what the LM head reads) when the float blocks
+            after this one run on its output (costs a pass through the rest of the model per candidate).
     """
     pool: tuple[CandidateSpec, ...] = (CandidateSpec("rtn"), CandidateSpec("gptq"))
     propagation: str = "greedy"
     tie_tolerance: float = 1e-7
     batch_windows: int = 8
     debiased_cka: bool = False
+    score: str = "cka"
 
     def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise CalmUsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.propagation not in ("greedy", "independent"):
             raise CalmUsageError(f"propagation must be 'greedy' or 'independent', got {self.propagation!r}")
         if self.batch_windows < 1:
@@ -162,6 +173,9 @@ class DataConfig:
     Args:
         text: None for the embedded Wikipedia extract (gensim wheel), or a local UTF-8 text file.
         calib_windows, calib_seqlen: calibration windows drawn with `seed` from the calibration half.
+        score_windows: further windows of the calibration half, drawn after those (same seed), on which the
+            search scores candidates instead of on the windows they were fitted on; 0 scores on the fitting
+            windows.
         eval_seqlen: T of the GPTQ perplexity protocol (non-overlapping windows of T tokens).
         eval_tokens: held-out tokens evaluated (rounded down to whole windows); 0 means the whole held-out half.
     """
@@ -171,8 +185,11 @@ class DataConfig:
     eval_seqlen: int = 512
     eval_tokens: int = 16384
     seed: int = 0
+    score_windows: int = 0
 
     def __post_init__(self) -> None:
+        if self.score_windows < 0:
+            raise CalmUsageError(f"score_windows must be >= 0 (0 = score on the fitting windows), got {self.score_windows}")
         for name in ("calib_windows", "calib_seqlen", "eval_seqlen"):
             if getattr(self, name) < 1:
                 raise CalmUsageError(f"{name} must be at least 1, got {getattr(self, name)}")

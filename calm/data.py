@@ -184,6 +184,7 @@ class Corpus:
     sha256: str
     calibration: torch.Tensor  # (n, T) token windows
     evaluation: torch.Tensor  # (m, T) token windows
+    scoring: torch.Tensor | None  # (k, T) calibration-half windows the search scores on, or None
     calibration_tokens_available: int
     evaluation_tokens_available: int
 
@@ -192,7 +193,9 @@ def load_corpus(tokenizer, cfg: DataConfig) -> Corpus:
     split = load_split(cfg.text)
     calib_ids = tokenize(tokenizer, split.calibration)
     eval_ids = tokenize(tokenizer, split.evaluation)
-    return Corpus(split.name, split.sha256,
-                  calibration_windows(calib_ids, cfg.calib_windows, cfg.calib_seqlen, cfg.seed),
+    # One draw for both sets: the fitting windows are the same whether or not scoring windows follow them.
+    drawn = calibration_windows(calib_ids, cfg.calib_windows + cfg.score_windows, cfg.calib_seqlen, cfg.seed)
+    return Corpus(split.name, split.sha256, drawn[:cfg.calib_windows],
                   evaluation_windows(eval_ids, cfg.eval_seqlen, cfg.eval_tokens),
+                  drawn[cfg.calib_windows:] if cfg.score_windows else None,
                   calib_ids.numel(), eval_ids.numel())

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from calm import __version__, algorithms
-from calm.config import CalmUsageError, DataConfig, RunConfig, SearchConfig, parse_pool
+from calm.config import SCORES, CalmUsageError, DataConfig, RunConfig, SearchConfig, parse_pool
 from calm.data import load_corpus
 from calm.evaluate import perplexity
 from calm.io import atomic_write_json, atomic_write_text, save_quantized
@@ -53,12 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens to evaluate (0 = all)")
     p.add_argument("--batch-windows", type=int, default=s.batch_windows, help="windows per forward pass")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--score-windows", type=int, default=d.score_windows,
+                   help="score candidates on this many further calibration windows instead of the ones they were "
+                   "fitted on (0 = the fitting windows)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate every pool member applied uniformly to all blocks")
     p.add_argument("--exact-baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="give each uniform baseline its own sequential calibration pass (the published protocol; "
                    "one more quantization pass per pool member) instead of reusing the search's candidate blocks")
     p.add_argument("--debiased-cka", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--score", choices=SCORES, default=s.score,
+                   help="what CKA compares: raw block outputs (cka), the outputs as the next RMS norm sees "
+                   "them, with its weight (cka-normed) or without (cka-rms), or the model's final normalized "
+                   "hidden states with the float blocks after the candidate (cka-final)")
     p.add_argument("--output", default="outputs/default", help="output folder (resumes a matching run)")
     return p
 
@@ -67,9 +74,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=args.model, scheme=args.scheme.upper(), symmetric=args.symmetric, kv_group_size=args.kv_group_size,
         search=SearchConfig(pool=parse_pool(args.pool), propagation=args.propagation,
-                            batch_windows=args.batch_windows, debiased_cka=args.debiased_cka),
+                            batch_windows=args.batch_windows, debiased_cka=args.debiased_cka,
+                            score=args.score),
         data=DataConfig(text=args.text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
-                        eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed),
+                        eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed,
+                        score_windows=args.score_windows),
         baselines=args.baselines, exact_baselines=args.exact_baselines, output=args.output)
 
 
@@ -176,7 +185,8 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
 
     evaluate("fp")
     t = time.perf_counter()
-    outcome = calm_search(model, corpus.calibration, spec, cfg.search, state_dir=out / "state", log=log)
+    outcome = calm_search(model, corpus.calibration, spec, cfg.search, state_dir=out / "state", log=log,
+                          score_windows=corpus.scoring)
     seconds["search"] = time.perf_counter() - t
     if cfg.baselines:
         uniform = outcome.candidate_blocks
@@ -219,7 +229,8 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
         "seed": cfg.data.seed,
         "calibration": {"text": corpus.split_name, "text_sha256": corpus.sha256,
                         "windows": int(corpus.calibration.shape[0]), "seqlen": int(corpus.calibration.shape[1]),
-                        "tokens": int(corpus.calibration.numel())},
+                        "tokens": int(corpus.calibration.numel()),
+                        "score_windows": 0 if corpus.scoring is None else int(corpus.scoring.shape[0])},
         "evaluation": {"text": corpus.split_name, "text_sha256": corpus.sha256, "seqlen": cfg.data.eval_seqlen,
                        "tokens": int(corpus.evaluation.numel()),
                        "available_tokens": corpus.evaluation_tokens_available},

@@ -3,7 +3,10 @@
 Per block l (inputs X captured on the calibration windows):
 1. FP outputs Y = block(X); the FP self term ||Yc^T Yc||_F^2 is computed once and shared by the candidates.
 2. Every candidate quantizes a private copy of the float block on X; the copy runs on X; linear CKA between
-   Y and its outputs is accumulated batch by batch, with MSE and relative error beside it.
+   Y and its outputs is accumulated batch by batch, with MSE and relative error beside it. With separate
+   scoring windows, X of step 2's scoring (and Y) come from those windows instead; fitting stays on X.
+   `SearchConfig.score` picks what CKA compares (`score_features`); with `cka-final` it compares the model's
+   last normalized hidden states after the float blocks that follow, and MSE / relative error are of those.
 3. The highest CKA wins; CKA values within `tie_tolerance` are a tie, broken by lower MSE (CKA is blind to
    a pure rescaling of the output, MSE is not).
 4. Each candidate's quantized block and the decision are written to `state_dir` as they are made, so an
@@ -25,7 +28,7 @@ from torch import nn
 from calm import algorithms
 from calm.config import QuantSpec, SearchConfig
 from calm.io import atomic_write_json, load_block_state, save_block_state
-from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, run_block
+from calm.model import BlockInputs, capture_block_inputs, consumer_norm, decoder_blocks, final_hidden, run_block
 from calm.nn import release_caches
 from calm_kernels.cka import CKAAccumulator, linear_cka_reference
 
@@ -82,24 +85,49 @@ class SearchOutcome:
         return [self.candidate_blocks[d.chosen][d.index] for d in self.decisions]
 
 
-def score_outputs(reference: list[torch.Tensor], outputs: list[torch.Tensor], reference_self_term: float,
-                  debiased: bool) -> tuple[float, float, float]:
-    """(CKA, MSE, relative Frobenius error) of `outputs` against `reference`, streamed batch by batch."""
+def score_features(y: torch.Tensor, score: str, norm: nn.Module | None) -> torch.Tensor:
+    """The (tokens, d) features a score compares: the raw block output (`cka`), or the output as the RMS norm
+    that reads it next sees it, with that norm's weight (`cka-normed`) or without (`cka-rms`).
+
+    Raw residual streams are dominated by the few massive-activation tokens and channels, so raw CKA saturates
+    (0.99999x from the blocks where they appear) and cannot tell candidates apart; normalizing each token as
+    the next block does gives every token the weight it has downstream."""
+    y2 = y.reshape(-1, y.shape[-1])
+    if score == "cka":
+        return y2
+    if norm is None:
+        raise ValueError(f"score {score!r} needs the norm that reads the block's output")
+    y64 = y2.to(torch.float64)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    z = y64 * torch.rsqrt(y64.square().mean(-1, keepdim=True) + eps)
+    if score == "cka-normed":
+        z = z * norm.weight.detach().to(torch.float64)
+    return z.to(torch.float32)
+
+
+def block_scores(reference: list[torch.Tensor], outputs: list[torch.Tensor], score: str = "cka",
+                 norm: nn.Module | None = None, debiased: bool = False,
+                 reference_self_term: float | None = None) -> tuple[float, float, float]:
+    """(CKA by `score`, MSE, relative Frobenius error) of `outputs` against `reference`, streamed batch by batch.
+    MSE and relative error are always of the raw outputs. `reference_self_term` (of the reference's score
+    features) may be passed when several candidates are scored against the same reference."""
     acc = CKAAccumulator(reference_self_term=reference_self_term)
     sq_err = sq_ref = 0.0
     count = 0
+    ref_features, out_features = [], []
     for y, yq in zip(reference, outputs):
-        y2 = y.reshape(-1, y.shape[-1])
-        yq2 = yq.reshape(-1, yq.shape[-1])
-        if not debiased:
-            acc.update(y2, yq2)
-        diff = (yq2 - y2).to(torch.float64)
+        fy, fq = score_features(y, score, norm), score_features(yq, score, norm)
+        if debiased:
+            ref_features.append(fy)
+            out_features.append(fq)
+        else:
+            acc.update(fy, fq)
+        diff = (yq - y).to(torch.float64)
         sq_err += float(diff.square().sum())
-        sq_ref += float(y2.to(torch.float64).square().sum())
+        sq_ref += float(y.to(torch.float64).square().sum())
         count += diff.numel()
     if debiased:
-        cka = linear_cka_reference(torch.cat([y.reshape(-1, y.shape[-1]) for y in reference]),
-                                   torch.cat([y.reshape(-1, y.shape[-1]) for y in outputs]), debiased=True).cka
+        cka = linear_cka_reference(torch.cat(ref_features), torch.cat(out_features), debiased=True).cka
     else:
         cka = acc.compute().cka
     if not torch.isfinite(torch.tensor(cka)) or sq_err != sq_err:
@@ -118,8 +146,12 @@ def _state_paths(state_dir: Path, index: int, names: list[str]) -> tuple[Path, d
 
 
 def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config: SearchConfig,
-                state_dir: Path | None = None, log: Log = print) -> SearchOutcome:
-    """Run the search on calibration `windows` (n, T). The model's blocks are left untouched (float)."""
+                state_dir: Path | None = None, log: Log = print,
+                score_windows: torch.Tensor | None = None) -> SearchOutcome:
+    """Run the search on calibration `windows` (n, T). The model's blocks are left untouched (float).
+
+    With `score_windows` (m, T), candidates are fitted on `windows` and scored on `score_windows` only, so a
+    candidate that fits the calibration tokens closely but generalizes worse is not preferred for it."""
     for cand in config.pool:
         algorithms.validate_candidate(cand, spec)
     names = [c.name for c in config.pool]
@@ -128,22 +160,33 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
     contexts = {c.name: algorithms.prepare(c, float_blocks, spec) for c in config.pool}
     t0 = time.perf_counter()
     inputs: BlockInputs = capture_block_inputs(model, windows, config.batch_windows)
-    log(f"captured block inputs: {inputs.tokens} tokens in {len(inputs)} batches")
+    separate = score_windows is not None
+    score_inputs = capture_block_inputs(model, score_windows, config.batch_windows) if separate else inputs
+    log(f"captured block inputs: {inputs.tokens} tokens in {len(inputs)} batches"
+        + (f"; scoring on {score_inputs.tokens} other tokens" if separate else ""))
     decisions: list[BlockDecision] = []
     candidate_blocks: dict[str, list[nn.Module]] = {n: [] for n in names}
 
     for index, fp_block in enumerate(float_blocks):
         tb = time.perf_counter()
-        reference = run_block(fp_block, inputs)
+        reference = run_block(fp_block, score_inputs)
         decision_path, block_paths = (None, {}) if state_dir is None else _state_paths(state_dir, index, names)
-        outputs: dict[str, list[torch.Tensor]] = {}
+        outputs: dict[str, list[torch.Tensor]] = {}  # on the scoring inputs
         if decision_path is not None and decision_path.is_file() and all(p.is_file() for p in block_paths.values()):
             decision = BlockDecision.from_dict(json.loads(decision_path.read_text()))
             qblocks = {n: load_block_state(block_paths[n], fp_block) for n in names}
             resumed = True
         else:
             resumed = False
-            self_term = CKAAccumulator.reference(y.reshape(-1, y.shape[-1]) for y in reference)
+            at_end = config.score == "cka-final"
+            score = "cka" if at_end else config.score
+            norm = None if score == "cka" else consumer_norm(model, index)
+
+            def compared(outs: list[torch.Tensor]) -> list[torch.Tensor]:
+                return final_hidden(model, index, outs, score_inputs) if at_end else outs
+
+            compared_reference = compared(reference)
+            self_term = CKAAccumulator.reference(score_features(y, score, norm) for y in compared_reference)
             scores: dict[str, CandidateScore] = {}
             qblocks = {}
             for cand in config.pool:
@@ -151,8 +194,9 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
                 qblock = algorithms.quantize_block(cand, copy.deepcopy(fp_block), inputs, spec, contexts[cand.name])
                 quantize_seconds = time.perf_counter() - tq
                 ts = time.perf_counter()
-                outs = run_block(qblock, inputs)
-                cka, mse, rel = score_outputs(reference, outs, self_term, config.debiased_cka)
+                outs = run_block(qblock, score_inputs)
+                cka, mse, rel = block_scores(compared_reference, compared(outs), score, norm, config.debiased_cka,
+                                             self_term)
                 scores[cand.name] = CandidateScore(cka, mse, rel, quantize_seconds, time.perf_counter() - ts)
                 outputs[cand.name] = outs
                 qblocks[cand.name] = qblock
@@ -167,13 +211,17 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
             candidate_blocks[n].append(qblocks[n])
 
         if config.propagation == "greedy":
-            chosen_out = outputs.get(decision.chosen) or run_block(qblocks[decision.chosen], inputs)
-            release_caches(qblocks[decision.chosen])
-            inputs = inputs.with_hidden(chosen_out)
+            chosen = qblocks[decision.chosen]
+            scored_out = outputs.get(decision.chosen) or run_block(chosen, score_inputs)
+            fitted_out = run_block(chosen, inputs) if separate else scored_out
+            release_caches(chosen)
         else:
-            inputs = inputs.with_hidden(reference)
+            scored_out = reference
+            fitted_out = run_block(fp_block, inputs) if separate else reference
+        inputs = inputs.with_hidden(fitted_out)
+        score_inputs = score_inputs.with_hidden(scored_out) if separate else inputs
         cells = "  ".join(f"{n}={s.cka:.6f}" for n, s in decision.scores.items())
-        log(f"block {index + 1:>3}/{len(float_blocks)}: {decision.chosen:<10} CKA {cells}"
+        log(f"block {index + 1:>3}/{len(float_blocks)}: {decision.chosen:<10} {config.score} {cells}"
             f"{'  (resumed)' if resumed else ''}  {time.perf_counter() - tb:.1f}s "
             f"(total {time.perf_counter() - t0:.0f}s)")
     return SearchOutcome(decisions, candidate_blocks, float_blocks)

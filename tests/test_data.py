@@ -48,3 +48,11 @@ def test_windows_are_seeded_and_checked():
     assert evaluation_windows(ids, 100, 250).shape == (2, 100)
     with pytest.raises(CalmUsageError):
         evaluation_windows(ids, 2000, 0)
+
+
+def test_scoring_windows_follow_the_fitting_windows():
+    """Adding scoring windows leaves the fitting windows as they were (one seeded draw, split)."""
+    ids = torch.arange(5000)
+    fit = calibration_windows(ids, 8, 64, seed=0)
+    both = calibration_windows(ids, 8 + 4, 64, seed=0)
+    assert torch.equal(both[:8], fit)

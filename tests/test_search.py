@@ -43,3 +43,73 @@ def test_search_scores_every_candidate_and_resumes(tiny_model, tmp_path, propaga
     for a, b in zip(first.chosen_blocks, second.chosen_blocks):
         for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
             assert na == nb and torch.equal(ta, tb)
+
+
+def test_normed_scores_weigh_tokens_as_the_next_norm_does():
+    """A massive token dominates raw CKA; after the RMS norm every token counts as it does downstream."""
+    from calm.search import block_scores
+
+    gen = torch.Generator().manual_seed(1)
+    norm = torch.nn.Module()
+    norm.weight = torch.nn.Parameter(torch.rand(16, generator=gen) + 0.5)
+    norm.variance_epsilon = 1e-6
+    y = torch.randn(2, 64, 16, generator=gen, dtype=torch.float64)
+    y[:, 0, 3] = 1e4  # a massive activation on each window's first token
+    noisy = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    noisy[:, 0] = y[:, 0]  # the massive token itself is exact
+    raw = block_scores(list(y), list(noisy), "cka")[0]
+    normed = block_scores(list(y), list(noisy), "cka-normed", norm)[0]
+    rms = block_scores(list(y), list(noisy), "cka-rms", norm)[0]
+    assert raw > 0.9999 and normed < 0.99 and rms < 0.99
+    # Exact outputs score 1 under every variant; MSE and relative error are of the raw outputs.
+    for s in ("cka", "cka-normed", "cka-rms"):
+        cka, mse, rel = block_scores(list(y), list(y), s, norm)
+        assert cka == pytest.approx(1.0, abs=1e-9) and mse == 0 and rel == 0
+    _, mse, _ = block_scores(list(y), list(noisy), "cka-rms", norm)
+    assert mse == pytest.approx(float((noisy - y).square().mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="norm"):
+        block_scores(list(y), list(noisy), "cka-normed", None)
+
+
+@pytest.mark.parametrize("propagation,score", [("greedy", "cka-normed"), ("independent", "cka-normed"),
+                                              ("greedy", "cka-final")])
+def test_separate_scoring_windows_change_scores_not_fits(tiny_model, tmp_path, propagation, score):
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 256, (4, 32), generator=gen)
+    scoring = torch.randint(0, 256, (3, 32), generator=gen)
+    spec = QuantSpec.from_scheme("W2A16G32")
+    cfg = SearchConfig(pool=parse_pool("rtn,gptq"), propagation=propagation, batch_windows=2, score=score)
+    plain = calm_search(tiny_model, windows, spec, cfg, log=lambda _: None)
+    lines = []
+    held = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lines.append, score_windows=scoring)
+    assert "scoring on 96 other tokens" in lines[0]
+    assert [d.scores["gptq"].cka for d in held.decisions] != [d.scores["gptq"].cka for d in plain.decisions]
+    # Block 0's candidates are fitted on the same inputs either way: identical weights.
+    for name in ("rtn", "gptq"):
+        a, b = plain.candidate_blocks[name][0].state_dict(), held.candidate_blocks[name][0].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    again = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lines.append, score_windows=scoring)
+    assert [d.to_dict() for d in again.decisions] == [d.to_dict() for d in held.decisions]
+    assert all(0 < s.cka <= 1 + 1e-9 for d in held.decisions for s in d.scores.values())
+
+
+def test_final_score_sees_the_model_output(tiny_model):
+    """cka-final of the last block equals plain CKA of its output through the final norm."""
+    from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, final_hidden, run_block
+
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    inputs: BlockInputs = capture_block_inputs(tiny_model, windows, 2)
+    blocks = decoder_blocks(tiny_model)
+    for b in blocks[:-1]:
+        inputs = inputs.with_hidden(run_block(b, inputs))
+    out = run_block(blocks[-1], inputs)
+    last = len(blocks) - 1
+    assert torch.allclose(final_hidden(tiny_model, last, out, inputs)[0], tiny_model.model.norm(out[0]))
+    early = final_hidden(tiny_model, 0, [torch.zeros_like(out[0])], inputs)
+    assert early[0].shape == out[0].shape
+
+
+def test_score_is_validated():
+    with pytest.raises(Exception, match="score must be one of"):
+        SearchConfig(score="mse")
+    assert SearchConfig(score="cka-final").score == "cka-final"
