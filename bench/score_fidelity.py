@@ -9,7 +9,9 @@ candidate quantizes the block on the calibration windows and is scored on them b
 - `cka-rms`     the same without the norm's weight;
 - `mse`         mean squared error of the raw outputs (lower is better; reported as its negative);
 - `cka-final`, `mse-final`  the same at the model's last normalized hidden state (what the LM head reads)
-                with the float blocks after the candidate.
+                with the float blocks after the candidate;
+- `nll`         the model's next-token NLL on the scoring windows with the candidate and the float blocks after
+                it (lower is better; reported as its negative).
 
 With --score-windows N each score is also computed on N other calibration windows (`<score>@other`): the
 candidates were fitted on the calibration windows, so scores there favour the algorithms that fit them most
@@ -43,7 +45,7 @@ from calm.model import (BlockInputs, capture_block_inputs, consumer_norm, decode
                         load_model, run_block)
 from calm.search import block_scores  # noqa: E402
 
-BLOCK_SCORES = ("cka", "cka-normed", "cka-rms", "mse", "cka-final", "mse-final")
+BLOCK_SCORES = ("cka", "cka-normed", "cka-rms", "mse", "cka-final", "mse-final", "nll")
 
 
 def tail_nll(model: nn.Module, start: int, first_block: nn.Module, inputs: BlockInputs,
@@ -88,9 +90,11 @@ def main() -> int:
     calib = capture_block_inputs(model, corpus.calibration, 8)
     held_out = capture_block_inputs(model, corpus.evaluation, 8)
     sets = {"": calib}
+    tokens = {"": corpus.calibration}
     if args.score_windows:
         ids = tokenize(tokenizer, load_split(None).calibration)
-        sets["@other"] = capture_block_inputs(model, calibration_windows(ids, args.score_windows, 512, 1), 8)
+        tokens["@other"] = calibration_windows(ids, args.score_windows, 512, 1)
+        sets["@other"] = capture_block_inputs(model, tokens["@other"], 8)
     scores_names = [s + suffix for suffix in sets for s in BLOCK_SCORES]
     fp_nll = tail_nll(model, 0, blocks[0], held_out, corpus.evaluation)
     print(f"{args.scheme}, calibration {tuple(corpus.calibration.shape)}, held-out {tuple(corpus.evaluation.shape)}, "
@@ -113,6 +117,7 @@ def main() -> int:
                     scores["mse" + suffix] = -block_scores(references[suffix], outs, "cka", norm)[1]
                     cka, mse, _ = block_scores(finals[suffix], final_hidden(model, index, outs, inputs))
                     scores["cka-final" + suffix], scores["mse-final" + suffix] = cka, -mse
+                    scores["nll" + suffix] = -tail_nll(model, index, qblock, inputs, tokens[suffix])
                 scores["nll_excess"] = tail_nll(model, index, qblock, held_out, corpus.evaluation) - fp_nll
                 row["candidates"][cand.name] = scores
             truth = min(row["candidates"], key=lambda n: row["candidates"][n]["nll_excess"])

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from calm import algorithms
-from calm.config import QuantSpec, SearchConfig
+from calm.config import CalmUsageError, QuantSpec, SearchConfig
 from calm.io import atomic_write_json, load_block_state, save_block_state
 from calm.model import BlockInputs, capture_block_inputs, consumer_norm, decoder_blocks, final_hidden, run_block
 from calm.nn import release_caches
@@ -135,6 +135,22 @@ def block_scores(reference: list[torch.Tensor], outputs: list[torch.Tensor], sco
     return cka, sq_err / count, (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else float("inf")
 
 
+def candidate_options(config: SearchConfig) -> dict[str, dict]:
+    """Every candidate's options with the algorithm's defaults filled in, as saved beside each block."""
+    return {c.name: json.loads(json.dumps({**algorithms.options_of(algorithms.get(c.algorithm)), **c.options}))
+            for c in config.pool}
+
+
+def _check_saved_options(path: Path, saved: dict[str, dict], current: dict[str, dict]) -> None:
+    """Saved blocks made with other algorithm settings (e.g. a default changed between calm versions) must not
+    be reused silently."""
+    changed = sorted(n for n in current if saved.get(n) != current[n])
+    if changed:
+        details = "; ".join(f"{n}: saved {saved.get(n)} now {current[n]}" for n in changed)
+        raise CalmUsageError(f"{path} was written with other settings for {', '.join(changed)} ({details}); "
+                             f"resume with the calm version that wrote it, or pass a new --output")
+
+
 def state_name(name: str) -> str:
     """A candidate name (`gptq:act_order=static`) as a file-name part."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
@@ -166,6 +182,7 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
         + (f"; scoring on {score_inputs.tokens} other tokens" if separate else ""))
     decisions: list[BlockDecision] = []
     candidate_blocks: dict[str, list[nn.Module]] = {n: [] for n in names}
+    options = candidate_options(config)
 
     for index, fp_block in enumerate(float_blocks):
         tb = time.perf_counter()
@@ -173,7 +190,9 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
         decision_path, block_paths = (None, {}) if state_dir is None else _state_paths(state_dir, index, names)
         outputs: dict[str, list[torch.Tensor]] = {}  # on the scoring inputs
         if decision_path is not None and decision_path.is_file() and all(p.is_file() for p in block_paths.values()):
-            decision = BlockDecision.from_dict(json.loads(decision_path.read_text()))
+            saved = json.loads(decision_path.read_text())
+            _check_saved_options(decision_path, saved.get("candidate_options", options), options)
+            decision = BlockDecision.from_dict(saved)
             qblocks = {n: load_block_state(block_paths[n], fp_block) for n in names}
             resumed = True
         else:
@@ -204,7 +223,7 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
                     save_block_state(block_paths[cand.name], qblock)
             decision = BlockDecision(index, choose(scores, config.tie_tolerance), scores)
             if decision_path is not None:
-                atomic_write_json(decision_path, decision.to_dict())
+                atomic_write_json(decision_path, {**decision.to_dict(), "candidate_options": options})
         decisions.append(decision)
         for n in names:
             release_caches(qblocks[n])

@@ -108,6 +108,17 @@ def test_activation_schemes_produce_rotated_modules_and_keep_weight_only_behavio
     assert all(m.transform is not None and m.transform.orthogonal for m in block_linears(q).values())
 
 
+@pytest.mark.parametrize("scheme,candidate,clip", [
+    ("W3A3", "rotation", 0.8), ("W4A4", "rotation", 0.9), ("W4A8", "rotation", 1.0),
+    ("W4A4", "rotation:clip_ratio=0.7", 0.7), ("W4A4", "rtn", 1.0), ("W3A3", "kurtosis:threshold=100", 0.8),
+])
+def test_transform_candidates_clip_activations_by_their_bits_unless_told(scheme, candidate, clip):
+    model = tiny_llama()
+    inputs = _inputs(model)
+    q = _quantize(decoder_blocks(model)[0], inputs, scheme, candidate)
+    assert [m.clip_ratio for m in block_linears(q).values()] == pytest.approx([clip] * 7)
+
+
 def test_gptq_at_a4_beats_rtn_at_a4():
     model = tiny_llama()
     inputs = _inputs(model)

@@ -113,3 +113,17 @@ def test_score_is_validated():
     with pytest.raises(Exception, match="score must be one of"):
         SearchConfig(score="mse")
     assert SearchConfig(score="cka-final").score == "cka-final"
+
+
+def test_resume_refuses_blocks_saved_with_other_algorithm_settings(tiny_model, tmp_path):
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec.from_scheme("W2A16G32")
+    calm_search(tiny_model, windows, spec, SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2),
+                state_dir=tmp_path, log=lambda _: None)
+    saved = json.loads((tmp_path / "block_000.json").read_text())
+    assert saved["candidate_options"]["gptq"]["act_order"] == "static"  # defaults are recorded
+    saved["candidate_options"]["gptq"]["act_order"] = "none"  # as an older calm with another default wrote it
+    (tmp_path / "block_000.json").write_text(json.dumps(saved))
+    with pytest.raises(Exception, match="other settings for gptq.*new --output"):
+        calm_search(tiny_model, windows, spec, SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2),
+                    state_dir=tmp_path, log=lambda _: None)

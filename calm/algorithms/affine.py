@@ -7,7 +7,8 @@ input, x -> x P, and P^-1 is folded into the weight, W -> W P^-T: exact in float
   post_attention_layernorm): x -> x / s, W -> W diag(s), folded into the norm's weight (exact). o_proj and
   down_proj have no scale (their inputs come from attention and the SwiGLU product; only P transforms them);
 - learnable weight clipping (a ratio per output row) and activation clipping (one ratio per linear), both
-  sigmoid-parameterized; weight clips start at 0.982, activation clips at min(0.982, `clip_init`).
+  sigmoid-parameterized; weight clips start at 0.982, activation clips at min(0.982, `clip_init`) ("auto":
+  actquant.AUTO_CLIP by activation bits).
 Training: per block, AdamW on the mean squared error between the block's output with every linear
 fake-quantized (straight-through rounding; K/V fake-quantized too when the scheme quantizes them) and the
 float block's output on the same inputs (the inputs the search hands the block). `steps` optimizer steps,
@@ -266,9 +267,9 @@ def _check_affine_spec(spec: QuantSpec) -> None:
 @register("affine")
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, weights: str = "gptq",
                    steps: int = 40, lr: float = 5e-3, batch_tokens: int = 256, damp: float = 0.01,
-                   clip_init: float = 1.0) -> nn.Module:
+                   clip_init: float | str = "auto") -> nn.Module:
     check_training_options("affine", weights, steps, lr, batch_tokens)
-    clip_init = actquant.check_clip(clip_init, "affine clip_init")
+    clip_init = actquant.check_clip(clip_init, "affine clip_init", spec.a_bits)
     for name, linear in block_linears(block).items():
         actquant.transform_for(linear.in_features, True, "affine")
     with torch.enable_grad():

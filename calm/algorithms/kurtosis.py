@@ -72,7 +72,8 @@ def choose_transforms(block: nn.Module, threshold: float, side: str, outlier: st
     return chosen
 
 
-def _check(threshold, side, outlier, inlier, scope, weights, steps, lr, batch_tokens, clip_ratio) -> float:
+def _check(threshold, side, outlier, inlier, scope, weights, steps, lr, batch_tokens, clip_ratio,
+           a_bits) -> float:
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
         raise CalmUsageError(f"kurtosis threshold must be a number >= 0, got {threshold!r}")
     for name, value, allowed in (("side", side, SIDES), ("outlier", outlier, TRANSFORMS),
@@ -80,7 +81,7 @@ def _check(threshold, side, outlier, inlier, scope, weights, steps, lr, batch_to
         if value not in allowed:
             raise CalmUsageError(f"kurtosis {name} must be one of {allowed}, got {value!r}")
     affine.check_training_options("kurtosis", weights, steps, lr, batch_tokens)
-    return actquant.check_clip(clip_ratio, "kurtosis clip_ratio")
+    return actquant.check_clip(clip_ratio, "kurtosis clip_ratio", a_bits)
 
 
 def _check_spec(spec: QuantSpec) -> None:
@@ -94,8 +95,9 @@ def _check_spec(spec: QuantSpec) -> None:
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, threshold: float = 3.5,
                    side: str = "upper", outlier: str = "affine", inlier: str = "rotation", scope: str = "model",
                    weights: str = "gptq", steps: int = 40, lr: float = 5e-3, batch_tokens: int = 256,
-                   clip_ratio: float = 1.0, _population: dict[str, float] | None = None) -> nn.Module:
-    clip_ratio = _check(threshold, side, outlier, inlier, scope, weights, steps, lr, batch_tokens, clip_ratio)
+                   clip_ratio: float | str = "auto", _population: dict[str, float] | None = None) -> nn.Module:
+    clip_ratio = _check(threshold, side, outlier, inlier, scope, weights, steps, lr, batch_tokens, clip_ratio,
+                        spec.a_bits)
     stats = _population if scope == "model" else None
     chosen = choose_transforms(block, threshold, side, outlier, inlier, stats)
     for name, linear in block_linears(block).items():
@@ -105,7 +107,8 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, th
         modes = {"affine": "learned", "rotation": "hadamard", "none": "none"}
         with torch.enable_grad():
             return affine.quantize_with_transforms(block, inputs, spec, lambda n, m: modes[chosen[n][1]],
-                                                   weights=weights, steps=steps, lr=lr, batch_tokens=batch_tokens)
+                                                   weights=weights, steps=steps, lr=lr, batch_tokens=batch_tokens,
+                                                   a_clip_init=clip_ratio)
 
     def transform(name, linear):
         return actquant.transform_for(linear.in_features, chosen[name][1] == "rotation", "kurtosis")

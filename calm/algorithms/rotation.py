@@ -2,7 +2,7 @@
 
 Every linear of the block gets a normalized Hadamard R of its input size (calm_kernels.rotated): R is folded
 into the weight offline (W R, R orthogonal) and applied online to the activations, which are then quantized
-per token (symmetric, `clip_ratio`). R spreads outlier channels over all channels, so both x R and W R
+per token (symmetric, `clip_ratio`; "auto" = actquant.AUTO_CLIP by activation bits). R spreads outlier channels over all channels, so both x R and W R
 quantize with less error. Weights are per-output-channel symmetric at w_bits:
 - `weights=rtn`: round to nearest on W R (`weight_clip_ratio` shrinks each row's max first);
 - `weights=gptq`: GPTQ (calm.algorithms.gptq.gptq_quantize_weight) on W R with the Hessian of the rotated
@@ -60,15 +60,15 @@ def sequential_groups(block: nn.Module, true_sequential: bool) -> list[tuple[str
     return groups
 
 
-def check_options(algorithm: str, weights: str, clip_ratio: float, weight_clip_ratio: float, act_order: str,
-                  damp: float) -> tuple[float, float]:
+def check_options(algorithm: str, weights: str, clip_ratio: float | str, weight_clip_ratio: float, act_order: str,
+                  damp: float, a_bits: int | None = None) -> tuple[float, float]:
     if weights not in WEIGHT_METHODS:
         raise CalmUsageError(f"{algorithm} weights must be one of {WEIGHT_METHODS}, got {weights!r}")
     if act_order not in ACT_ORDERS:
         raise CalmUsageError(f"{algorithm} act_order must be one of {ACT_ORDERS}, got {act_order!r}")
     if not isinstance(damp, (int, float)) or damp <= 0:
         raise CalmUsageError(f"{algorithm} damp must be a positive number, got {damp!r}")
-    return (actquant.check_clip(clip_ratio, f"{algorithm} clip_ratio"),
+    return (actquant.check_clip(clip_ratio, f"{algorithm} clip_ratio", a_bits),
             actquant.check_clip(weight_clip_ratio, f"{algorithm} weight_clip_ratio"))
 
 
@@ -126,9 +126,10 @@ def _check_rotation_spec(spec: QuantSpec) -> None:
 
 @register("rotation")
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, weights: str = "gptq",
-                   clip_ratio: float = 1.0, weight_clip_ratio: float = 1.0, act_order: str = "none",
+                   clip_ratio: float | str = "auto", weight_clip_ratio: float = 1.0, act_order: str = "none",
                    damp: float = 0.01, true_sequential: bool = True) -> nn.Module:
-    clip_ratio, weight_clip_ratio = check_options("rotation", weights, clip_ratio, weight_clip_ratio, act_order, damp)
+    clip_ratio, weight_clip_ratio = check_options("rotation", weights, clip_ratio, weight_clip_ratio, act_order, damp,
+                                                  spec.a_bits)
     return quantize_linears(block, inputs, spec, lambda name, linear: actquant.transform_for(
         linear.in_features, True, "rotation"), weights=weights, clip_ratio=clip_ratio,
         weight_clip_ratio=weight_clip_ratio, act_order=act_order, damp=damp, true_sequential=true_sequential)
