@@ -133,7 +133,7 @@ def parse_pool(text: str) -> tuple[CandidateSpec, ...]:
     return pool
 
 
-SCORES = ("cka", "cka-normed", "cka-rms", "cka-final")
+SCORES = ("cka", "cka-normed", "cka-rms", "cka-final", "nll")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +142,15 @@ class SearchConfig:
 
     Args:
         propagation: `greedy` (block l+1 sees the chosen quantized blocks' outputs) or `independent` (FP inputs).
-        tie_tolerance: CKA values closer than this count as a tie, broken by lower MSE.
+        tie_tolerance: CKA (or NLL) values closer than this count as a tie, broken by lower MSE.
         batch_windows: calibration windows per forward pass (memory vs speed).
         debiased_cka: the unbiased-HSIC CKA estimator instead of the plain one.
         score: what CKA compares: `cka` the raw block outputs, `cka-normed` the outputs as the next RMS norm
             (with its weight) sees them, `cka-rms` the same without the weight (`calm.search.score_features`),
             `cka-final` the model's last normalized hidden state (what the LM head reads) when the float blocks
-            after this one run on its output (costs a pass through the rest of the model per candidate).
+            after this one run on its output (costs a pass through the rest of the model per candidate); `nll`
+            the same pass through the LM head: the next-token NLL on the scoring windows, lowest wins (not CKA:
+            the quantity perplexity measures; use it with `DataConfig.score_windows`).
     """
     pool: tuple[CandidateSpec, ...] = (CandidateSpec("rtn"), CandidateSpec("gptq"))
     propagation: str = "greedy"

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=SCORES, default=s.score,
                    help="what CKA compares: raw block outputs (cka), the outputs as the next RMS norm sees "
                    "them, with its weight (cka-normed) or without (cka-rms), or the model's final normalized "
-                   "hidden states with the float blocks after the candidate (cka-final)")
+                   "hidden states with the float blocks after the candidate (cka-final); nll: not CKA but the model's "
+                   "next-token NLL on the scoring windows through those blocks (lowest wins)")
     p.add_argument("--output", default="outputs/default", help="output folder (resumes a matching run)")
     return p
 
@@ -202,7 +203,8 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
                 install_blocks(model, outcome.float_blocks)
                 log(f"uniform baseline {cand.name}: its own sequential pass")
                 t = time.perf_counter()
-                solo = dataclasses.replace(cfg.search, pool=(cand,), propagation="greedy")
+                # One candidate: nothing to choose, so the cheapest score and no scoring windows.
+                solo = dataclasses.replace(cfg.search, pool=(cand,), propagation="greedy", score="cka")
                 uniform[cand.name] = calm_search(model, corpus.calibration, spec, solo,
                                                  state_dir=out / "state" / f"uniform-{state_name(cand.name)}", log=log
                                                  ).chosen_blocks

@@ -7,8 +7,9 @@ Per block l (inputs X captured on the calibration windows):
    scoring windows, X of step 2's scoring (and Y) come from those windows instead; fitting stays on X.
    `SearchConfig.score` picks what CKA compares (`score_features`); with `cka-final` it compares the model's
    last normalized hidden states after the float blocks that follow, and MSE / relative error are of those.
-3. The highest CKA wins; CKA values within `tie_tolerance` are a tie, broken by lower MSE (CKA is blind to
-   a pure rescaling of the output, MSE is not).
+   Score `nll` goes one step further: the LM head's next-token NLL on those windows (lowest wins).
+3. The highest CKA (lowest NLL with score `nll`) wins; values within `tie_tolerance` are a tie, broken by
+   lower MSE (CKA is blind to a pure rescaling of the output, MSE is not).
 4. Each candidate's quantized block and the decision are written to `state_dir` as they are made, so an
    interrupted search resumes at the first undecided block.
 5. Propagation: greedy (X <- chosen block's outputs) or independent (X <- Y).
@@ -42,9 +43,13 @@ class CandidateScore:
     rel_err: float
     seconds: float  # quantizing the block (the algorithm's own cost)
     score_seconds: float  # running the quantized block and scoring it
+    nll: float | None = None  # next-token NLL on the scoring windows (score "nll" only)
 
     def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.nll is None:
+            del d["nll"]
+        return d
 
 
 @dataclasses.dataclass
@@ -59,19 +64,48 @@ class BlockDecision:
         others = [s.cka for n, s in self.scores.items() if n != self.chosen]
         return self.scores[self.chosen].cka - max(others) if others else 0.0
 
+    @property
+    def nll_margin(self) -> float | None:
+        """Best other candidate's NLL minus the winner's (score "nll" only; 0 with a single candidate)."""
+        if any(s.nll is None for s in self.scores.values()):
+            return None
+        others = [s.nll for n, s in self.scores.items() if n != self.chosen]
+        return min(others) - self.scores[self.chosen].nll if others else 0.0
+
     def to_dict(self) -> dict:
-        return {"index": self.index, "chosen": self.chosen, "cka_margin": self.margin,
-                "scores": {n: s.to_dict() for n, s in self.scores.items()}}
+        d = {"index": self.index, "chosen": self.chosen, "cka_margin": self.margin,
+             "scores": {n: s.to_dict() for n, s in self.scores.items()}}
+        if self.nll_margin is not None:
+            d["nll_margin"] = self.nll_margin
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "BlockDecision":
         return cls(d["index"], d["chosen"], {n: CandidateScore(**s) for n, s in d["scores"].items()})
 
 
-def choose(scores: dict[str, CandidateScore], tie_tolerance: float) -> str:
-    best = max(s.cka for s in scores.values())
-    tied = [n for n, s in scores.items() if best - s.cka <= tie_tolerance]
+def choose(scores: dict[str, CandidateScore], tie_tolerance: float, by: str = "cka") -> str:
+    """Highest CKA (or lowest NLL with by="nll"); values within `tie_tolerance` tie, broken by lower MSE."""
+    if by == "nll":
+        best = min(s.nll for s in scores.values())
+        tied = [n for n, s in scores.items() if s.nll - best <= tie_tolerance]
+    else:
+        best = max(s.cka for s in scores.values())
+        tied = [n for n, s in scores.items() if best - s.cka <= tie_tolerance]
     return min(tied, key=lambda n: (scores[n].mse, list(scores).index(n)))
+
+
+def next_token_nll(model: nn.Module, final: list[torch.Tensor], windows: torch.Tensor) -> float:
+    """Mean next-token NLL of the LM head on `final` (final-norm outputs, one tensor per batch of `windows`)."""
+    total = 0.0
+    count = 0
+    with torch.no_grad():
+        for h, ids in zip(final, windows.split([h.shape[0] for h in final])):
+            logits = model.lm_head(h).float()
+            total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       ids[:, 1:].reshape(-1).to(logits.device), reduction="sum"))
+            count += ids[:, 1:].numel()
+    return total / count
 
 
 @dataclasses.dataclass
@@ -197,7 +231,7 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
             resumed = True
         else:
             resumed = False
-            at_end = config.score == "cka-final"
+            at_end = config.score in ("cka-final", "nll")
             score = "cka" if at_end else config.score
             norm = None if score == "cka" else consumer_norm(model, index)
 
@@ -214,14 +248,18 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
                 quantize_seconds = time.perf_counter() - tq
                 ts = time.perf_counter()
                 outs = run_block(qblock, score_inputs)
-                cka, mse, rel = block_scores(compared_reference, compared(outs), score, norm, config.debiased_cka,
+                compared_outs = compared(outs)
+                cka, mse, rel = block_scores(compared_reference, compared_outs, score, norm, config.debiased_cka,
                                              self_term)
-                scores[cand.name] = CandidateScore(cka, mse, rel, quantize_seconds, time.perf_counter() - ts)
+                nll = (next_token_nll(model, compared_outs, score_windows if separate else windows)
+                       if config.score == "nll" else None)
+                scores[cand.name] = CandidateScore(cka, mse, rel, quantize_seconds, time.perf_counter() - ts, nll)
                 outputs[cand.name] = outs
                 qblocks[cand.name] = qblock
                 if state_dir is not None:
                     save_block_state(block_paths[cand.name], qblock)
-            decision = BlockDecision(index, choose(scores, config.tie_tolerance), scores)
+            by = "nll" if config.score == "nll" else "cka"
+            decision = BlockDecision(index, choose(scores, config.tie_tolerance, by), scores)
             if decision_path is not None:
                 atomic_write_json(decision_path, {**decision.to_dict(), "candidate_options": options})
         decisions.append(decision)
@@ -239,7 +277,8 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
             fitted_out = run_block(fp_block, inputs) if separate else reference
         inputs = inputs.with_hidden(fitted_out)
         score_inputs = score_inputs.with_hidden(scored_out) if separate else inputs
-        cells = "  ".join(f"{n}={s.cka:.6f}" for n, s in decision.scores.items())
+        cells = "  ".join(f"{n}={s.cka:.6f}" if s.nll is None else f"{n}={s.nll:.5f}"
+                          for n, s in decision.scores.items())
         log(f"block {index + 1:>3}/{len(float_blocks)}: {decision.chosen:<10} {config.score} {cells}"
             f"{'  (resumed)' if resumed else ''}  {time.perf_counter() - tb:.1f}s "
             f"(total {time.perf_counter() - t0:.0f}s)")

@@ -82,6 +82,18 @@ def test_full_run_then_resume_then_refuse_another_run(capsys, tmp_path, tiny_mod
     assert "(resumed)" in capsys.readouterr().out
 
 
+def test_nll_score_on_separate_windows(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "nll"
+    assert main(args(tiny_model_dir, text_file, out, "--score", "nll", "--score-windows", "2",
+                     "--exact-baselines")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["calibration"]["score_windows"] == 2 and results["config"]["search"]["score"] == "nll"
+    for b in results["blocks"]:
+        nll = {n: s["nll"] for n, s in b["scores"].items()}
+        assert b["chosen"] == min(nll, key=nll.get) and b["nll_margin"] >= 0
+    assert "| NLL rtn | NLL gptq |" in (out / "tables.md").read_text()
+
+
 def test_module_entry_point_exit_code(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, "-m", "calm.run", "--scheme", "X9", "--output", str(tmp_path / "o")],

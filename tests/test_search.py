@@ -17,6 +17,14 @@ def test_choose_highest_cka_then_lowest_mse_on_ties():
     assert choose({"a": score(0.99, 1.0), "b": score(0.99 - 1e-9, 0.1)}, 1e-7) == "b"
 
 
+def test_choose_by_nll_takes_the_lowest_loss_whatever_the_cka():
+    a = CandidateScore(cka=0.999, mse=1.0, rel_err=0.0, seconds=0.0, score_seconds=0.0, nll=3.10)
+    b = CandidateScore(cka=0.990, mse=2.0, rel_err=0.0, seconds=0.0, score_seconds=0.0, nll=3.05)
+    assert choose({"a": a, "b": b}, 1e-7, by="nll") == "b"
+    assert choose({"a": a, "b": b}, 1e-7) == "a"
+    assert choose({"a": a, "b": b}, 0.1, by="nll") == "a"  # a tie within the tolerance goes to the lower MSE
+
+
 @pytest.mark.parametrize("propagation", ["greedy", "independent"])
 def test_search_scores_every_candidate_and_resumes(tiny_model, tmp_path, propagation):
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -72,7 +80,7 @@ def test_normed_scores_weigh_tokens_as_the_next_norm_does():
 
 
 @pytest.mark.parametrize("propagation,score", [("greedy", "cka-normed"), ("independent", "cka-normed"),
-                                              ("greedy", "cka-final")])
+                                              ("greedy", "cka-final"), ("greedy", "nll")])
 def test_separate_scoring_windows_change_scores_not_fits(tiny_model, tmp_path, propagation, score):
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 256, (4, 32), generator=gen)
@@ -91,6 +99,10 @@ def test_separate_scoring_windows_change_scores_not_fits(tiny_model, tmp_path, p
     again = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lines.append, score_windows=scoring)
     assert [d.to_dict() for d in again.decisions] == [d.to_dict() for d in held.decisions]
     assert all(0 < s.cka <= 1 + 1e-9 for d in held.decisions for s in d.scores.values())
+    if score == "nll":
+        for d in held.decisions:
+            assert d.scores[d.chosen].nll == min(s.nll for s in d.scores.values()) and d.nll_margin >= 0
+            assert all(0 < s.nll < 20 for s in d.scores.values())
 
 
 def test_final_score_sees_the_model_output(tiny_model):
