@@ -5,20 +5,23 @@ from typing import Any
 
 
 def block_table(results: dict[str, Any]) -> str:
-    """Block, chosen candidate, CKA (NLL with score "nll") of every candidate, the winner's margin, its MSE."""
+    """Block, chosen candidate, CKA of every candidate and the winner's CKA margin (with score "nll" also every
+    candidate's NLL and the winner's NLL margin), the winner's MSE and relative error."""
     names = list(results["blocks"][0]["scores"]) if results["blocks"] else []
     by_nll = bool(results["blocks"]) and "nll_margin" in results["blocks"][0]
-    head = ("| block | chosen | " + " | ".join(f"{'NLL' if by_nll else 'CKA'} {n}" for n in names)
-            + " | margin | MSE chosen | rel err chosen |")
-    rule = "|" + "---|" * (len(names) + 5)
+    head = ("| block | chosen | " + " | ".join(f"CKA {n}" for n in names) + " | CKA margin | "
+            + ("".join(f"NLL {n} | " for n in names) + "NLL margin | " if by_nll else "")
+            + "MSE chosen | rel err chosen |")
+    rule = "|" + "---|" * (len(names) * (2 if by_nll else 1) + (6 if by_nll else 5))
     rows = [head, rule]
     for b in results["blocks"]:
         s = b["scores"]
         chosen = s[b["chosen"]]
-        cells = (f"{s[n]['nll']:.5f}" if by_nll else f"{s[n]['cka']:.6f}" for n in names)
-        margin = b["nll_margin"] if by_nll else b["cka_margin"]
+        cells = [f"{s[n]['cka']:.6f}" for n in names] + [f"{b['cka_margin']:.2e}"]
+        if by_nll:
+            cells += [f"{s[n]['nll']:.5f}" for n in names] + [f"{b['nll_margin']:.2e}"]
         rows.append(f"| {b['index']} | {b['chosen']} | " + " | ".join(cells)
-                    + f" | {margin:.2e} | {chosen['mse']:.4e} | {chosen['rel_err']:.4f} |")
+                    + f" | {chosen['mse']:.4e} | {chosen['rel_err']:.4f} |")
     counts: dict[str, int] = {}
     for b in results["blocks"]:
         counts[b["chosen"]] = counts.get(b["chosen"], 0) + 1

@@ -91,7 +91,7 @@ def test_nll_score_on_separate_windows(tmp_path, tiny_model_dir, text_file):
     for b in results["blocks"]:
         nll = {n: s["nll"] for n, s in b["scores"].items()}
         assert b["chosen"] == min(nll, key=nll.get) and b["nll_margin"] >= 0
-    assert "| NLL rtn | NLL gptq |" in (out / "tables.md").read_text()
+    assert "| CKA margin | NLL rtn | NLL gptq | NLL margin |" in (out / "tables.md").read_text()
 
 
 def test_module_entry_point_exit_code(tmp_path):
