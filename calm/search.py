@@ -7,7 +7,8 @@ Per block l (inputs X captured on the calibration windows):
    scoring windows, X of step 2's scoring (and Y) come from those windows instead; fitting stays on X.
    `SearchConfig.score` picks what CKA compares (`score_features`); with `cka-final` it compares the model's
    last normalized hidden states after the float blocks that follow, and MSE / relative error are of those.
-   Score `nll` goes one step further: the LM head's next-token NLL on those windows (lowest wins).
+   Score `nll` goes one step further: the LM head's next-token NLL on those windows (lowest wins); CKA, MSE
+   and relative error are then of the block outputs, as with `cka`.
 3. The highest CKA (lowest NLL with score `nll`) wins; values within `tie_tolerance` are a tie, broken by
    lower MSE (CKA is blind to a pure rescaling of the output, MSE is not).
 4. Each candidate's quantized block and the decision are written to `state_dir` as they are made, so an
@@ -231,8 +232,9 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
             resumed = True
         else:
             resumed = False
-            at_end = config.score in ("cka-final", "nll")
-            score = "cka" if at_end else config.score
+            # nll: CKA, MSE and relative error stay those of the block outputs; only the NLL needs the tail.
+            at_end = config.score == "cka-final"
+            score = "cka" if config.score in ("cka-final", "nll") else config.score
             norm = None if score == "cka" else consumer_norm(model, index)
 
             def compared(outs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -248,10 +250,10 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
                 quantize_seconds = time.perf_counter() - tq
                 ts = time.perf_counter()
                 outs = run_block(qblock, score_inputs)
-                compared_outs = compared(outs)
-                cka, mse, rel = block_scores(compared_reference, compared_outs, score, norm, config.debiased_cka,
+                cka, mse, rel = block_scores(compared_reference, compared(outs), score, norm, config.debiased_cka,
                                              self_term)
-                nll = (next_token_nll(model, compared_outs, score_windows if separate else windows)
+                nll = (next_token_nll(model, final_hidden(model, index, outs, score_inputs),
+                                      score_windows if separate else windows)
                        if config.score == "nll" else None)
                 scores[cand.name] = CandidateScore(cka, mse, rel, quantize_seconds, time.perf_counter() - ts, nll)
                 outputs[cand.name] = outs
