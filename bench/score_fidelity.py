@@ -43,7 +43,7 @@ from calm.data import calibration_windows, load_corpus, load_split, tokenize  # 
 from calm.io import atomic_write_json  # noqa: E402
 from calm.model import (BlockInputs, capture_block_inputs, consumer_norm, decoder_blocks, final_hidden,  # noqa: E402
                         load_model, run_block)
-from calm.search import block_scores  # noqa: E402
+from calm.search import block_scores, next_token_nll  # noqa: E402
 
 BLOCK_SCORES = ("cka", "cka-normed", "cka-rms", "mse", "cka-final", "mse-final", "nll")
 
@@ -51,20 +51,7 @@ BLOCK_SCORES = ("cka", "cka-normed", "cka-rms", "mse", "cka-final", "mse-final",
 def tail_nll(model: nn.Module, start: int, first_block: nn.Module, inputs: BlockInputs,
              targets: torch.Tensor) -> float:
     """Mean next-token NLL when `first_block` replaces block `start` and the float blocks after it follow."""
-    blocks = decoder_blocks(model)
-    hidden = run_block(first_block, inputs)
-    state = inputs.with_hidden(hidden)
-    for block in list(blocks)[start + 1:]:
-        state = state.with_hidden(run_block(block, state))
-    total = 0.0
-    count = 0
-    with torch.no_grad():
-        for h, ids in zip(state.hidden, targets.split([h.shape[0] for h in state.hidden])):
-            logits = model.lm_head(model.model.norm(h)).float()
-            total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                       ids[:, 1:].reshape(-1), reduction="sum"))
-            count += ids[:, 1:].numel()
-    return total / count
+    return next_token_nll(model, final_hidden(model, start, run_block(first_block, inputs), inputs), targets)
 
 
 def main() -> int:

@@ -125,8 +125,9 @@ def score_features(y: torch.Tensor, score: str, norm: nn.Module | None) -> torch
     that reads it next sees it, with that norm's weight (`cka-normed`) or without (`cka-rms`).
 
     Raw residual streams are dominated by the few massive-activation tokens and channels, so raw CKA saturates
-    (0.99999x from the blocks where they appear) and cannot tell candidates apart; normalizing each token as
-    the next block does gives every token the weight it has downstream."""
+    (0.99999x from the blocks where they appear); normalizing each token as the next block does gives every
+    token equal weight. On the default model this did not rank candidates by their effect on perplexity any
+    better than raw CKA (bench/QUALITY.md, "What the search's score sees")."""
     y2 = y.reshape(-1, y.shape[-1])
     if score == "cka":
         return y2
