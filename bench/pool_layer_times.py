@@ -3,8 +3,9 @@
 The block's calibration inputs are the FP model's (same calibration as `python -m calm.run`: 16 x 512 tokens,
 seed 0). Per linear: RTN, GPTQ, CLAQ (batched codebook fits, the default, and one K-means per column as in
 CLAQ's reference code), and the K-means alone: calm_kernels.kmeans over all columns at once against
-scikit-learn's KMeans one column at a time (timed on 32 columns, scaled); AWQ and SmoothQuant work on the whole block (their scale groups span several
-linears), so their block time is reported and divided by the number of linears. Wall-clock seconds on
+scikit-learn's KMeans one column at a time (timed on 32 columns, scaled); AWQ and SmoothQuant work on the
+whole block (their scale groups span several linears), so their block time is reported and divided by the
+number of linears. Wall-clock seconds on
 this machine (CPU, shared: figures are upper bounds of the algorithms' cost), written to
 bench/results/pool-layer-times-<device>.json and printed as a table.
 

@@ -191,7 +191,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.score_windows < 0:
-            raise CalmUsageError(f"score_windows must be >= 0 (0 = score on the fitting windows), got {self.score_windows}")
+            raise CalmUsageError(f"score_windows must be >= 0 (0 = score on the fitting windows), "
+                                 f"got {self.score_windows}")
         for name in ("calib_windows", "calib_seqlen", "eval_seqlen"):
             if getattr(self, name) < 1:
                 raise CalmUsageError(f"{name} must be at least 1, got {getattr(self, name)}")
