@@ -616,6 +616,57 @@ class KVQuantLinear(nn.Module):
 QUANTIZED_LINEARS[KVQuantLinear.kind] = KVQuantLinear
 
 
+class ActQuantLinear(nn.Module):
+    """A quantized linear whose input is quantized per token first: the W8A8 path, where weights have 8 bits and
+    the rotated integer GEMM (2-4-bit weights) does not apply. `linear` (any calm.nn quantized linear, here a
+    per-channel 8-bit UniformQuantLinear) runs on the input quantized per token, symmetric, at `a_bits` with
+    `clip_ratio` (calm_kernels.rotated.fake_quantize_activations, the rotated path's own quantizer). The
+    forward dequantizes the activations; there is no fused int8 x int8 kernel behind it."""
+
+    kind = "act"
+
+    def __init__(self, linear: nn.Module, a_bits: int, clip_ratio: float = 1.0) -> None:
+        super().__init__()
+        if a_bits not in _rotated.ACTIVATION_BITS:
+            raise ValueError(f"activation bits must be one of {_rotated.ACTIVATION_BITS}, got {a_bits}")
+        _rotated._check_clip(clip_ratio)
+        self.linear = linear
+        self.a_bits = a_bits
+        self.clip_ratio = float(clip_ratio)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def effective_bits(self) -> float:
+        return self.linear.effective_bits
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.linear.dequantized_weight(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(_rotated.fake_quantize_activations(x, self.a_bits, self.clip_ratio))
+
+    def quant_config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "a_bits": self.a_bits, "clip_ratio": self.clip_ratio,
+                "linear": self.linear.quant_config()}
+
+    @classmethod
+    def from_quant_config(cls, cfg: dict[str, Any]) -> "ActQuantLinear":
+        return cls(build_quantized_linear(cfg["linear"]), cfg["a_bits"], cfg["clip_ratio"])
+
+    def extra_repr(self) -> str:
+        return f"a_bits={self.a_bits}, clip_ratio={self.clip_ratio}"
+
+
+QUANTIZED_LINEARS[ActQuantLinear.kind] = ActQuantLinear
+
+
 def top_level_linears(module: nn.Module) -> dict[str, nn.Module]:
     """Float and quantized linears of `module` by name, not descending into a quantized linear (a
     KVQuantLinear's inner linear is part of it, not a layer of its own)."""

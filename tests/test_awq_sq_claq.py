@@ -143,8 +143,26 @@ def test_smoothquant_w4a8_beats_unsmoothed_on_outlier_activations():
     assert block_error(block, smooth, inputs) < block_error(block, plain, inputs)
 
 
+def test_smoothquant_w8a8_quantizes_weights_and_activations_at_8_bits():
+    from calm.nn import ActQuantLinear, UniformQuantLinear
+    from calm_kernels.rotated import fake_quantize_activations
+
+    block, inputs = llama_block(outlier_channels=40.0)
+    plain = quantize("smoothquant:alpha=0", "W8A8", block, inputs)
+    smooth = quantize("smoothquant", "W8A8", block, inputs)
+    linears = [m for m in smooth.modules() if isinstance(m, ActQuantLinear)]
+    assert len(linears) == 7 and all(m.a_bits == 8 and isinstance(m.linear, UniformQuantLinear)
+                                     and m.linear.bits == 8 for m in linears)
+    assert block_error(block, smooth, inputs) < block_error(block, plain, inputs)
+    # The module is its inner 8-bit linear applied to the per-token 8-bit activations, nothing else.
+    m = linears[0]
+    x = torch.randn(5, m.in_features, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(m(x), m.linear(fake_quantize_activations(x, 8)))
+    assert m.effective_bits == m.linear.effective_bits
+
+
 @pytest.mark.parametrize("scheme,match", [("W4A16", "keeps them in float"), ("W4A8G32", "per output channel"),
-                                          ("W8A8", "integer GEMM"), ("W4A8K4V4", "KV cache")])
+                                          ("W8A4K4V4", "KV cache"), ("W4A8K4V4", "KV cache")])
 def test_smoothquant_refuses_schemes_it_cannot_run(scheme, match):
     with pytest.raises(CalmUsageError, match=match):
         algorithms.validate_candidate(CandidateSpec.parse("smoothquant"), QuantSpec.from_scheme(scheme))
@@ -246,7 +264,7 @@ def test_claq_block_and_validation():
 
 
 @pytest.mark.parametrize("name,scheme", [("awq:n_grid=4", "W3A16G32"), ("smoothquant", "W4A8"),
-                                         ("claq:bits_target=2.1,outliers=true", "W2A16")])
+                                         ("smoothquant", "W8A8"), ("claq:bits_target=2.1,outliers=true", "W2A16")])
 def test_block_state_round_trip(tmp_path, name, scheme):
     from calm.io import load_block_state, save_block_state
 

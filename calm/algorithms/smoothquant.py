@@ -10,7 +10,9 @@ round-to-nearest, per output channel, symmetric (what its integer GEMM takes, wh
 activations quantized per token, symmetric, at the scheme's A bits, at run time.
 
 Meant for 8-bit activations; the paper reports that it collapses at A4 (allowed here so that it can be
-measured). Weight bits are those of the integer GEMM: 2, 3 or 4 (W8A8 is not available in calm.nn).
+measured). Weight bits 2, 3 or 4 run on the integer GEMM; at W8 (W8A8) every linear becomes a
+calm.nn.ActQuantLinear: per-channel symmetric 8-bit UniformQuantLinear weights behind the same per-token
+activation quantizer.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from calm.algorithms import register, replace_module
 from calm.algorithms.scaling import capture, fold_scales, scale_groups
 from calm.config import CalmUsageError, QuantSpec
 from calm.model import BlockInputs, block_linears
-from calm.nn import RotatedQuantLinear
+from calm.nn import ActQuantLinear, RotatedQuantLinear, UniformQuantLinear
 from calm_kernels.rotated import ACTIVATION_BITS, WEIGHT_BITS
 
 
@@ -49,9 +51,9 @@ def _check_spec(spec: QuantSpec) -> None:
     if spec.a_bits == 16:
         raise CalmUsageError(f"smoothquant quantizes activations; scheme {spec.scheme} keeps them in float: use "
                              f"W{spec.w_bits}A8 (per token, 8 bits) or a weight-only algorithm")
-    if spec.a_bits not in ACTIVATION_BITS or spec.w_bits not in WEIGHT_BITS:
-        raise CalmUsageError(f"smoothquant runs on the integer GEMM of calm.nn.RotatedQuantLinear: weight bits "
-                             f"{WEIGHT_BITS}, activation bits {ACTIVATION_BITS}; scheme {spec.scheme} is outside")
+    if spec.a_bits not in ACTIVATION_BITS or (spec.w_bits not in WEIGHT_BITS and spec.w_bits != 8):
+        raise CalmUsageError(f"smoothquant takes weight bits {WEIGHT_BITS + (8,)} and activation bits "
+                             f"{ACTIVATION_BITS}; scheme {spec.scheme} is outside")
     if spec.group_size:
         raise CalmUsageError(f"smoothquant quantizes weights per output channel (the integer GEMM has no groups); "
                              f"drop G{spec.group_size} from the scheme, e.g. W{spec.w_bits}A{spec.a_bits}")
@@ -69,8 +71,14 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, al
         raise CalmUsageError(f"smoothquant clip_ratio (activations) must be in (0, 1], got {clip_ratio}")
     smooth_block(block, inputs, alpha)
     for name, lin in block_linears(block).items():
-        replace_module(block, name, RotatedQuantLinear.from_float(lin, spec.w_bits, spec.a_bits, transform="none",
-                                                                  clip_ratio=clip_ratio))
+        if spec.w_bits == 8:
+            # 8-bit weights are outside the integer GEMM's formats: per-channel symmetric 8-bit weights in the
+            # dequant-GEMM module, behind the same per-token activation quantizer.
+            q = ActQuantLinear(UniformQuantLinear.from_float(lin, 8, lin.in_features, symmetric=True),
+                               spec.a_bits, clip_ratio)
+        else:
+            q = RotatedQuantLinear.from_float(lin, spec.w_bits, spec.a_bits, transform="none", clip_ratio=clip_ratio)
+        replace_module(block, name, q)
     return block
 
 
