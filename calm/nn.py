@@ -556,7 +556,28 @@ def fake_quantize_kv(y: torch.Tensor, bits: int, head_dim: int, group_size: int)
     return deq.reshape(y.shape).to(y.dtype)
 
 
-class KVQuantLinear(nn.Module):
+class _WrappedQuantLinear(nn.Module):
+    """A quantized linear `self.linear` with something done around it: shape, bits and weight are its."""
+
+    linear: nn.Module
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def effective_bits(self) -> float:
+        return self.linear.effective_bits
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.linear.dequantized_weight(dtype)
+
+
+class KVQuantLinear(_WrappedQuantLinear):
     """A quantized k_proj or v_proj whose output is quantized as the KV cache stores it.
 
     What is quantized where: `linear` (any calm.nn quantized linear) computes K or V from the block input;
@@ -583,21 +604,6 @@ class KVQuantLinear(nn.Module):
         self.head_dim = head_dim
         self.group_size = group_size
 
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
-
-    @property
-    def effective_bits(self) -> float:
-        return self.linear.effective_bits
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.linear.dequantized_weight(dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize_kv(self.linear(x), self.bits, self.head_dim, self.group_size)
 
@@ -616,7 +622,7 @@ class KVQuantLinear(nn.Module):
 QUANTIZED_LINEARS[KVQuantLinear.kind] = KVQuantLinear
 
 
-class ActQuantLinear(nn.Module):
+class ActQuantLinear(_WrappedQuantLinear):
     """A quantized linear whose input is quantized per token first: the W8A8 path, where weights have 8 bits and
     the rotated integer GEMM (2-4-bit weights) does not apply. `linear` (any calm.nn quantized linear, here a
     per-channel 8-bit UniformQuantLinear) runs on the input quantized per token, symmetric, at `a_bits` with
@@ -633,21 +639,6 @@ class ActQuantLinear(nn.Module):
         self.linear = linear
         self.a_bits = a_bits
         self.clip_ratio = float(clip_ratio)
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
-
-    @property
-    def effective_bits(self) -> float:
-        return self.linear.effective_bits
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.linear.dequantized_weight(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(_rotated.fake_quantize_activations(x, self.a_bits, self.clip_ratio))
