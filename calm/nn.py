@@ -18,6 +18,15 @@ from calm_kernels.kmeans import kmeans_columns
 from calm_kernels.qgemm import codebook_matmul, uniform_matmul
 
 
+def _dense_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The CPU reference forward of a packed linear. Dequantizing once and keeping the dense copy makes
+    repeated forwards (search, evaluation) cost a plain matmul; the packed buffers stay the source of truth
+    (`release_caches` and `_apply` drop the copy)."""
+    if module._dense_cache is None or module._dense_cache.dtype != x.dtype:
+        module._dense_cache = module.dequantized_weight(x.dtype)
+    return nn.functional.linear(x, module._dense_cache, module.bias)
+
+
 class UniformQuantLinear(nn.Module):
     """y = x @ dequant(W)^T + b with W stored as packed b-bit codes, float16 scales and uint8 zero points per group.
 
@@ -90,11 +99,7 @@ class UniformQuantLinear(nn.Module):
             y = uniform_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.bits,
                                self.group_size, self.in_features, self.bias, self.input_perm)
             return y.reshape(*shape[:-1], self.out_features)
-        # CPU: the reference path. Dequantizing once and keeping the dense copy makes repeated forwards
-        # (search, evaluation) cost a plain matmul; the packed buffers stay the source of truth.
-        if self._dense_cache is None or self._dense_cache.dtype != x.dtype:
-            self._dense_cache = self.dequantized_weight(x.dtype)
-        return nn.functional.linear(x, self._dense_cache, self.bias)
+        return _dense_forward(self, x)
 
     def _apply(self, fn, recurse=True):
         self._dense_cache = None
@@ -241,9 +246,7 @@ class CodebookQuantLinear(nn.Module):
             y = codebook_matmul(x.reshape(-1, shape[-1]), self.qweight, self.codebooks, self.perm, self.layout,
                                 self.bias, self._outliers())
             return y.reshape(*shape[:-1], self.out_features)
-        if self._dense_cache is None or self._dense_cache.dtype != x.dtype:
-            self._dense_cache = self.dequantized_weight(x.dtype)
-        return nn.functional.linear(x, self._dense_cache, self.bias)
+        return _dense_forward(self, x)
 
     def _apply(self, fn, recurse=True):
         self._dense_cache = None
