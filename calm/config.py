@@ -213,6 +213,10 @@ class RunConfig:
     # member's quantized blocks, the published protocol); False: baselines reuse the candidate blocks the
     # search made on the hybrid's inputs (no extra quantization; exact for calibration-free members like RTN).
     exact_baselines: bool = False
+    # With scoring windows and baselines: keep the hybrid only if its whole-model NLL on the scoring windows is
+    # no higher than every uniform member's, else save that member (per-block choices cannot see how errors
+    # compound across blocks; the uniform models are also points of the search space).
+    final_check: bool = True
     output: str = "outputs/default"
 
     @property

@@ -39,9 +39,12 @@ def perplexity_table(results: dict[str, Any]) -> str:
     # Seconds each candidate spent quantizing, summed over blocks (the search's per-block timings).
     seconds = results.get("quantize_seconds", {})
     n_blocks = max(1, len(results.get("blocks", [])))
+    kept = results.get("final_check", {}).get("kept", "calm")
+    labels = {"fp": "FP (float32, dequantized Q4_1 source)" if results.get("default_model") else "FP",
+              "calm": "CALM hybrid" if kept == "calm" else f"CALM: {kept} kept by the final check",
+              "calm-hybrid": "CALM hybrid (not kept: higher NLL on the scoring windows)"}
     for name, ppl in results["perplexity"].items():
-        label = {"fp": "FP (float32, dequantized Q4_1 source)" if results.get("default_model") else "FP",
-                 "calm": "CALM hybrid"}.get(name, f"{name} (uniform)")
+        label = labels.get(name, f"{name} (uniform)")
         b = bits.get(name)
         sec = seconds.get(name)
         rows.append(f"| {label} | {ppl:.3f} | {'' if b is None else f'{b:.3f}'} | "

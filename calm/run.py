@@ -25,7 +25,7 @@ from calm.io import atomic_write_json, atomic_write_text, save_quantized
 from calm.model import block_linears, decoder_blocks, describe_source, load_model
 from calm.nn import model_effective_bits
 from calm.report import block_table, perplexity_table
-from calm.search import calm_search, install_blocks, state_name
+from calm.search import calm_search, check_models, install_blocks, state_name
 
 RUN_CONFIG = "run_config.json"
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="give each uniform baseline its own sequential calibration pass (the published protocol; "
                    "one more quantization pass per pool member) instead of reusing the search's candidate blocks")
+    p.add_argument("--final-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --score-windows and baselines: after the search, compare the hybrid with every "
+                   "uniform member by the whole quantized model's next-token NLL on the scoring windows and save "
+                   "the lowest (the hybrid is still evaluated and reported)")
     p.add_argument("--debiased-cka", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--score", choices=SCORES, default=s.score,
                    help="what CKA compares: raw block outputs (cka), the outputs as the next RMS norm sees "
@@ -80,12 +84,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         data=DataConfig(text=args.text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
                         eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed,
                         score_windows=args.score_windows),
-        baselines=args.baselines, exact_baselines=args.exact_baselines, output=args.output)
+        baselines=args.baselines, exact_baselines=args.exact_baselines, final_check=args.final_check,
+        output=args.output)
 
 
 # Settings that only choose which baselines are evaluated: a resumed run may change them (the search state
 # stays valid; results.json and run_config.json are rewritten).
-_REPORT_ONLY = ("output", "baselines", "exact_baselines")
+_REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -215,9 +220,28 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
     install_blocks(model, outcome.chosen_blocks)
     evaluate("calm")
 
+    chosen = [d.chosen for d in outcome.decisions]
+    check: dict[str, Any] = {"done": False}
+    if cfg.final_check and len(cfg.search.pool) > 1:
+        if corpus.scoring is None or not cfg.baselines:
+            log("final check skipped: it needs --score-windows and the uniform baselines")
+        else:
+            t = time.perf_counter()
+            nll = check_models(model, {"calm": outcome.chosen_blocks, **uniform}, corpus.scoring,
+                               max(1, cfg.search.batch_windows // 2))
+            seconds["final_check"] = time.perf_counter() - t
+            kept = min(nll, key=lambda n: (nll[n], n != "calm"))
+            check = {"done": True, "windows": int(corpus.scoring.shape[0]), "nll": nll, "kept": kept}
+            log("final check, NLL on the scoring windows: " + "  ".join(f"{n}={v:.5f}" for n, v in nll.items())
+                + f"; keeping {'the hybrid' if kept == 'calm' else kept + ' (uniform)'}")
+            if kept != "calm":
+                ppl["calm-hybrid"], bits["calm-hybrid"] = ppl.pop("calm"), bits.pop("calm")
+                ppl["calm"], bits["calm"] = ppl[kept], bits[kept]
+                chosen = [kept] * len(chosen)
+            install_blocks(model, outcome.chosen_blocks if kept == "calm" else uniform[kept])
+
     t = time.perf_counter()
-    save_quantized(model, tokenizer, out / "model", extra={"scheme": spec.scheme,
-                                                           "chosen": [d.chosen for d in outcome.decisions]})
+    save_quantized(model, tokenizer, out / "model", extra={"scheme": spec.scheme, "chosen": chosen})
     seconds["save"] = time.perf_counter() - t
 
     per_block_seconds = {c.name: sum(d.scores[c.name].seconds for d in outcome.decisions) for c in cfg.search.pool}
@@ -240,6 +264,7 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
         "effective_bits": bits,
         "zero_shot": {},
         "blocks": [d.to_dict() for d in outcome.decisions],
+        "final_check": check,
         "quantize_seconds": per_block_seconds,
         "versions": versions(),
         "seconds": seconds,

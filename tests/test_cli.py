@@ -6,6 +6,10 @@ import sys
 
 import pytest
 
+from calm.config import RunConfig
+from calm.data import load_corpus
+from calm.evaluate import perplexity
+from calm.io import QUANT_CONFIG, load_quantized
 from calm.run import main
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven wizards quietly hex "
@@ -92,6 +96,36 @@ def test_nll_score_on_separate_windows(tmp_path, tiny_model_dir, text_file):
         nll = {n: s["nll"] for n, s in b["scores"].items()}
         assert b["chosen"] == min(nll, key=nll.get) and b["nll_margin"] >= 0
     assert "| CKA margin | NLL rtn | NLL gptq | NLL margin |" in (out / "tables.md").read_text()
+    check = results["final_check"]
+    assert check["done"] and check["windows"] == 2 and set(check["nll"]) == {"calm", "rtn", "gptq"}
+    assert check["kept"] == min(check["nll"], key=check["nll"].get)
+
+
+def test_final_check_saves_the_uniform_member_with_the_lower_scoring_nll(monkeypatch, tmp_path, tiny_model_dir,
+                                                                          text_file):
+    import calm.run
+
+    def favour_rtn(model, models, windows, batch_windows):
+        assert set(models) == {"calm", "rtn", "gptq"} and windows.shape[0] == 2
+        calm.search.install_blocks(model, models["rtn"])
+        return {"calm": 2.0, "rtn": 1.5, "gptq": 3.0}
+
+    monkeypatch.setattr(calm.run, "check_models", favour_rtn)
+    out = tmp_path / "checked"
+    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2")) == 0
+    results = json.loads((out / "results.json").read_text())
+    ppl = results["perplexity"]
+    assert results["final_check"]["kept"] == "rtn" and ppl["calm"] == ppl["rtn"] != ppl["calm-hybrid"]
+    assert json.loads((out / "model" / QUANT_CONFIG).read_text())["chosen"] == ["rtn", "rtn"]
+    reloaded, tokenizer = load_quantized(out / "model")
+    corpus = load_corpus(tokenizer, RunConfig.from_dict(results["config"]).data)
+    assert perplexity(reloaded, corpus.evaluation) == pytest.approx(ppl["rtn"], rel=1e-5)
+    assert "| CALM: rtn kept by the final check |" in (out / "tables.md").read_text()
+
+    # Without scoring windows there is nothing held out to check on: the hybrid is saved.
+    plain = tmp_path / "plain"
+    assert main(args(tiny_model_dir, text_file, plain)) == 0
+    assert json.loads((plain / "results.json").read_text())["final_check"] == {"done": False}
 
 
 def test_module_entry_point_exit_code(tmp_path):

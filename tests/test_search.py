@@ -1,11 +1,15 @@
 """The search loop on a tiny random LLaMA: decisions, tie-breaking, state on disk, resume."""
+import copy
 import json
+import math
 
 import pytest
 import torch
 
 from calm.config import QuantSpec, SearchConfig, parse_pool
-from calm.search import CandidateScore, calm_search, choose
+from calm.evaluate import perplexity
+from calm.model import decoder_blocks
+from calm.search import CandidateScore, calm_search, check_models, choose, install_blocks
 
 
 def score(cka, mse):
@@ -137,3 +141,19 @@ def test_resume_refuses_blocks_saved_with_other_algorithm_settings(tiny_model, t
     with pytest.raises(Exception, match="other settings for gptq.*new --output"):
         calm_search(tiny_model, windows, spec, SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2),
                     state_dir=tmp_path, log=lambda _: None)
+
+
+def test_check_models_is_the_whole_model_nll_with_each_block_list(tiny_model):
+    blocks = list(decoder_blocks(tiny_model))
+    damaged = copy.deepcopy(blocks)
+    for b in damaged:
+        b.mlp.down_proj.weight.data *= 40
+    windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
+    expected = {}
+    for name, bl in (("float", blocks), ("damaged", damaged)):
+        install_blocks(tiny_model, bl)
+        expected[name] = math.log(perplexity(tiny_model, windows))
+    assert abs(expected["damaged"] - expected["float"]) > 1e-3  # far beyond the tolerance below
+    nll = check_models(tiny_model, {"float": blocks, "damaged": damaged}, windows, batch_windows=2)
+    assert nll == pytest.approx(expected, rel=1e-6)
+    assert decoder_blocks(tiny_model)[0] is damaged[0]
