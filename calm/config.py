@@ -206,6 +206,8 @@ class RunConfig:
     scheme: str = "W3A16G64"
     symmetric: bool = False
     kv_group_size: int = 0
+    # "hadamard" / "random": rotate the float model's residual stream before the search (calm.residual_rotation)
+    residual_rotation: str = "none"
     search: SearchConfig = SearchConfig()
     data: DataConfig = DataConfig()
     baselines: bool = True

@@ -25,6 +25,8 @@ from calm.io import atomic_write_json, atomic_write_text, save_quantized
 from calm.model import block_linears, decoder_blocks, describe_source, load_model
 from calm.nn import model_effective_bits
 from calm.report import block_table, perplexity_table
+from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
+from calm.residual_rotation import rotate_residual
 from calm.search import calm_search, check_models, install_blocks, state_name
 
 RUN_CONFIG = "run_config.json"
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric weight grid instead of asymmetric with integer zero points")
     p.add_argument("--kv-group-size", type=int, default=0, help="KV-cache quantization (schemes with K/V bits): "
                    "channels of a head sharing one scale per token; 0 = the whole head")
+    p.add_argument("--residual-rotation", choices=RESIDUAL_ROTATIONS, default="none",
+                   help="rotate the float model's residual stream (QuaRot's offline step, folded into the weights) "
+                   "before the search, which then works in that model: a randomized Hadamard or a random orthogonal "
+                   "matrix")
     p.add_argument("--pool", default="rtn,gptq", help="candidates: comma-separated algorithm names, or "
                    "';'-separated with options like 'rtn;gptq:act_order=static'")
     p.add_argument("--propagation", choices=("greedy", "independent"), default=s.propagation)
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=args.model, scheme=args.scheme.upper(), symmetric=args.symmetric, kv_group_size=args.kv_group_size,
+        residual_rotation=args.residual_rotation,
         search=SearchConfig(pool=parse_pool(args.pool), propagation=args.propagation,
                             batch_windows=args.batch_windows, debiased_cka=args.debiased_cka,
                             score=args.score),
@@ -165,6 +172,9 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
     seconds["load_model"] = time.perf_counter() - t
     log(f"model {describe_source(cfg.model)}: {len(decoder_blocks(model))} blocks, "
         f"hidden {model.config.hidden_size} ({seconds['load_model']:.0f}s)")
+    if cfg.residual_rotation != "none":
+        rotate_residual(model, cfg.residual_rotation, seed=cfg.data.seed)
+        log(f"residual stream rotated ({cfg.residual_rotation}, seed {cfg.data.seed}); norms folded, lm_head untied")
 
     t = time.perf_counter()
     corpus = load_corpus(tokenizer, cfg.data)
@@ -250,6 +260,7 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
         "default_model": cfg.model is None,
         "scheme": spec.scheme,
         "symmetric": spec.symmetric,
+        "residual_rotation": cfg.residual_rotation,
         "pool": [c.name for c in cfg.search.pool],
         "propagation": cfg.search.propagation,
         "seed": cfg.data.seed,

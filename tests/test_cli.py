@@ -167,3 +167,17 @@ def test_resume_from_an_older_folder_and_with_other_baselines(capsys, tmp_path, 
     if all(b["chosen"] == "gptq" for b in results["blocks"]):  # greedy hybrid == GPTQ's own pass: not redone
         assert results["perplexity"]["gptq"] == results["perplexity"]["calm"]
         assert not (out / "state" / "uniform-gptq").exists()
+
+
+def test_residual_rotation_run(tmp_path, tiny_model_dir, text_file):
+    plain, rotated = tmp_path / "plain", tmp_path / "rotated"
+    assert main(args(tiny_model_dir, text_file, plain, "--pool", "rtn", "--scheme", "W4A8", "--no-baselines")) == 0
+    assert main(args(tiny_model_dir, text_file, rotated, "--pool", "rtn", "--scheme", "W4A8", "--no-baselines",
+                     "--residual-rotation", "hadamard")) == 0
+    r_plain, r_rot = (json.loads((p / "results.json").read_text()) for p in (plain, rotated))
+    assert r_rot["residual_rotation"] == "hadamard"
+    assert r_rot["perplexity"]["fp"] == pytest.approx(r_plain["perplexity"]["fp"], rel=1e-5)  # same function
+    assert r_rot["perplexity"]["calm"] != pytest.approx(r_plain["perplexity"]["calm"], rel=1e-4)  # other basis
+    reloaded, tokenizer = load_quantized(rotated / "model")
+    corpus = load_corpus(tokenizer, RunConfig.from_dict(r_rot["config"]).data)
+    assert perplexity(reloaded, corpus.evaluation) == pytest.approx(r_rot["perplexity"]["calm"], rel=1e-5)
