@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from calm.evaluate import paired_difference
+
 
 def block_table(results: dict[str, Any]) -> str:
     """Block, chosen candidate, CKA of every candidate and the winner's CKA margin (with score "nll" also every
@@ -33,8 +35,11 @@ def block_table(results: dict[str, Any]) -> str:
 def perplexity_table(results: dict[str, Any]) -> str:
     ev = results["evaluation"]
     t = ev["seqlen"]
-    head = f"| model | held-out PPL (T={t}, {ev['tokens']} tokens) | effective bits | quantize s/block |"
-    rows = [head, "|---|---|---|---|"]
+    windows = results.get("window_nll", {})
+    paired = "calm" in windows and len(windows["calm"]) > 1
+    head = (f"| model | held-out PPL (T={t}, {ev['tokens']} tokens) | effective bits | quantize s/block |"
+            + (f" NLL - CALM's, mean ± SE over {len(windows['calm'])} windows |" if paired else ""))
+    rows = [head, "|---|---|---|---|" + ("---|" if paired else "")]
     bits = results.get("effective_bits", {})
     # Seconds each candidate spent quantizing, summed over blocks (the search's per-block timings).
     seconds = results.get("quantize_seconds", {})
@@ -47,6 +52,11 @@ def perplexity_table(results: dict[str, Any]) -> str:
         label = labels.get(name, f"{name} (uniform)")
         b = bits.get(name)
         sec = seconds.get(name)
-        rows.append(f"| {label} | {ppl:.3f} | {'' if b is None else f'{b:.3f}'} | "
-                    f"{'' if sec is None else f'{sec / n_blocks:.2f}'} |")
+        row = (f"| {label} | {ppl:.3f} | {'' if b is None else f'{b:.3f}'} | "
+               f"{'' if sec is None else f'{sec / n_blocks:.2f}'} |")
+        if paired:
+            d, se = paired_difference(windows[name], windows["calm"]) if name in windows else (None, None)
+            row += "" if d is None or name == "calm" else f" {d:+.4f} ± {se:.4f}"
+            row += " |"
+        rows.append(row)
     return "\n".join(rows)

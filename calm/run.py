@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 from calm import __version__, algorithms
 from calm.config import SCORES, CalmUsageError, DataConfig, RunConfig, SearchConfig, parse_pool
 from calm.data import load_corpus
-from calm.evaluate import perplexity
+from calm.evaluate import window_nll
 from calm.io import atomic_write_json, atomic_write_text, save_quantized
 from calm.model import block_linears, decoder_blocks, describe_source, load_model
 from calm.nn import model_effective_bits
@@ -190,10 +191,13 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
 
     ppl: dict[str, float] = {}
     bits: dict[str, float] = {}
+    eval_nll: dict[str, list[float]] = {}  # per evaluation window, for paired differences between the models
 
     def evaluate(name: str) -> None:
         t0 = time.perf_counter()
-        ppl[name] = perplexity(model, corpus.evaluation, batch_windows=max(1, cfg.search.batch_windows // 2))
+        nll = window_nll(model, corpus.evaluation, batch_windows=max(1, cfg.search.batch_windows // 2))
+        eval_nll[name] = nll.tolist()
+        ppl[name] = math.exp(float(nll.mean()))
         seconds[f"eval_{name}"] = time.perf_counter() - t0
         bits[name] = model_effective_bits(list(decoder_blocks(model)))
         log(f"perplexity {name}: {ppl[name]:.3f} (T={cfg.data.eval_seqlen}, {corpus.evaluation.numel()} tokens, "
@@ -245,8 +249,9 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
             log("final check, NLL on the scoring windows: " + "  ".join(f"{n}={v:.5f}" for n, v in nll.items())
                 + f"; keeping {'the hybrid' if kept == 'calm' else kept + ' (uniform)'}")
             if kept != "calm":
-                ppl["calm-hybrid"], bits["calm-hybrid"] = ppl.pop("calm"), bits.pop("calm")
-                ppl["calm"], bits["calm"] = ppl[kept], bits[kept]
+                for d in (ppl, bits, eval_nll):
+                    d["calm-hybrid"] = d.pop("calm")
+                    d["calm"] = d[kept]
                 chosen = [kept] * len(chosen)
             install_blocks(model, outcome.chosen_blocks if kept == "calm" else uniform[kept])
 
@@ -272,6 +277,7 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
                        "tokens": int(corpus.evaluation.numel()),
                        "available_tokens": corpus.evaluation_tokens_available},
         "perplexity": ppl,
+        "window_nll": eval_nll,
         "effective_bits": bits,
         "zero_shot": {},
         "blocks": [d.to_dict() for d in outcome.decisions],

@@ -1,0 +1,27 @@
+"""The GPTQ perplexity protocol: per-window NLLs, their mean, and paired differences between models."""
+import math
+
+import pytest
+import torch
+
+from calm.evaluate import paired_difference, perplexity, window_nll
+from tests.conftest import tiny_llama
+
+
+def test_window_nll_is_each_windows_mean_token_loss_whatever_the_batching():
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (5, 17), generator=torch.Generator().manual_seed(0))
+    expected = []
+    with torch.no_grad():
+        for w in windows:
+            logits = model(w[None], use_cache=False).logits[0].double()
+            expected.append(float(-logits[:-1].log_softmax(-1).gather(1, w[1:, None]).mean()))
+    for batch in (1, 2, 5):
+        assert window_nll(model, windows, batch).tolist() == pytest.approx(expected, rel=1e-5)
+    assert perplexity(model, windows, 2) == pytest.approx(math.exp(sum(expected) / 5), rel=1e-5)
+
+
+def test_paired_difference():
+    mean, se = paired_difference([1.5, 2.5, 3.5], [0.5, 0.5, 0.5])
+    assert mean == pytest.approx(2.0) and se == pytest.approx(1 / math.sqrt(3))
+    assert paired_difference([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0)
