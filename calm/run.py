@@ -21,7 +21,7 @@ import torch
 from calm import __version__, algorithms
 from calm.config import SCORES, CalmUsageError, DataConfig, RunConfig, SearchConfig, parse_pool
 from calm.data import load_corpus
-from calm.evaluate import window_nll
+from calm.evaluate import paired_difference, window_nll
 from calm.io import atomic_write_json, atomic_write_text, save_quantized
 from calm.model import block_linears, decoder_blocks, describe_source, load_model
 from calm.nn import model_effective_bits
@@ -241,12 +241,16 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
             log("final check skipped: it needs --score-windows and the uniform baselines")
         else:
             t = time.perf_counter()
-            nll = check_models(model, {"calm": outcome.chosen_blocks, **uniform}, corpus.scoring,
-                               max(1, cfg.search.batch_windows // 2))
+            windows = check_models(model, {"calm": outcome.chosen_blocks, **uniform}, corpus.scoring,
+                                   max(1, cfg.search.batch_windows // 2))
             seconds["final_check"] = time.perf_counter() - t
+            nll = {n: float(w.mean()) for n, w in windows.items()}
             kept = min(nll, key=lambda n: (nll[n], n != "calm"))
-            check = {"done": True, "windows": int(corpus.scoring.shape[0]), "nll": nll, "kept": kept}
-            log("final check, NLL on the scoring windows: " + "  ".join(f"{n}={v:.5f}" for n, v in nll.items())
+            check = {"done": True, "windows": int(corpus.scoring.shape[0]), "nll": nll, "kept": kept,
+                     "window_nll": {n: w.tolist() for n, w in windows.items()}}
+            log(f"final check, NLL on the scoring windows: calm={nll['calm']:.5f}, the others' difference ± SE: "
+                + "  ".join("{}={:+.5f} ± {:.5f}".format(n, *paired_difference(w.tolist(), windows["calm"].tolist()))
+                            for n, w in windows.items() if n != "calm")
                 + f"; keeping {'the hybrid' if kept == 'calm' else kept + ' (uniform)'}")
             if kept != "calm":
                 for d in (ppl, bits, eval_nll):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,7 @@ from torch import nn
 
 from calm import algorithms
 from calm.config import CalmUsageError, QuantSpec, SearchConfig
-from calm.evaluate import perplexity
+from calm.evaluate import window_nll
 from calm.io import atomic_write_json, load_block_state, save_block_state
 from calm.model import BlockInputs, capture_block_inputs, consumer_norm, decoder_blocks, final_hidden, run_block
 from calm.nn import release_caches
@@ -291,13 +290,13 @@ def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config
 
 
 def check_models(model: nn.Module, models: dict[str, list[nn.Module]], windows: torch.Tensor,
-                 batch_windows: int = 4) -> dict[str, float]:
-    """Mean next-token NLL of the whole model with each block list of `models` installed, on `windows`
-    (held-out calibration windows). The model is left with the last list installed."""
+                 batch_windows: int = 4) -> dict[str, torch.Tensor]:
+    """Per-window mean next-token NLL of the whole model with each block list of `models` installed, on
+    `windows` (held-out calibration windows). The model is left with the last list installed."""
     nll = {}
     for name, blocks in models.items():
         install_blocks(model, blocks)
-        nll[name] = math.log(perplexity(model, windows, batch_windows))
+        nll[name] = window_nll(model, windows, batch_windows)
         release_caches(model)
     return nll
 

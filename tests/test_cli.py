@@ -1,10 +1,12 @@
 """python -m calm.run: bad input gets one clear line and exit code 2, and nothing half-written."""
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from calm.config import RunConfig
 from calm.data import load_corpus
@@ -99,6 +101,11 @@ def test_nll_score_on_separate_windows(tmp_path, tiny_model_dir, text_file):
     check = results["final_check"]
     assert check["done"] and check["windows"] == 2 and set(check["nll"]) == {"calm", "rtn", "gptq"}
     assert check["kept"] == min(check["nll"], key=check["nll"].get)
+    assert all(len(w) == 2 for w in check["window_nll"].values())
+    assert set(results["window_nll"]) == set(results["perplexity"])
+    for name, w in results["window_nll"].items():
+        assert math.exp(sum(w) / len(w)) == pytest.approx(results["perplexity"][name], rel=1e-9)
+    assert "NLL - CALM's, mean ± SE over 8 windows |" in (out / "tables.md").read_text()
 
 
 def test_final_check_saves_the_uniform_member_with_the_lower_scoring_nll(monkeypatch, tmp_path, tiny_model_dir,
@@ -108,7 +115,7 @@ def test_final_check_saves_the_uniform_member_with_the_lower_scoring_nll(monkeyp
     def favour_rtn(model, models, windows, batch_windows):
         assert set(models) == {"calm", "rtn", "gptq"} and windows.shape[0] == 2
         calm.search.install_blocks(model, models["rtn"])
-        return {"calm": 2.0, "rtn": 1.5, "gptq": 3.0}
+        return {"calm": torch.tensor([2.0, 2.2]), "rtn": torch.tensor([1.5, 1.7]), "gptq": torch.tensor([3.0, 3.0])}
 
     monkeypatch.setattr(calm.run, "check_models", favour_rtn)
     out = tmp_path / "checked"
