@@ -29,8 +29,13 @@ WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
-    """An (n, n) float64 orthogonal matrix: D H / sqrt(n) with random signs D ("hadamard"), or the Q of a
-    Gaussian matrix's QR ("random")."""
+    """An (n, n) float64 orthogonal matrix: H D / sqrt(n) with random signs D ("hadamard"), or the Q of a
+    Gaussian matrix's QR ("random").
+
+    The signs go between H and whatever follows: a layer-local candidate applies its own Hadamard R on top
+    (x Q R), and with D H instead, Q R = D H R / sqrt(n) is close to a signed permutation (exactly D for a
+    symmetric H of the same order), which would undo the spreading. H D R is as incoherent as a random
+    rotation."""
     g = torch.Generator().manual_seed(seed)
     if kind == "hadamard":
         try:
@@ -38,7 +43,7 @@ def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
         except ValueError as exc:
             raise CalmUsageError(f"--residual-rotation hadamard: {exc}; use --residual-rotation random") from exc
         signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-        return signs[:, None] * h / n ** 0.5
+        return h * signs[None, :] / n ** 0.5
     if kind == "random":
         q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r))[None, :]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import platform
@@ -132,6 +133,25 @@ def check_output_folder(cfg: RunConfig) -> bool:
     return True
 
 
+ROTATION_RECORD = "residual_rotation.json"
+
+
+def check_residual_rotation(path: Path, digest: str | None) -> None:
+    """Blocks saved in one rotated basis are useless in another: record the rotation the state was made in and
+    refuse to resume under a different one (e.g. a calm version that builds Q differently)."""
+    if path.is_file():
+        saved = json.loads(path.read_text()).get("sha256")
+        if saved != digest:
+            raise CalmUsageError(f"{path.parent} holds blocks quantized in another residual basis (rotation sha256 "
+                                 f"{saved} there, {digest} now); pass a new --output")
+    elif digest is not None:
+        if path.parent.is_dir() and any(path.parent.iterdir()):
+            raise CalmUsageError(f"{path.parent} holds blocks quantized without a record of their residual rotation;"
+                                 " pass a new --output")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"sha256": digest})
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -173,9 +193,12 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
     seconds["load_model"] = time.perf_counter() - t
     log(f"model {describe_source(cfg.model)}: {len(decoder_blocks(model))} blocks, "
         f"hidden {model.config.hidden_size} ({seconds['load_model']:.0f}s)")
+    rotation_digest = None
     if cfg.residual_rotation != "none":
-        rotate_residual(model, cfg.residual_rotation, seed=cfg.data.seed)
-        log(f"residual stream rotated ({cfg.residual_rotation}, seed {cfg.data.seed}); norms folded, lm_head untied")
+        q = rotate_residual(model, cfg.residual_rotation, seed=cfg.data.seed)
+        rotation_digest = hashlib.sha256(q.numpy().tobytes()).hexdigest()
+        log(f"residual stream rotated ({cfg.residual_rotation}, seed {cfg.data.seed}, sha256 {rotation_digest[:12]}); "
+            "norms folded, lm_head untied")
 
     t = time.perf_counter()
     corpus = load_corpus(tokenizer, cfg.data)
@@ -186,6 +209,7 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    check_residual_rotation(out / "state" / ROTATION_RECORD, rotation_digest)
     atomic_write_text(out / RUN_CONFIG, cfg.to_json() + "\n")
     print(cfg.to_json(), flush=True)
 

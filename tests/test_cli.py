@@ -176,7 +176,7 @@ def test_resume_from_an_older_folder_and_with_other_baselines(capsys, tmp_path, 
         assert not (out / "state" / "uniform-gptq").exists()
 
 
-def test_residual_rotation_run(tmp_path, tiny_model_dir, text_file):
+def test_residual_rotation_run(capsys, tmp_path, tiny_model_dir, text_file):
     plain, rotated = tmp_path / "plain", tmp_path / "rotated"
     assert main(args(tiny_model_dir, text_file, plain, "--pool", "rtn", "--scheme", "W4A8", "--no-baselines")) == 0
     assert main(args(tiny_model_dir, text_file, rotated, "--pool", "rtn", "--scheme", "W4A8", "--no-baselines",
@@ -188,3 +188,7 @@ def test_residual_rotation_run(tmp_path, tiny_model_dir, text_file):
     reloaded, tokenizer = load_quantized(rotated / "model")
     corpus = load_corpus(tokenizer, RunConfig.from_dict(r_rot["config"]).data)
     assert perplexity(reloaded, corpus.evaluation) == pytest.approx(r_rot["perplexity"]["calm"], rel=1e-5)
+    # Blocks quantized in one rotated basis must not be resumed in another.
+    (rotated / "state" / "residual_rotation.json").write_text('{"sha256": "0123"}')
+    refused(capsys, args(tiny_model_dir, text_file, rotated, "--pool", "rtn", "--scheme", "W4A8", "--no-baselines",
+                         "--residual-rotation", "hadamard"), "another residual basis")

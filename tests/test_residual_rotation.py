@@ -31,6 +31,17 @@ def test_rotation_matrix_is_orthogonal(kind):
     assert not torch.allclose(q, rotation_matrix(kind, 72, seed=2))
 
 
+@pytest.mark.parametrize("n", [64, 72, 576])
+def test_residual_rotation_composed_with_a_layer_local_hadamard_still_spreads(n):
+    """x Q R (the residual rotation, then a `rotation` candidate's own Hadamard) must stay incoherent: no entry
+    of Q R near 1, as for a random rotation. Signs on the wrong side of H make Q R a signed permutation."""
+    from calm_kernels.rotated import hadamard_transform
+
+    r = hadamard_transform(n).apply(torch.eye(n)).double()
+    for seed in (0, 1):
+        assert float((rotation_matrix("hadamard", n, seed) @ r).abs().max()) < 6 / n ** 0.5
+
+
 @pytest.mark.parametrize("kind", ["hadamard", "random"])
 def test_logits_unchanged_and_stream_rotated(kind):
     model = _with_norm_weights(tiny_llama(layers=3))
