@@ -14,6 +14,8 @@ Per block l (inputs X captured on the calibration windows):
 4. Each candidate's quantized block and the decision are written to `state_dir` as they are made, so an
    interrupted search resumes at the first undecided block.
 5. Propagation: greedy (X <- chosen block's outputs) or independent (X <- Y).
+After the search, `check_models` gives whole-model NLLs of the hybrid and of each uniform member on the
+scoring windows: calm.run's final check keeps the lowest, since no per-block score sees how errors compound.
 """
 from __future__ import annotations
 
