@@ -3,8 +3,9 @@ the paired NLL difference to a reference model, mean ± standard error over the 
 
 Runs made with the same text, seed, T and evaluation tokens evaluate the same windows, so their per-window
 NLLs (results.json "window_nll") pair up; the standard error says how much of a difference the choice of
-text could explain. Each model is RUN_FOLDER[:NAME] (NAME defaults to "calm", the saved model); the first
-one is the reference.
+text could explain. Each model is RUN[:NAME], RUN a run folder or its results.json (copies are in
+bench/results/run-*.json) and NAME a model of it ("calm", the saved model, by default); the first one is the
+reference.
 
     python bench/compare_runs.py runs/i7-w3a3:affine[batch_tokens=512,lr=0.01,steps=5] runs/i7-w3a3-krev
 """
@@ -24,7 +25,7 @@ from calm.evaluate import paired_difference  # noqa: E402
 
 def load_model_windows(spec: str) -> tuple[str, list[float], dict]:
     folder, _, name = spec.partition(":")
-    path = Path(folder) / "results.json"
+    path = Path(folder) / "results.json" if Path(folder).is_dir() else Path(folder)
     if not path.is_file():
         raise SystemExit(f"compare_runs: {path} does not exist")
     results = json.loads(path.read_text())
@@ -33,12 +34,12 @@ def load_model_windows(spec: str) -> tuple[str, list[float], dict]:
     if name not in windows:
         raise SystemExit(f"compare_runs: {path} has no per-window NLL for {name!r} (has {sorted(windows)}); "
                          "runs before per-window NLLs were recorded can be resumed to add them")
-    return f"{Path(folder).name}:{name}", windows[name], results["evaluation"]
+    return f"{Path(folder).stem}:{name}", windows[name], results["evaluation"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="+", help="RUN_FOLDER[:NAME]; the first is the reference")
+    p.add_argument("models", nargs="+", help="RUN[:NAME]; the first is the reference")
     args = p.parse_args(argv)
     loaded = [load_model_windows(m) for m in args.models]
     ref_label, ref, ref_eval = loaded[0]
