@@ -217,8 +217,10 @@ class RunConfig:
     exact_baselines: bool = False
     # With scoring windows and baselines: keep the hybrid only if its whole-model NLL on the scoring windows is
     # no higher than every uniform member's, else save that member (per-block choices cannot see how errors
-    # compound across blocks; the uniform models are also points of the search space).
-    final_check: bool = True
+    # compound across blocks; the uniform models are also points of the search space). Off by default: the
+    # scoring windows also made the per-block choices, and on the default model the check's verdict went
+    # against the held-out evaluation in 2 of 4 runs (bench/QUALITY.md).
+    final_check: bool = False
     output: str = "outputs/default"
 
     @property

@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="give each uniform baseline its own sequential calibration pass (the published protocol; "
                    "one more quantization pass per pool member) instead of reusing the search's candidate blocks")
-    p.add_argument("--final-check", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--final-check", action=argparse.BooleanOptionalAction, default=False,
                    help="with --score-windows and baselines: after the search, compare the hybrid with every "
                    "uniform member by the whole quantized model's next-token NLL on the scoring windows and save "
-                   "the lowest (the hybrid is still evaluated and reported)")
+                   "the lowest (the hybrid is still evaluated and reported); those windows also made the "
+                   "per-block choices, so the check leans towards the hybrid")
     p.add_argument("--debiased-cka", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--score", choices=SCORES, default=s.score,
                    help="what CKA compares: raw block outputs (cka), the outputs as the next RMS norm sees "
@@ -261,7 +262,7 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
     chosen = [d.chosen for d in outcome.decisions]
     check: dict[str, Any] = {"done": False}
     if cfg.final_check and len(cfg.search.pool) > 1:
-        if corpus.scoring is None or not cfg.baselines:
+        if corpus.scoring is None or not cfg.baselines:  # nothing held out, or nothing to compare with
             log("final check skipped: it needs --score-windows and the uniform baselines")
         else:
             t = time.perf_counter()

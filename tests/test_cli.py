@@ -91,7 +91,7 @@ def test_full_run_then_resume_then_refuse_another_run(capsys, tmp_path, tiny_mod
 def test_nll_score_on_separate_windows(tmp_path, tiny_model_dir, text_file):
     out = tmp_path / "nll"
     assert main(args(tiny_model_dir, text_file, out, "--score", "nll", "--score-windows", "2",
-                     "--exact-baselines")) == 0
+                     "--exact-baselines", "--final-check")) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["calibration"]["score_windows"] == 2 and results["config"]["search"]["score"] == "nll"
     for b in results["blocks"]:
@@ -119,7 +119,7 @@ def test_final_check_saves_the_uniform_member_with_the_lower_scoring_nll(monkeyp
 
     monkeypatch.setattr(calm.run, "check_models", favour_rtn)
     out = tmp_path / "checked"
-    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2")) == 0
+    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2", "--final-check")) == 0
     results = json.loads((out / "results.json").read_text())
     ppl = results["perplexity"]
     assert results["final_check"]["kept"] == "rtn" and ppl["calm"] == ppl["rtn"] != ppl["calm-hybrid"]
@@ -129,10 +129,10 @@ def test_final_check_saves_the_uniform_member_with_the_lower_scoring_nll(monkeyp
     assert perplexity(reloaded, corpus.evaluation) == pytest.approx(ppl["rtn"], rel=1e-5)
     assert "| CALM: rtn kept by the final check |" in (out / "tables.md").read_text()
 
-    # Without scoring windows there is nothing held out to check on: the hybrid is saved.
-    plain = tmp_path / "plain"
-    assert main(args(tiny_model_dir, text_file, plain)) == 0
-    assert json.loads((plain / "results.json").read_text())["final_check"] == {"done": False}
+    # Without scoring windows there is nothing held out to check on, and the check is opt-in: the hybrid is saved.
+    for name, extra in (("plain", ("--final-check",)), ("default", ("--score-windows", "2"))):
+        assert main(args(tiny_model_dir, text_file, tmp_path / name, *extra)) == 0
+        assert json.loads((tmp_path / name / "results.json").read_text())["final_check"] == {"done": False}
 
 
 def test_module_entry_point_exit_code(tmp_path):
