@@ -219,7 +219,7 @@ class RunConfig:
     # no higher than every uniform member's, else save that member (per-block choices cannot see how errors
     # compound across blocks; the uniform models are also points of the search space). Off by default: the
     # scoring windows also made the per-block choices, and on the default model the check's verdict went
-    # against the held-out evaluation in 2 of 4 runs (bench/QUALITY.md).
+    # against the held-out evaluation in 3 of 5 runs (bench/QUALITY.md).
     final_check: bool = False
     output: str = "outputs/default"
 
