@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --score-windows and baselines: after the search, compare the hybrid with every "
                    "uniform member by the whole quantized model's next-token NLL on the scoring windows and save "
                    "the lowest (the hybrid is still evaluated and reported); those windows also made the "
-                   "per-block choices, so the check leans towards the hybrid")
+                   "per-block choices, so it is not an independent test of the hybrid")
     p.add_argument("--debiased-cka", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--score", choices=SCORES, default=s.score,
                    help="what CKA compares: raw block outputs (cka), the outputs as the next RMS norm sees "
