@@ -12,6 +12,9 @@ q/k/v/gate/up quantize per token with less error for every candidate of the sear
 without a layer-local rotation. The inputs of o_proj (the heads' values) and down_proj (the MLP's hidden
 state) are not in the residual basis and are left alone: layer-local candidates (`rotation`, `affine`) still
 transform them, and on q/k/v/gate/up they apply their own transform on top of Q.
+The cost is the folding: the activation quantizer then sees the normalized stream without the norm's weight,
+and on SmolLM2, whose massive-activation channel has a small norm weight, that made the rotation and affine
+candidates worse at W4A4 (README, "Model-wide residual rotation"), so it is off by default.
 """
 from __future__ import annotations
 
