@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from calm.evaluate import paired_difference  # noqa: E402
 
 
-def load_model_windows(spec: str) -> tuple[str, list[float], dict]:
+def load_model_windows(spec: str) -> tuple[str, list[float], float, dict]:
     folder, _, name = spec.partition(":")
     path = Path(folder) / "results.json" if Path(folder).is_dir() else Path(folder)
     if not path.is_file():
@@ -34,7 +33,7 @@ def load_model_windows(spec: str) -> tuple[str, list[float], dict]:
     if name not in windows:
         raise SystemExit(f"compare_runs: {path} has no per-window NLL for {name!r} (has {sorted(windows)}); "
                          "runs before per-window NLLs were recorded can be resumed to add them")
-    return f"{Path(folder).stem}:{name}", windows[name], results["evaluation"]
+    return f"{Path(folder).stem}:{name}", windows[name], results["perplexity"][name], results["evaluation"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,15 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="+", help="RUN[:NAME]; the first is the reference")
     args = p.parse_args(argv)
     loaded = [load_model_windows(m) for m in args.models]
-    ref_label, ref, ref_eval = loaded[0]
+    ref_label, ref, _, ref_eval = loaded[0]
     print(f"| model | PPL | NLL - {ref_label}'s, mean ± SE over {len(ref)} windows |")
     print("|---|---|---|")
-    for label, windows, evaluation in loaded:
+    for label, windows, ppl, evaluation in loaded:
         if evaluation != ref_eval or len(windows) != len(ref):
             raise SystemExit(f"compare_runs: {label} was evaluated on other windows than {ref_label} "
                              f"({evaluation} vs {ref_eval})")
         d, se = paired_difference(windows, ref)
-        ppl = math.exp(sum(windows) / len(windows))
         print(f"| {label} | {ppl:.3f} | {'' if label == ref_label else f'{d:+.4f} ± {se:.4f}'} |")
     return 0
 

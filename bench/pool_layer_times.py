@@ -5,9 +5,8 @@ seed 0). Per linear: RTN, GPTQ, CLAQ (batched codebook fits, the default, and on
 CLAQ's reference code), and the K-means alone: calm_kernels.kmeans over all columns at once against
 scikit-learn's KMeans one column at a time (timed on 32 columns, scaled); AWQ and SmoothQuant work on the
 whole block (their scale groups span several linears), so their block time is reported and divided by the
-number of linears. Wall-clock seconds on
-this machine (CPU, shared: figures are upper bounds of the algorithms' cost), written to
-bench/results/pool-layer-times-<device>.json and printed as a table.
+number of linears. Wall-clock seconds on this machine (CPU, shared: figures are upper bounds of the
+algorithms' cost), written to bench/results/pool-layer-times-<device>.json and printed as a table.
 
     python bench/pool_layer_times.py --block 5            # the measurement in bench/QUALITY.md
     python bench/pool_layer_times.py --smoke              # tiny random model, seconds

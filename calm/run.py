@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -153,6 +153,22 @@ def check_residual_rotation(path: Path, digest: str | None) -> None:
         atomic_write_json(path, {"sha256": digest})
 
 
+def final_check(model: torch.nn.Module, hybrid: list[torch.nn.Module], uniform: dict[str, list[torch.nn.Module]],
+                windows: torch.Tensor, batch_windows: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Whole-model NLL of the hybrid ("calm") and of every uniform member on `windows`; "kept" is the lowest
+    (the hybrid on ties). Returns the record results.json keeps."""
+    per_window = check_models(model, {"calm": hybrid, **uniform}, windows, batch_windows)
+    nll = {n: float(w.mean()) for n, w in per_window.items()}
+    kept = min(nll, key=lambda n: (nll[n], n != "calm"))
+    calm_windows = per_window["calm"].tolist()
+    log(f"final check, NLL on the scoring windows: calm={nll['calm']:.5f}, the others' difference ± SE: "
+        + "  ".join("{}={:+.5f} ± {:.5f}".format(n, *paired_difference(w.tolist(), calm_windows))
+                    for n, w in per_window.items() if n != "calm")
+        + f"; keeping {'the hybrid' if kept == 'calm' else kept + ' (uniform)'}")
+    return {"done": True, "windows": int(windows.shape[0]), "nll": nll, "kept": kept,
+            "window_nll": {n: w.tolist() for n, w in per_window.items()}}
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -266,17 +282,10 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
             log("final check skipped: it needs --score-windows and the uniform baselines")
         else:
             t = time.perf_counter()
-            windows = check_models(model, {"calm": outcome.chosen_blocks, **uniform}, corpus.scoring,
-                                   max(1, cfg.search.batch_windows // 2))
+            check = final_check(model, outcome.chosen_blocks, uniform, corpus.scoring,
+                                max(1, cfg.search.batch_windows // 2), log)
             seconds["final_check"] = time.perf_counter() - t
-            nll = {n: float(w.mean()) for n, w in windows.items()}
-            kept = min(nll, key=lambda n: (nll[n], n != "calm"))
-            check = {"done": True, "windows": int(corpus.scoring.shape[0]), "nll": nll, "kept": kept,
-                     "window_nll": {n: w.tolist() for n, w in windows.items()}}
-            log(f"final check, NLL on the scoring windows: calm={nll['calm']:.5f}, the others' difference ± SE: "
-                + "  ".join("{}={:+.5f} ± {:.5f}".format(n, *paired_difference(w.tolist(), windows["calm"].tolist()))
-                            for n, w in windows.items() if n != "calm")
-                + f"; keeping {'the hybrid' if kept == 'calm' else kept + ' (uniform)'}")
+            kept = check["kept"]
             if kept != "calm":
                 for d in (ppl, bits, eval_nll):
                     d["calm-hybrid"] = d.pop("calm")

@@ -31,7 +31,7 @@ from torch import nn
 
 from calm import algorithms
 from calm.config import CalmUsageError, QuantSpec, SearchConfig
-from calm.evaluate import window_nll
+from calm.evaluate import token_nll, window_nll
 from calm.io import atomic_write_json, load_block_state, save_block_state
 from calm.model import BlockInputs, capture_block_inputs, consumer_norm, decoder_blocks, final_hidden, run_block
 from calm.nn import release_caches
@@ -101,15 +101,9 @@ def choose(scores: dict[str, CandidateScore], tie_tolerance: float, by: str = "c
 
 def next_token_nll(model: nn.Module, final: list[torch.Tensor], windows: torch.Tensor) -> float:
     """Mean next-token NLL of the LM head on `final` (final-norm outputs, one tensor per batch of `windows`)."""
-    total = 0.0
-    count = 0
     with torch.no_grad():
-        for h, ids in zip(final, windows.split([h.shape[0] for h in final])):
-            logits = model.lm_head(h).float()
-            total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                       ids[:, 1:].reshape(-1).to(logits.device), reduction="sum"))
-            count += ids[:, 1:].numel()
-    return total / count
+        nll = [token_nll(model.lm_head(h), ids) for h, ids in zip(final, windows.split([h.shape[0] for h in final]))]
+    return float(torch.cat(nll).mean())
 
 
 @dataclasses.dataclass

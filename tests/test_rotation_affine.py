@@ -110,7 +110,8 @@ def test_activation_schemes_produce_rotated_modules_and_keep_weight_only_behavio
 
 @pytest.mark.parametrize("scheme,candidate,clip", [
     ("W3A3", "rotation", 0.8), ("W4A4", "rotation", 0.9), ("W4A8", "rotation", 1.0),
-    ("W4A4", "rotation:clip_ratio=0.7", 0.7), ("W4A4", "rtn", 1.0), ("W3A3", "kurtosis:threshold=100,inlier=rotation", 0.8),
+    ("W4A4", "rotation:clip_ratio=0.7", 0.7), ("W4A4", "rtn", 1.0),
+    ("W3A3", "kurtosis:threshold=100,inlier=rotation", 0.8),
 ])
 def test_transform_candidates_clip_activations_by_their_bits_unless_told(scheme, candidate, clip):
     model = tiny_llama()

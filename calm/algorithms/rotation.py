@@ -3,7 +3,8 @@
 Every linear of the block gets a normalized Hadamard R of its input size (calm_kernels.rotated): R is folded
 into the weight offline (W R, R orthogonal) and applied online to the activations, which are then quantized
 per token (symmetric, `clip_ratio`; "auto" = actquant.AUTO_CLIP by activation bits). R spreads outlier
-channels over all channels, so both x R and W R quantize with less error. Weights are per-output-channel symmetric at w_bits:
+channels over all channels, so both x R and W R quantize with less error. Weights are per-output-channel
+symmetric at w_bits:
 - `weights=rtn`: round to nearest on W R (`weight_clip_ratio` shrinks each row's max first);
 - `weights=gptq`: GPTQ (calm.algorithms.gptq.gptq_quantize_weight) on W R with the Hessian of the rotated
   inputs, R^T H R, true-sequentially inside the block as plain GPTQ does.
