@@ -170,8 +170,7 @@ def block_scores(reference: list[torch.Tensor], outputs: list[torch.Tensor], sco
 
 def candidate_options(config: SearchConfig) -> dict[str, dict]:
     """Every candidate's options with the algorithm's defaults filled in, as saved beside each block."""
-    return {c.name: json.loads(json.dumps({**algorithms.options_of(algorithms.get(c.algorithm)), **c.options}))
-            for c in config.pool}
+    return {c.name: json.loads(json.dumps(algorithms.options_of(c))) for c in config.pool}
 
 
 def _check_saved_options(path: Path, saved: dict[str, dict], current: dict[str, dict]) -> None:

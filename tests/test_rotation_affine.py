@@ -236,7 +236,7 @@ def test_kurtosis_population_comes_from_the_whole_model_through_prepare():
     spec = QuantSpec.from_scheme("W4A4")
     cand = CandidateSpec.parse("kurtosis:outlier=rotation,inlier=none")
     context = algorithms.prepare(cand, list(decoder_blocks(model)), spec)
-    assert context["_population"]["count"] == 14
+    assert context["population"]["count"] == 14
     with pytest.raises(CalmUsageError, match="has no option"):
         algorithms.validate_candidate(CandidateSpec("kurtosis", {"_population": {}}), spec)
 

@@ -1,33 +1,72 @@
 """The registry of PTQ algorithms. Each one turns a float decoder block into a quantized copy.
 
-An algorithm is a function `quantize_block(block, inputs, spec, **options) -> nn.Module` registered by name.
+An algorithm is registered by name with its typed options class (`calm.algorithms.options`):
+
+    @register("gptq", GPTQOptions, check_spec=...)
+    def quantize_block(block, inputs, spec, options, context) -> nn.Module: ...
+
 It receives a private deep copy of the float block (it may modify it in place and return it), the block's
-calibration inputs (`calm.model.BlockInputs`) and the `QuantSpec`; its Linear layers come back as
-`calm.nn` modules holding packed weights. Options are keyword arguments with defaults; unknown options are
-an error.
+calibration inputs (`calm.model.BlockInputs`), the `QuantSpec`, its validated options and the model-wide
+context its `prepare` hook computed (empty for most); its Linear layers come back as `calm.nn` modules holding
+packed weights. A candidate of the search pool (`CandidateSpec`) names an algorithm and raw option values;
+`parse_options` turns them into the typed options, so every bad value fails before the model loads.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 from typing import Any, Callable
 
 from torch import nn
 
+from calm.algorithms.options import AlgorithmOptions
 from calm.config import CalmUsageError, CandidateSpec, QuantSpec
 from calm.model import BlockInputs
 
-QuantizeBlock = Callable[..., nn.Module]
+QuantizeBlock = Callable[[nn.Module, BlockInputs, QuantSpec, Any, dict], nn.Module]
+SpecCheck = Callable[[QuantSpec], None]
+# (float blocks of the whole model, spec, options) -> context handed to every quantize_block call
+Prepare = Callable[[list[nn.Module], QuantSpec, Any], dict]
 
-_REGISTRY: dict[str, QuantizeBlock] = {}
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A registered algorithm.
+
+    Args:
+        name: the name `--pool` uses.
+        quantize: quantize_block(block, inputs, spec, options, context) -> the quantized block.
+        options: its options dataclass (a subclass of AlgorithmOptions).
+        check_spec: refuses schemes the algorithm cannot produce, naming the fix (None: any scheme).
+        prepare: model-wide statistics computed once before the search (None: no context).
+        calibration_free: the result does not depend on the calibration inputs (e.g. RTN): its blocks from a
+            search are already its uniform baseline.
+    """
+    name: str
+    quantize: QuantizeBlock
+    options: type[AlgorithmOptions]
+    check_spec: SpecCheck | None = None
+    prepare: Prepare | None = None
+    calibration_free: bool = False
+
+    @property
+    def summary(self) -> str:
+        doc = (importlib.import_module(self.quantize.__module__).__doc__ or "").strip()
+        return doc.split("\n\n", 1)[0].replace("\n", " ")
+
+
+_REGISTRY: dict[str, Algorithm] = {}
 _MODULES = ("rtn", "gptq", "awq", "smoothquant", "claq", "rotation", "affine", "kurtosis")
 
 
-def register(name: str):
+def register(name: str, options: type[AlgorithmOptions], *, check_spec: SpecCheck | None = None,
+             prepare: Prepare | None = None, calibration_free: bool = False):
+    """Register `quantize_block` under `name` with its options class (which learns the name for its errors)."""
     def wrap(fn: QuantizeBlock) -> QuantizeBlock:
         if name in _REGISTRY:
             raise ValueError(f"algorithm {name!r} registered twice")
-        _REGISTRY[name] = fn
+        options.algorithm = name
+        _REGISTRY[name] = Algorithm(name, fn, options, check_spec, prepare, calibration_free)
         return fn
     return wrap
 
@@ -42,68 +81,70 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str) -> QuantizeBlock:
+def get(name: str) -> Algorithm:
     _load_all()
     if name not in _REGISTRY:
         raise CalmUsageError(f"unknown algorithm {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
-def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> None:
-    """Fail before any work if the candidate's name or options are wrong."""
-    fn = get(candidate.algorithm)
-    params = inspect.signature(fn).parameters
-    known = [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY and not p.startswith("_")]
-    unknown = [k for k in candidate.options if k not in known]
-    if unknown:
-        raise CalmUsageError(f"algorithm {candidate.algorithm!r} has no option {unknown}; its options: {known}")
-    check = getattr(fn, "check_spec", None)
-    if check is not None:
-        check(spec)
+def parse_options(candidate: CandidateSpec) -> AlgorithmOptions:
+    """The candidate's typed options (its values over the algorithm's defaults); raises on any bad value."""
+    return get(candidate.algorithm).options.parse(candidate.options)
+
+
+def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> AlgorithmOptions:
+    """Fail before any work if the candidate's name, options or scheme are wrong; returns its options."""
+    options = parse_options(candidate)
+    algorithm = get(candidate.algorithm)
+    if algorithm.check_spec is not None:
+        algorithm.check_spec(spec)
+    return options
+
+
+def options_of(candidate: CandidateSpec) -> dict[str, Any]:
+    """Every option of the candidate with the algorithm's defaults filled in, as JSON values (saved beside
+    each block, so that a resumed search refuses blocks made with other settings)."""
+    return parse_options(candidate).to_dict()
 
 
 def prepare(candidate: CandidateSpec, float_blocks: list[nn.Module], spec: QuantSpec) -> dict[str, Any]:
     """Model-wide context an algorithm needs before it sees blocks one at a time (the kurtosis rule's
-    statistics over every linear of the model). An algorithm opts in with a `prepare(float_blocks, spec,
-    **options)` attribute returning keyword arguments whose names start with '_' (not user options)."""
-    fn = get(candidate.algorithm)
-    hook = getattr(fn, "prepare", None)
-    return {} if hook is None else hook(float_blocks, spec, **candidate.options)
+    statistics over every linear of the model)."""
+    algorithm = get(candidate.algorithm)
+    return {} if algorithm.prepare is None else algorithm.prepare(float_blocks, spec, parse_options(candidate))
 
 
 def quantize_block(candidate: CandidateSpec, block: nn.Module, inputs: BlockInputs, spec: QuantSpec,
                    context: dict[str, Any] | None = None) -> nn.Module:
-    return get(candidate.algorithm)(block, inputs, spec, **candidate.options, **(context or {}))
-
-
-def weight_only(fn: QuantizeBlock) -> QuantizeBlock:
-    """Mark an algorithm as weight-only: it refuses schemes that quantize activations or the KV cache."""
-    def check_spec(spec: QuantSpec) -> None:
-        if spec.a_bits != 16 or spec.k_bits != 16 or spec.v_bits != 16:
-            raise CalmUsageError(f"{fn.__module__.rsplit('.', 1)[-1]} is weight-only; scheme {spec.scheme} also "
-                                 f"quantizes activations/KV: use an A16 scheme such as W{spec.w_bits}A16")
-    fn.check_spec = check_spec
-    return fn
-
-
-def calibration_free(fn: QuantizeBlock) -> QuantizeBlock:
-    """Mark an algorithm whose result does not depend on the calibration inputs (e.g. RTN): its blocks from a
-    search are already its uniform baseline."""
-    fn.calibration_free = True
-    return fn
+    algorithm = get(candidate.algorithm)
+    return algorithm.quantize(block, inputs, spec, parse_options(candidate), context or {})
 
 
 def uses_calibration(candidate: CandidateSpec) -> bool:
-    return not getattr(get(candidate.algorithm), "calibration_free", False)
+    return not get(candidate.algorithm).calibration_free
+
+
+def weight_only_spec(name: str) -> SpecCheck:
+    """A check_spec refusing schemes that quantize activations or the KV cache."""
+    def check_spec(spec: QuantSpec) -> None:
+        if spec.a_bits != 16 or spec.k_bits != 16 or spec.v_bits != 16:
+            raise CalmUsageError(f"{name} is weight-only; scheme {spec.scheme} also quantizes activations/KV: use "
+                                 f"an A16 scheme such as W{spec.w_bits}A16")
+    return check_spec
+
+
+def describe() -> str:
+    """Every algorithm with its one-line summary and its options: the text of `--list-algorithms`."""
+    parts = []
+    for name in available():
+        algorithm = _REGISTRY[name]
+        parts.append(f"{name}: {algorithm.summary}\n{algorithm.options.help_text() or '    (no options)'}")
+    example = "--pool \"rtn;gptq:act_order=none,damp=0.02\""
+    return "\n\n".join(parts) + f"\n\nPass options as name:key=value,key=value, e.g. {example}"
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def options_of(fn: QuantizeBlock) -> dict[str, Any]:
-    params = inspect.signature(fn).parameters
-    return {k: p.default for k, p in params.items()
-            if p.kind == inspect.Parameter.KEYWORD_ONLY and not k.startswith("_")}

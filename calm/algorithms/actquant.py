@@ -42,13 +42,10 @@ def check_activation_spec(spec: QuantSpec, algorithm: str) -> None:
 AUTO_CLIP = {3: 0.8, 4: 0.9}
 
 
-def check_clip(value: float | str, name: str, a_bits: int | None = None) -> float:
-    """A clip ratio in (0, 1]; "auto" (where `a_bits` is given) is AUTO_CLIP's value for those bits, else 1."""
-    if value == "auto" and a_bits is not None:
-        return AUTO_CLIP.get(a_bits, 1.0)
-    if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        raise CalmUsageError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
+def resolve_clip(value: float | str, a_bits: int) -> float:
+    """A validated clip ratio option as a number: "auto" is AUTO_CLIP's value for `a_bits` (1.0, no clipping,
+    where none was measured)."""
+    return AUTO_CLIP.get(a_bits, 1.0) if value == "auto" else float(value)
 
 
 def transform_for(in_features: int, rotate: bool, algorithm: str):

@@ -25,6 +25,7 @@ trained) or by GPTQ on W P^-T with the Hessian of x P (`weights=gptq`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Callable
 
@@ -32,9 +33,12 @@ import torch
 from torch import nn
 
 from calm.algorithms import actquant, register, replace_module
-from calm.algorithms.gptq import single_thread
+from calm.algorithms.gptq_core import single_thread
+from calm.algorithms.options import AlgorithmOptions, option
+from calm.algorithms.rotation import WEIGHT_METHODS, quantize_linears
 from calm.config import CalmUsageError, QuantSpec
 from calm.model import BlockInputs, block_linears
+from calm.nn import fake_quantize_kv
 from calm_kernels import rotated
 
 MODES = ("learned", "hadamard", "none")
@@ -68,8 +72,6 @@ def _fake_quant_symmetric(x: torch.Tensor, bits: int, clip: torch.Tensor) -> tor
 
 def _fake_quant_kv(y: torch.Tensor, bits: int, head_dim: int, group: int) -> torch.Tensor:
     """calm.nn.fake_quantize_kv with a straight-through gradient."""
-    from calm.nn import fake_quantize_kv
-
     return y + (fake_quantize_kv(y.detach(), bits, head_dim, group) - y).detach()
 
 
@@ -233,7 +235,6 @@ def quantize_with_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantS
     fold_into_block(block, scales)
     tl = {name: trained.get_submodule(name) for name in block_linears(block)}
     if weights == "gptq":
-        from calm.algorithms.rotation import quantize_linears
         return quantize_linears(block, inputs, spec, lambda name, linear: transform_of(tl[name]), weights="gptq",
                                 clip_ratio=lambda name: float(torch.sigmoid(tl[name].a_clip.detach())), act_order=act_order,
                                 damp=damp)
@@ -246,15 +247,21 @@ def quantize_with_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantS
     return block
 
 
-def check_training_options(algorithm: str, weights: str, steps: int, lr: float, batch_tokens: int) -> None:
-    if weights not in ("rtn", "gptq"):
-        raise CalmUsageError(f"{algorithm} weights must be 'rtn' or 'gptq', got {weights!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise CalmUsageError(f"{algorithm} steps must be an integer >= 0, got {steps!r}")
-    if not isinstance(lr, (int, float)) or lr <= 0:
-        raise CalmUsageError(f"{algorithm} lr must be a positive number, got {lr!r}")
-    if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool) or batch_tokens < 2:
-        raise CalmUsageError(f"{algorithm} batch_tokens must be an integer >= 2, got {batch_tokens!r}")
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions(AlgorithmOptions):
+    """Options of the learned transforms, shared by affine and the kurtosis rule."""
+    weights: str = option("gptq", "how the transformed weights are quantized", choices=WEIGHT_METHODS)
+    steps: int = option(40, "optimizer steps per block", low=0)
+    lr: float = option(5e-3, "AdamW learning rate (cosine-decayed)", low=0.0, low_open=True)
+    batch_tokens: int = option(256, "tokens per optimizer step (a prefix of one calibration window)", low=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineOptions(TrainingOptions):
+    damp: float = option(0.01, "GPTQ damping (weights=gptq), as a fraction of mean(diag H)", low=0.0,
+                         low_open=True)
+    clip_init: float | str = option("auto", "where the learned activation clip starts, in (0, 1], or auto (by "
+                                    "activation bits)", choices=("auto",), low=0.0, high=1.0, low_open=True)
 
 
 def _check_affine_spec(spec: QuantSpec) -> None:
@@ -264,18 +271,13 @@ def _check_affine_spec(spec: QuantSpec) -> None:
     actquant.check_activation_spec(spec, "affine")
 
 
-@register("affine")
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, weights: str = "gptq",
-                   steps: int = 40, lr: float = 5e-3, batch_tokens: int = 256, damp: float = 0.01,
-                   clip_init: float | str = "auto") -> nn.Module:
-    check_training_options("affine", weights, steps, lr, batch_tokens)
-    clip_init = actquant.check_clip(clip_init, "affine clip_init", spec.a_bits)
+@register("affine", AffineOptions, check_spec=_check_affine_spec)
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: AffineOptions,
+                   context: dict) -> nn.Module:
     for name, linear in block_linears(block).items():
         actquant.transform_for(linear.in_features, True, "affine")
     with torch.enable_grad():
-        return quantize_with_transforms(block, inputs, spec, lambda name, linear: "learned", weights=weights,
-                                        steps=steps, lr=lr, batch_tokens=batch_tokens, damp=damp,
-                                        a_clip_init=clip_init)
-
-
-quantize_block.check_spec = _check_affine_spec
+        return quantize_with_transforms(block, inputs, spec, lambda name, linear: "learned", weights=options.weights,
+                                        steps=options.steps, lr=options.lr, batch_tokens=options.batch_tokens,
+                                        damp=options.damp,
+                                        a_clip_init=actquant.resolve_clip(options.clip_init, spec.a_bits))

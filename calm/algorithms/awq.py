@@ -19,13 +19,16 @@ activation statistic s_x uses every calibration token.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from calm.algorithms import register, replace_module, weight_only
+from calm.algorithms import register, replace_module, weight_only_spec
+from calm.algorithms.options import AlgorithmOptions, option
 from calm.algorithms.scaling import (ScaleGroup, capture, fake_quantize, fold_scales, scale_groups, spaced_rows,
                                      windows_for)
-from calm.config import CalmUsageError, QuantSpec
+from calm.config import QuantSpec
 from calm.grid import quantize_groups
 from calm.model import BlockInputs, block_linears
 from calm.nn import UniformQuantLinear
@@ -108,17 +111,22 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int, 
     return best_max
 
 
-@register("awq")
-@weight_only
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, n_grid: int = 20,
-                   clip: bool = True, max_shrink: float = 0.5, grid_tokens: int = 2048,
-                   clip_tokens: int = 512, scale_o: bool = True) -> nn.Module:
-    if n_grid < 1:
-        raise CalmUsageError(f"awq n_grid must be at least 1, got {n_grid}")
-    if not 0.0 <= max_shrink < 1.0:
-        raise CalmUsageError(f"awq max_shrink must be in [0, 1), got {max_shrink}")
-    if grid_tokens < 0 or clip_tokens < 1:
-        raise CalmUsageError("awq grid_tokens must be >= 0 (0 = all) and clip_tokens >= 1")
+@dataclasses.dataclass(frozen=True)
+class AWQOptions(AlgorithmOptions):
+    n_grid: int = option(20, "grid points of the scale exponent alpha = i / n_grid (and of the clip search)",
+                         low=1)
+    clip: bool = option(True, "search a clip per output row and group (all linears but q and k)")
+    max_shrink: float = option(0.5, "largest clip shrink searched", low=0.0, high=1.0, high_open=True)
+    grid_tokens: int = option(2048, "calibration tokens of the scale search (whole windows; 0 = all)", low=0)
+    clip_tokens: int = option(512, "evenly spaced tokens of the clip search", low=1)
+    scale_o: bool = option(True, "also scale o_proj through v_proj (only without grouped-query attention)")
+
+
+@register("awq", AWQOptions, check_spec=weight_only_spec("awq"))
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: AWQOptions,
+                   context: dict) -> nn.Module:
+    n_grid, clip, max_shrink = options.n_grid, options.clip, options.max_shrink
+    grid_tokens, clip_tokens, scale_o = options.grid_tokens, options.clip_tokens, options.scale_o
     groups = [g for g in scale_groups(block) if scale_o or g.name != "o"]
     linears = block_linears(block)
     for name, lin in linears.items():

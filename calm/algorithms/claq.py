@@ -34,10 +34,13 @@ import dataclasses
 import torch
 from torch import nn
 
-from calm.algorithms import register, replace_module
-from calm.algorithms.gptq import HessianAccumulator, _sequential_groups, inverse_cholesky, single_thread
+from calm.algorithms import register
+from calm.algorithms.gptq_core import column_loop, inverse_cholesky, prepare_problem, quantize_sequentially, \
+    single_thread
+from calm.algorithms.options import AlgorithmOptions, option
 from calm.config import CalmUsageError, QuantSpec
-from calm.model import BlockInputs, block_linears, linear_inputs
+from calm.model import BlockInputs
+from calm.nn import CodebookQuantLinear
 from calm_kernels.kmeans import assign_columns, kmeans_columns
 
 ORDERS = ("outlier", "saliency")
@@ -101,12 +104,8 @@ def claq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
                          damp: float = 0.01, block_size: int = 128, fit_columns: int = 32,
                          kmeans_iters: int = 25) -> ClaqResult:
     """CLAQ one weight matrix (out, in) with the Hessian (in, in) of its inputs."""
-    w = weight.detach().to(torch.float32).clone()
+    w, h = prepare_problem(weight, hessian)
     n, k = w.shape
-    h = hessian.to(torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     counts = outlier_counts(w)
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
     w, h, counts = w[:, perm], h[perm][:, perm], counts[perm]
@@ -142,34 +141,26 @@ def claq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
             c = torch.cat([c, c[:, -1:].expand(-1, (1 << max_bits) - c.shape[1])], dim=1)
             cents[cols[sel]] = c
 
+    def on_codebook(col: int, i: int, w1: torch.Tensor) -> torch.Tensor:
+        if i % fit_columns == 0:
+            # Columns i.. carry every update from the columns before them: fit their codebooks now.
+            j2 = min(i + fit_columns, w1.shape[1])
+            imp = None
+            if outliers:
+                imp = torch.stack([~_tails(w1[:, j], int(tail[col - i + j])) for j in range(i, j2)], 1).float()
+            fit(torch.arange(col, col - i + j2), w1[:, i:j2], imp)
+        wc = w1[:, i]
+        mask = _tails(wc, int(tail[col]))
+        c = cents[col:col + 1, :1 << int(col_bits[col])]
+        q = assign_columns(wc.unsqueeze(1), c)[:, 0]
+        dq = torch.where(mask, wc.to(torch.float16).to(torch.float32), c[0, q.long()])
+        codes[:, col] = q
+        deq[:, col] = dq
+        keep[:, col] = mask
+        return dq
+
     with single_thread():
-        for i1 in range(0, k, block_size):
-            i2 = min(i1 + block_size, k)
-            w1 = w[:, i1:i2].clone()
-            err1 = torch.zeros_like(w1)
-            hinv1 = hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if i % fit_columns == 0:
-                    # Columns i.. carry every update from the columns before them: fit their codebooks now.
-                    j2 = min(i + fit_columns, i2 - i1)
-                    imp = None
-                    if outliers:
-                        imp = torch.stack([~_tails(w1[:, j], int(tail[i1 + j])) for j in range(i, j2)], 1).float()
-                    fit(torch.arange(col, i1 + j2), w1[:, i:j2], imp)
-                wc = w1[:, i]
-                mask = _tails(wc, int(tail[col]))
-                b = int(col_bits[col])
-                c = cents[col:col + 1, :1 << b]
-                q = assign_columns(wc.unsqueeze(1), c)[:, 0]
-                dq = torch.where(mask, wc.to(torch.float16).to(torch.float32), c[0, q.long()])
-                codes[:, col] = q
-                deq[:, col] = dq
-                keep[:, col] = mask
-                e = (wc - dq) / hinv1[i, i]
-                w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-                err1[:, i] = e
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        column_loop(w, hinv, block_size, on_codebook)
 
     inverse = torch.argsort(perm)
     codes, cents, col_bits, deq, keep = codes[:, inverse], cents[inverse], col_bits[inverse], deq[:, inverse], \
@@ -190,38 +181,34 @@ def _check_spec(spec: QuantSpec) -> None:
                              f"use W2/W3/W4 (bits_target sets an adaptive average on top)")
 
 
-@register("claq")
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, bits_target: float | None = None,
-                   order: str = "outlier", outliers: bool = False, outlier_top: float = 0.014,
-                   outlier_rest: float = 0.004, outlier_columns: float = 0.1, act_order: bool = True,
-                   damp: float = 0.01, block_size: int = 128, fit_columns: int = 32, kmeans_iters: int = 25,
-                   true_sequential: bool = True) -> nn.Module:
-    from calm.nn import CodebookQuantLinear
-
-    _check_spec(spec)
-    if order not in ORDERS:
-        raise CalmUsageError(f"claq order must be one of {ORDERS}, got {order!r}")
-    if bits_target is not None and not 2.0 <= float(bits_target) <= 4.0:
-        raise CalmUsageError(f"claq bits_target must be in [2, 4] (e.g. 2.1, 3.12), got {bits_target}")
-    for name, value in (("outlier_top", outlier_top), ("outlier_rest", outlier_rest),
-                        ("outlier_columns", outlier_columns)):
-        if not 0.0 <= value <= (1.0 if name == "outlier_columns" else 0.25):
-            raise CalmUsageError(f"claq {name} is a fraction ({'<= 1' if name == 'outlier_columns' else 'per tail, <= 0.25'}), got {value}")
-    if damp <= 0 or block_size < 1 or fit_columns < 1 or kmeans_iters < 0:
-        raise CalmUsageError("claq needs damp > 0, block_size >= 1, fit_columns >= 1 and kmeans_iters >= 0")
-    bits_target = None if bits_target is None else float(bits_target)
-    for group in _sequential_groups(block, true_sequential):
-        linears = block_linears(block)
-        accs = {n: HessianAccumulator(linears[n].in_features) for n in group}
-        linear_inputs(block, inputs, group, lambda name, x: accs[name].add(x))
-        for name in group:
-            linear = linears[name]
-            r = claq_quantize_weight(linear.weight, accs[name].hessian(), spec.w_bits, bits_target, order, outliers,
-                                     outlier_top, outlier_rest, outlier_columns, act_order, damp, block_size,
-                                     fit_columns, kmeans_iters)
-            replace_module(block, name, CodebookQuantLinear.from_parts(r.codes, r.centroids, r.column_bits,
-                                                                       r.outliers, linear.bias))
-    return block
+@dataclasses.dataclass(frozen=True)
+class CLAQOptions(AlgorithmOptions):
+    bits_target: float | None = option(None, "average code width with adaptive precision: top columns at 4 bits, "
+                                       "the rest at 2 (below 3) or 3 (e.g. 2.1, 3.12); null = the scheme's bits",
+                                       low=2.0, high=4.0)
+    order: str = option("outlier", "column ranking for adaptive precision", choices=ORDERS)
+    outliers: bool = option(False, "keep the tails of each column in float16 (outlier reservation)")
+    outlier_top: float = option(0.014, "fraction per tail kept in the top outlier columns", low=0.0, high=0.25)
+    outlier_rest: float = option(0.004, "fraction per tail kept in the other columns", low=0.0, high=0.25)
+    outlier_columns: float = option(0.1, "fraction of columns (by outlier count) that keep outlier_top", low=0.0,
+                                    high=1.0)
+    act_order: bool = option(True, "quantize columns by descending diag H")
+    damp: float = option(0.01, "damping, as a fraction of mean(diag H)", low=0.0, low_open=True)
+    block_size: int = option(128, "columns per lazy batch", low=1)
+    fit_columns: int = option(32, "codebooks fitted per batched K-means call (1 = CLAQ's per-column fit)", low=1)
+    kmeans_iters: int = option(25, "Lloyd iterations per K-means fit", low=0)
+    true_sequential: bool = option(True, "q/k/v, then o, then gate/up, then down, each calibrated on the "
+                                   "quantized ones before")
 
 
-quantize_block.check_spec = _check_spec
+@register("claq", CLAQOptions, check_spec=_check_spec)
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: CLAQOptions,
+                   context: dict) -> nn.Module:
+    def quantize_linear(name: str, linear: nn.Module, hessian: torch.Tensor) -> nn.Module:
+        r = claq_quantize_weight(linear.weight, hessian, spec.w_bits, options.bits_target, options.order,
+                                 options.outliers, options.outlier_top, options.outlier_rest,
+                                 options.outlier_columns, options.act_order, options.damp, options.block_size,
+                                 options.fit_columns, options.kmeans_iters)
+        return CodebookQuantLinear.from_parts(r.codes, r.centroids, r.column_bits, r.outliers, linear.bias)
+
+    return quantize_sequentially(block, inputs, options.true_sequential, quantize_linear)

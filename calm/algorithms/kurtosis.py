@@ -19,10 +19,13 @@ the few whose weights are heavy-tailed.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from calm.algorithms import actquant, affine, register
+from calm.algorithms.options import option
 from calm.algorithms.rotation import quantize_linears
 from calm.config import CalmUsageError, QuantSpec
 from calm.model import BlockInputs, block_linears
@@ -76,18 +79,6 @@ def choose_transforms(block: nn.Module, threshold: float, side: str, outlier: st
     return chosen
 
 
-def _check(threshold, side, outlier, inlier, scope, weights, steps, lr, batch_tokens, clip_ratio,
-           a_bits) -> float:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
-        raise CalmUsageError(f"kurtosis threshold must be a number >= 0, got {threshold!r}")
-    for name, value, allowed in (("side", side, SIDES), ("outlier", outlier, TRANSFORMS),
-                                 ("inlier", inlier, TRANSFORMS), ("scope", scope, SCOPES)):
-        if value not in allowed:
-            raise CalmUsageError(f"kurtosis {name} must be one of {allowed}, got {value!r}")
-    affine.check_training_options("kurtosis", weights, steps, lr, batch_tokens)
-    return actquant.check_clip(clip_ratio, "kurtosis clip_ratio", a_bits)
-
-
 def _check_spec(spec: QuantSpec) -> None:
     if spec.a_bits == 16:
         raise CalmUsageError(f"the kurtosis rule chooses activation transforms; scheme {spec.scheme} keeps "
@@ -95,15 +86,29 @@ def _check_spec(spec: QuantSpec) -> None:
     actquant.check_activation_spec(spec, "kurtosis")
 
 
-@register("kurtosis")
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, threshold: float = 3.5,
-                   side: str = "upper", outlier: str = "rotation", inlier: str = "affine", scope: str = "model",
-                   weights: str = "gptq", steps: int = 40, lr: float = 5e-3, batch_tokens: int = 256,
-                   clip_ratio: float | str = "auto", _population: dict[str, float] | None = None) -> nn.Module:
-    clip_ratio = _check(threshold, side, outlier, inlier, scope, weights, steps, lr, batch_tokens, clip_ratio,
-                        spec.a_bits)
-    stats = _population if scope == "model" else None
-    chosen = choose_transforms(block, threshold, side, outlier, inlier, stats)
+@dataclasses.dataclass(frozen=True)
+class KurtosisOptions(affine.TrainingOptions):
+    threshold: float = option(3.5, "robust z-score above which a linear's weights count as heavy-tailed", low=0.0)
+    side: str = option("upper", "upper: z > threshold; abs: |z| > threshold", choices=SIDES)
+    outlier: str = option("rotation", "transform of the heavy-tailed linears", choices=TRANSFORMS)
+    inlier: str = option("affine", "transform of the other linears", choices=TRANSFORMS)
+    scope: str = option("model", "population of the median/MAD: every linear of the model, or the block's",
+                        choices=SCOPES)
+    clip_ratio: float | str = option("auto", "activation clip in (0, 1] (the learned clips' start where affine is "
+                                     "chosen), or auto (by activation bits)", choices=("auto",), low=0.0, high=1.0,
+                                     low_open=True)
+
+
+def _prepare(float_blocks: list[nn.Module], spec: QuantSpec, options: KurtosisOptions) -> dict:
+    return {"population": population(float_blocks)} if options.scope == "model" else {}
+
+
+@register("kurtosis", KurtosisOptions, check_spec=_check_spec, prepare=_prepare)
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: KurtosisOptions,
+                   context: dict) -> nn.Module:
+    clip_ratio = actquant.resolve_clip(options.clip_ratio, spec.a_bits)
+    stats = context.get("population") if options.scope == "model" else None
+    chosen = choose_transforms(block, options.threshold, options.side, options.outlier, options.inlier, stats)
     for name, linear in block_linears(block).items():
         if chosen[name][1] != "none":
             actquant.transform_for(linear.in_features, True, "kurtosis")
@@ -111,18 +116,10 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, th
         modes = {"affine": "learned", "rotation": "hadamard", "none": "none"}
         with torch.enable_grad():
             return affine.quantize_with_transforms(block, inputs, spec, lambda n, m: modes[chosen[n][1]],
-                                                   weights=weights, steps=steps, lr=lr, batch_tokens=batch_tokens,
-                                                   a_clip_init=clip_ratio)
+                                                   weights=options.weights, steps=options.steps, lr=options.lr,
+                                                   batch_tokens=options.batch_tokens, a_clip_init=clip_ratio)
 
     def transform(name, linear):
         return actquant.transform_for(linear.in_features, chosen[name][1] == "rotation", "kurtosis")
 
-    return quantize_linears(block, inputs, spec, transform, weights=weights, clip_ratio=clip_ratio)
-
-
-def _prepare(float_blocks: list[nn.Module], spec: QuantSpec, *, scope: str = "model", **_options) -> dict:
-    return {"_population": population(float_blocks)} if scope == "model" else {}
-
-
-quantize_block.check_spec = _check_spec
-quantize_block.prepare = _prepare
+    return quantize_linears(block, inputs, spec, transform, weights=options.weights, clip_ratio=clip_ratio)

@@ -17,15 +17,17 @@ kurtosis rule (rotation per linear) run through it too.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 from torch import nn
 
 from calm.algorithms import actquant, register, replace_module
-from calm.algorithms.gptq import ACT_ORDERS, gptq_quantize_weight
+from calm.algorithms.gptq_core import ACT_ORDERS, gptq_linear, gptq_quantize_weight, quantize_sequentially
+from calm.algorithms.options import AlgorithmOptions, option
 from calm.config import CalmUsageError, QuantSpec
-from calm.model import SEQUENTIAL_GROUPS, BlockInputs, block_linears, linear_inputs
+from calm.model import BlockInputs, block_linears
 from calm.nn import UniformQuantLinear
 
 WEIGHT_METHODS = ("rtn", "gptq")
@@ -34,43 +36,15 @@ WEIGHT_METHODS = ("rtn", "gptq")
 TransformChoice = Callable[[str, nn.Module], object]
 
 
-class _Hessian:
-    """2/n sum x x^T of a linear's inputs (float64 sum)."""
-
-    def __init__(self, k: int) -> None:
-        self.h = torch.zeros(k, k, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.h += (x.T @ x).to(torch.float64)
-        self.n += x.shape[0]
-
-    def value(self) -> torch.Tensor:
-        if self.n == 0:
-            raise ValueError("no calibration tokens reached this linear")
-        return self.h * (2.0 / self.n)
-
-
-def sequential_groups(block: nn.Module, true_sequential: bool) -> list[tuple[str, ...]]:
-    names = list(block_linears(block))
-    groups = [tuple(n for n in g if n in names) for g in SEQUENTIAL_GROUPS]
-    groups = [g for g in groups if g]
-    if not true_sequential or {n for g in groups for n in g} != set(names):
-        return [tuple(names)]
-    return groups
-
-
-def check_options(algorithm: str, weights: str, clip_ratio: float | str, weight_clip_ratio: float, act_order: str,
-                  damp: float, a_bits: int | None = None) -> tuple[float, float]:
-    if weights not in WEIGHT_METHODS:
-        raise CalmUsageError(f"{algorithm} weights must be one of {WEIGHT_METHODS}, got {weights!r}")
-    if act_order not in ACT_ORDERS:
-        raise CalmUsageError(f"{algorithm} act_order must be one of {ACT_ORDERS}, got {act_order!r}")
-    if not isinstance(damp, (int, float)) or damp <= 0:
-        raise CalmUsageError(f"{algorithm} damp must be a positive number, got {damp!r}")
-    return (actquant.check_clip(clip_ratio, f"{algorithm} clip_ratio", a_bits),
-            actquant.check_clip(weight_clip_ratio, f"{algorithm} weight_clip_ratio"))
+def _transformed_gptq_linear(name: str, linear: nn.Module, hessian: torch.Tensor, spec: QuantSpec,
+                             transform, clip_ratio: float, act_order: str, damp: float,
+                             block_size: int) -> nn.Module:
+    """GPTQ on W P^-T with the Hessian of x P (per-channel symmetric) into a RotatedQuantLinear."""
+    w = transform.fold_into_weight(linear.weight.detach()) if transform is not None else linear.weight.detach()
+    codes, scales, zeros, _ = gptq_quantize_weight(w, actquant.rotated_hessian(hessian, transform), spec.w_bits,
+                                                   linear.in_features, True, act_order, damp, block_size)
+    signed, row_scales = actquant.signed_symmetric_codes(codes, scales, zeros)
+    return actquant.activation_linear(linear, spec, transform, clip_ratio, signed, row_scales)
 
 
 def quantize_linears(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, choose: TransformChoice, *,
@@ -84,38 +58,37 @@ def quantize_linears(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, cho
     clip_of = clip_ratio if callable(clip_ratio) else (lambda name: clip_ratio)
     if weights == "rtn":
         for name, linear in block_linears(block).items():
-            t = choose(name, linear) if spec.a_bits != 16 else None
             if spec.a_bits == 16:
                 q = UniformQuantLinear.from_float(linear, spec.w_bits, spec.group_for(linear.in_features),
                                                   spec.symmetric)
             else:
-                q = actquant.activation_linear(linear, spec, t, clip_of(name), weight_clip_ratio=weight_clip_ratio)
+                q = actquant.activation_linear(linear, spec, choose(name, linear), clip_of(name),
+                                               weight_clip_ratio=weight_clip_ratio)
             replace_module(block, name, actquant.with_kv_quantization(block, name, q, spec))
         return block
 
-    for group in sequential_groups(block, true_sequential):
-        linears = block_linears(block)
-        accs = {n: _Hessian(linears[n].in_features) for n in group}
-        linear_inputs(block, inputs, group, lambda name, x: accs[name].add(x))
-        for name in group:
-            linear = linears[name]
-            h = accs[name].value()
-            if spec.a_bits == 16:
-                g = spec.group_for(linear.in_features)
-                codes, scales, zeros, perm = gptq_quantize_weight(linear.weight, h, spec.w_bits, g, spec.symmetric,
-                                                                  act_order, damp, block_size)
-                q = UniformQuantLinear.from_codes(codes, scales, zeros, spec.w_bits, g, spec.symmetric,
-                                                  linear.bias, perm)
-            else:
-                t = choose(name, linear)
-                w = t.fold_into_weight(linear.weight.detach()) if t is not None else linear.weight.detach()
-                k = linear.in_features
-                codes, scales, zeros, _ = gptq_quantize_weight(w, actquant.rotated_hessian(h, t), spec.w_bits, k,
-                                                               True, act_order, damp, block_size)
-                signed, row_scales = actquant.signed_symmetric_codes(codes, scales, zeros)
-                q = actquant.activation_linear(linear, spec, t, clip_of(name), signed, row_scales)
-            replace_module(block, name, actquant.with_kv_quantization(block, name, q, spec))
-    return block
+    def quantize_linear(name: str, linear: nn.Module, hessian: torch.Tensor) -> nn.Module:
+        if spec.a_bits == 16:
+            q = gptq_linear(linear, hessian, spec, act_order, damp, block_size)
+        else:
+            q = _transformed_gptq_linear(name, linear, hessian, spec, choose(name, linear), clip_of(name),
+                                         act_order, damp, block_size)
+        return actquant.with_kv_quantization(block, name, q, spec)
+
+    return quantize_sequentially(block, inputs, true_sequential, quantize_linear)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotationOptions(AlgorithmOptions):
+    weights: str = option("gptq", "how the rotated weights are quantized", choices=WEIGHT_METHODS)
+    clip_ratio: float | str = option("auto", "activation clip ratio in (0, 1], or auto (by activation bits: "
+                                     "0.9 at A4, 0.8 at A3, none at A8)", choices=("auto",), low=0.0, high=1.0,
+                                     low_open=True)
+    weight_clip_ratio: float = option(1.0, "RTN weight clip ratio (weights=rtn)", low=0.0, high=1.0, low_open=True)
+    act_order: str = option("none", "GPTQ column order (weights=gptq)", choices=ACT_ORDERS)
+    damp: float = option(0.01, "GPTQ damping, as a fraction of mean(diag H)", low=0.0, low_open=True)
+    true_sequential: bool = option(True, "quantize q/k/v, o, gate/up, down in turn, each calibrated on the "
+                                   "quantized ones before")
 
 
 def _check_rotation_spec(spec: QuantSpec) -> None:
@@ -125,15 +98,11 @@ def _check_rotation_spec(spec: QuantSpec) -> None:
     actquant.check_activation_spec(spec, "rotation")
 
 
-@register("rotation")
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, weights: str = "gptq",
-                   clip_ratio: float | str = "auto", weight_clip_ratio: float = 1.0, act_order: str = "none",
-                   damp: float = 0.01, true_sequential: bool = True) -> nn.Module:
-    clip_ratio, weight_clip_ratio = check_options("rotation", weights, clip_ratio, weight_clip_ratio, act_order, damp,
-                                                  spec.a_bits)
+@register("rotation", RotationOptions, check_spec=_check_rotation_spec)
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: RotationOptions,
+                   context: dict) -> nn.Module:
     return quantize_linears(block, inputs, spec, lambda name, linear: actquant.transform_for(
-        linear.in_features, True, "rotation"), weights=weights, clip_ratio=clip_ratio,
-        weight_clip_ratio=weight_clip_ratio, act_order=act_order, damp=damp, true_sequential=true_sequential)
-
-
-quantize_block.check_spec = _check_rotation_spec
+        linear.in_features, True, "rotation"), weights=options.weights,
+        clip_ratio=actquant.resolve_clip(options.clip_ratio, spec.a_bits),
+        weight_clip_ratio=options.weight_clip_ratio, act_order=options.act_order, damp=options.damp,
+        true_sequential=options.true_sequential)

@@ -6,27 +6,35 @@ quantization at `clip_ratio`): the "no rotation" baseline. K/V bits wrap k_proj/
 """
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
-from calm.algorithms import actquant, calibration_free, register, replace_module
+from calm.algorithms import actquant, register, replace_module
+from calm.algorithms.options import AlgorithmOptions, option
 from calm.config import QuantSpec
 from calm.model import BlockInputs, block_linears
 from calm.nn import UniformQuantLinear
 
 
-@register("rtn")
-@calibration_free
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, clip_ratio: float = 1.0
-                   ) -> nn.Module:
-    clip_ratio = actquant.check_clip(clip_ratio, "rtn clip_ratio")
+@dataclasses.dataclass(frozen=True)
+class RTNOptions(AlgorithmOptions):
+    clip_ratio: float = option(1.0, "activation clip ratio at schemes that quantize activations", low=0.0,
+                               high=1.0, low_open=True)
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    actquant.check_activation_spec(spec, "rtn")
+
+
+@register("rtn", RTNOptions, check_spec=_check_spec, calibration_free=True)
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: RTNOptions,
+                   context: dict) -> nn.Module:
     for name, linear in block_linears(block).items():
         if spec.a_bits == 16:
             group = spec.group_for(linear.in_features)
             q = UniformQuantLinear.from_float(linear, spec.w_bits, group, spec.symmetric)
         else:
-            q = actquant.activation_linear(linear, spec, None, clip_ratio)
+            q = actquant.activation_linear(linear, spec, None, options.clip_ratio)
         replace_module(block, name, actquant.with_kv_quantization(block, name, q, spec))
     return block
-
-
-quantize_block.check_spec = lambda spec: actquant.check_activation_spec(spec, "rtn")

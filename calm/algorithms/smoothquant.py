@@ -16,10 +16,13 @@ activation quantizer.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from calm.algorithms import register, replace_module
+from calm.algorithms.options import AlgorithmOptions, option
 from calm.algorithms.scaling import capture, fold_scales, scale_groups
 from calm.config import CalmUsageError, QuantSpec
 from calm.model import BlockInputs, block_linears
@@ -61,14 +64,16 @@ def _check_spec(spec: QuantSpec) -> None:
         raise CalmUsageError("smoothquant does not quantize the KV cache; drop K/V from the scheme")
 
 
-@register("smoothquant")
-def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, alpha: float = 0.5,
-                   clip_ratio: float = 1.0) -> nn.Module:
-    _check_spec(spec)
-    if not 0.0 <= alpha <= 1.0:
-        raise CalmUsageError(f"smoothquant alpha must be in [0, 1], got {alpha}")
-    if not 0.0 < clip_ratio <= 1.0:
-        raise CalmUsageError(f"smoothquant clip_ratio (activations) must be in (0, 1], got {clip_ratio}")
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantOptions(AlgorithmOptions):
+    alpha: float = option(0.5, "migration strength: s = max|X|^alpha / max|W|^(1 - alpha)", low=0.0, high=1.0)
+    clip_ratio: float = option(1.0, "activation clip ratio", low=0.0, high=1.0, low_open=True)
+
+
+@register("smoothquant", SmoothQuantOptions, check_spec=_check_spec)
+def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: SmoothQuantOptions,
+                   context: dict) -> nn.Module:
+    alpha, clip_ratio = options.alpha, options.clip_ratio
     smooth_block(block, inputs, alpha)
     for name, lin in block_linears(block).items():
         if spec.w_bits == 8:
@@ -81,5 +86,3 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, *, al
         replace_module(block, name, q)
     return block
 
-
-quantize_block.check_spec = _check_spec
