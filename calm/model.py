@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -217,33 +217,55 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     return outs
 
 
-def linear_inputs(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...],
-                  consume) -> None:
-    """Run the block and hand every batch's input of each named linear to `consume(name, x)`.
+def slice_batch(obj: Any, n: int, batch: int) -> Any:
+    """The first n windows of a block's keyword arguments: tensors whose first dim is the batch get sliced."""
+    if batch == n:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj[:n] if obj.dim() and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, dict):
+        return {k: slice_batch(v, n, batch) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(slice_batch(v, n, batch) for v in obj)
+    return obj
 
-    The forward stops as soon as the last named linear has seen its input, so early groups cost a fraction
-    of a full block pass.
+
+def run_with_input_hooks(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...],
+                         consume: Callable[[str, torch.Tensor, dict[str, Any]], None], *, stop_early: bool = False,
+                         max_windows: int | None = None) -> None:
+    """Run the block on its calibration inputs and hand what each named submodule receives to
+    `consume(name, x, kwargs)` (x its first input, kwargs its keyword arguments).
+
+    `stop_early` ends each forward once every named submodule has its input, so early linears of a block cost
+    a fraction of a full pass; `max_windows` runs only the first windows.
     """
     modules = dict(block.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
-        raise ValueError(f"block has no linear named {missing}")
+        raise ValueError(f"block has no submodule named {missing}")
     seen: set[str] = set()
-    handles = []
 
     def hook_for(name):
-        def hook(module, args):
-            consume(name, args[0].detach())
+        def hook(module, args, kwargs):
+            kw = dict(kwargs)
+            x = args[0] if args else kw.pop("hidden_states")
+            consume(name, x.detach(), kw)
             seen.add(name)
-            if len(seen) == len(names):
+            if stop_early and len(seen) == len(names):
                 raise _StopForward
         return hook
 
-    for n in names:
-        handles.append(modules[n].register_forward_pre_hook(hook_for(n)))
+    handles = [modules[n].register_forward_pre_hook(hook_for(n), with_kwargs=True) for n in names]
     try:
         with torch.no_grad():
+            done = 0
             for h, kw in zip(inputs.hidden, inputs.kwargs):
+                if max_windows is not None:
+                    if done >= max_windows:
+                        break
+                    take = min(h.shape[0], max_windows - done)
+                    h, kw = h[:take], slice_batch(kw, take, h.shape[0])
+                    done += take
                 seen.clear()
                 try:
                     block(h, **kw)
@@ -252,6 +274,13 @@ def linear_inputs(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...],
     finally:
         for handle in handles:
             handle.remove()
+
+
+def linear_inputs(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...],
+                  consume: Callable[[str, torch.Tensor], None]) -> None:
+    """Hand every batch's input of each named linear to `consume(name, x)`, stopping each forward as soon as
+    the last of them has its input."""
+    run_with_input_hooks(block, inputs, names, lambda name, x, kw: consume(name, x), stop_early=True)
 
 
 def final_hidden(model: nn.Module, index: int, hidden: list[torch.Tensor], inputs: BlockInputs) -> list[torch.Tensor]:

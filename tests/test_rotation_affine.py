@@ -175,7 +175,7 @@ def test_kv_quantization_wraps_k_and_v_and_survives_save_and_load(tmp_path):
 # ---- Bad input -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme,candidate,message", [
-    ("W4A16", "rotation", "keeps them in floating point"),
+    ("W4A16", "rotation", "keeps activations in floating point"),
     ("W4A4G64", "gptq", "drop the G"),
     ("W8A4", "rtn", "weights must be 2, 3 or 4"),
     ("W4A2", "rotation", "not supported"),

@@ -35,6 +35,17 @@ def check_activation_spec(spec: QuantSpec, algorithm: str) -> None:
                              f"per-channel symmetric weights: drop the G (e.g. W{spec.w_bits}A{spec.a_bits})")
 
 
+def transform_spec_check(algorithm: str, what: str):
+    """A check_spec for a candidate that transforms activations (`what` says how): it refuses weight-only
+    schemes, then what the activation-quantized format cannot hold."""
+    def check_spec(spec: QuantSpec) -> None:
+        if spec.a_bits == 16:
+            raise CalmUsageError(f"{algorithm} {what}; scheme {spec.scheme} keeps activations in floating point: "
+                                 f"use e.g. W{spec.w_bits}A4 or W{spec.w_bits}A8")
+        check_activation_spec(spec, algorithm)
+    return check_spec
+
+
 # Activation clip ratios of the transform candidates (rotation, affine's learned-clip start, the kurtosis
 # rule) when left at "auto", by activation bits. Measured on the default model (bench/QUALITY.md, "Activation
 # clipping"): W3A3 rotation 10663 -> 1182 and affine 2693 -> 874 with 0.8; W4A4 rotation 37.5 -> 34.3 and

@@ -36,7 +36,7 @@ from calm.algorithms import actquant, register, replace_module
 from calm.algorithms.gptq_core import single_thread
 from calm.algorithms.options import AlgorithmOptions, option
 from calm.algorithms.rotation import WEIGHT_METHODS, quantize_linears
-from calm.config import CalmUsageError, QuantSpec
+from calm.config import QuantSpec
 from calm.model import BlockInputs, block_linears
 from calm.nn import fake_quantize_kv
 from calm_kernels import rotated
@@ -264,14 +264,7 @@ class AffineOptions(TrainingOptions):
                                     "activation bits)", choices=("auto",), low=0.0, high=1.0, low_open=True)
 
 
-def _check_affine_spec(spec: QuantSpec) -> None:
-    if spec.a_bits == 16:
-        raise CalmUsageError(f"affine transforms quantize activations; scheme {spec.scheme} keeps them in floating "
-                             f"point: use e.g. W{spec.w_bits}A4")
-    actquant.check_activation_spec(spec, "affine")
-
-
-@register("affine", AffineOptions, check_spec=_check_affine_spec)
+@register("affine", AffineOptions, check_spec=actquant.transform_spec_check("affine", "learns transforms of the activations it quantizes"))
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: AffineOptions,
                    context: dict) -> nn.Module:
     for name, linear in block_linears(block).items():

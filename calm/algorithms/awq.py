@@ -26,8 +26,15 @@ from torch import nn
 
 from calm.algorithms import register, replace_module, weight_only_spec
 from calm.algorithms.options import AlgorithmOptions, option
-from calm.algorithms.scaling import (ScaleGroup, capture, fake_quantize, fold_scales, scale_groups, spaced_rows,
-                                     windows_for)
+from calm.algorithms.scaling import (
+    ScaleGroup,
+    capture,
+    fake_quantize,
+    fold_scales,
+    scale_groups,
+    spaced_rows,
+    windows_for,
+)
 from calm.config import QuantSpec
 from calm.grid import quantize_groups
 from calm.model import BlockInputs, block_linears

@@ -35,8 +35,13 @@ import torch
 from torch import nn
 
 from calm.algorithms import register
-from calm.algorithms.gptq_core import column_loop, inverse_cholesky, prepare_problem, quantize_sequentially, \
-    single_thread
+from calm.algorithms.gptq_core import (
+    column_loop,
+    inverse_cholesky,
+    prepare_problem,
+    quantize_sequentially,
+    single_thread,
+)
 from calm.algorithms.options import AlgorithmOptions, option
 from calm.config import CalmUsageError, QuantSpec
 from calm.model import BlockInputs

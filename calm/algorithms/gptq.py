@@ -16,8 +16,15 @@ import dataclasses
 from torch import nn
 
 from calm.algorithms import actquant, register, rotation
-from calm.algorithms.gptq_core import (ACT_ORDERS, HessianAccumulator, gptq_linear, gptq_quantize_weight,
-                                       inverse_cholesky, quantize_sequentially, single_thread)
+from calm.algorithms.gptq_core import (
+    ACT_ORDERS,
+    HessianAccumulator,
+    gptq_linear,
+    gptq_quantize_weight,
+    inverse_cholesky,
+    quantize_sequentially,
+    single_thread,
+)
 from calm.algorithms.options import AlgorithmOptions, option
 from calm.config import QuantSpec
 from calm.model import BlockInputs

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from calm.algorithms import replace_module
-from calm.grid import fit_grid, quantize_groups, quantize_to_codes
 from calm.config import QuantSpec
+from calm.grid import fit_grid, quantize_groups, quantize_to_codes
 from calm.model import SEQUENTIAL_GROUPS, BlockInputs, block_linears, linear_inputs
 from calm.nn import UniformQuantLinear
 

@@ -79,13 +79,6 @@ def choose_transforms(block: nn.Module, threshold: float, side: str, outlier: st
     return chosen
 
 
-def _check_spec(spec: QuantSpec) -> None:
-    if spec.a_bits == 16:
-        raise CalmUsageError(f"the kurtosis rule chooses activation transforms; scheme {spec.scheme} keeps "
-                             f"activations in floating point: use e.g. W{spec.w_bits}A4")
-    actquant.check_activation_spec(spec, "kurtosis")
-
-
 @dataclasses.dataclass(frozen=True)
 class KurtosisOptions(affine.TrainingOptions):
     threshold: float = option(3.5, "robust z-score above which a linear's weights count as heavy-tailed", low=0.0)
@@ -103,7 +96,7 @@ def _prepare(float_blocks: list[nn.Module], spec: QuantSpec, options: KurtosisOp
     return {"population": population(float_blocks)} if options.scope == "model" else {}
 
 
-@register("kurtosis", KurtosisOptions, check_spec=_check_spec, prepare=_prepare)
+@register("kurtosis", KurtosisOptions, check_spec=actquant.transform_spec_check("kurtosis", "chooses activation transforms"), prepare=_prepare)
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: KurtosisOptions,
                    context: dict) -> nn.Module:
     clip_ratio = actquant.resolve_clip(options.clip_ratio, spec.a_bits)

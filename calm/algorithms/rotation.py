@@ -24,9 +24,14 @@ import torch
 from torch import nn
 
 from calm.algorithms import actquant, register, replace_module
-from calm.algorithms.gptq_core import ACT_ORDERS, gptq_linear, gptq_quantize_weight, quantize_sequentially
+from calm.algorithms.gptq_core import (
+    ACT_ORDERS,
+    gptq_linear,
+    gptq_quantize_weight,
+    quantize_sequentially,
+)
 from calm.algorithms.options import AlgorithmOptions, option
-from calm.config import CalmUsageError, QuantSpec
+from calm.config import QuantSpec
 from calm.model import BlockInputs, block_linears
 from calm.nn import UniformQuantLinear
 
@@ -91,14 +96,7 @@ class RotationOptions(AlgorithmOptions):
                                    "quantized ones before")
 
 
-def _check_rotation_spec(spec: QuantSpec) -> None:
-    if spec.a_bits == 16:
-        raise CalmUsageError(f"rotation quantizes activations through an online Hadamard; scheme {spec.scheme} "
-                             f"keeps them in floating point: use e.g. W{spec.w_bits}A4 or W{spec.w_bits}A8")
-    actquant.check_activation_spec(spec, "rotation")
-
-
-@register("rotation", RotationOptions, check_spec=_check_rotation_spec)
+@register("rotation", RotationOptions, check_spec=actquant.transform_spec_check("rotation", "quantizes activations through an online Hadamard"))
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: RotationOptions,
                    context: dict) -> nn.Module:
     return quantize_linears(block, inputs, spec, lambda name, linear: actquant.transform_for(

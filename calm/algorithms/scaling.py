@@ -16,7 +16,7 @@ from torch import nn
 
 from calm.config import CalmUsageError
 from calm.grid import dequantize_codes, quantize_groups
-from calm.model import BlockInputs, _StopForward
+from calm.model import BlockInputs, run_with_input_hooks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,59 +112,18 @@ class Captured:
         return torch.cat([t.reshape(-1, t.shape[-1]) for t in self.x])
 
 
-def capture(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...], stop_after: str | None = None,
-            max_windows: int | None = None) -> dict[str, Captured]:
-    """Run the block on its calibration inputs and keep what each named submodule receives.
-
-    `stop_after` ends each forward once that module has its input; `max_windows` runs only the first windows.
-    """
-    modules = dict(block.named_modules())
+def capture(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...], max_windows: int | None = None
+            ) -> dict[str, Captured]:
+    """Run the block on its calibration inputs (the first `max_windows` only, if given) and keep what each
+    named submodule receives."""
     got = {n: Captured([], []) for n in names}
-    handles = []
 
-    def hook_for(name):
-        def hook(module, args, kwargs):
-            kw = dict(kwargs)
-            x = args[0] if args else kw.pop("hidden_states")
-            got[name].x.append(x.detach())
-            got[name].kwargs.append(kw)
-            if name == stop_after:
-                raise _StopForward
-        return hook
+    def keep(name: str, x: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        got[name].x.append(x)
+        got[name].kwargs.append(kwargs)
 
-    for n in names:
-        handles.append(modules[n].register_forward_pre_hook(hook_for(n), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            seen = 0
-            for h, kw in zip(inputs.hidden, inputs.kwargs):
-                if max_windows is not None:
-                    if seen >= max_windows:
-                        break
-                    take = min(h.shape[0], max_windows - seen)
-                    h, kw = h[:take], slice_batch(kw, take, h.shape[0])
-                    seen += take
-                try:
-                    block(h, **kw)
-                except _StopForward:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_input_hooks(block, inputs, names, keep, max_windows=max_windows)
     return got
-
-
-def slice_batch(obj: Any, n: int, batch: int) -> Any:
-    """The first n windows of a block's keyword arguments: tensors whose first dim is the batch get sliced."""
-    if batch == n:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj[:n] if obj.dim() and obj.shape[0] == batch and batch > 1 else obj
-    if isinstance(obj, dict):
-        return {k: slice_batch(v, n, batch) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(slice_batch(v, n, batch) for v in obj)
-    return obj
 
 
 def windows_for(inputs: BlockInputs, tokens: int) -> int:
