@@ -1,4 +1,4 @@
-"""Load a causal LM (local folder, GGUF file, or the embedded default), walk its decoder blocks, capture block inputs."""
+"""Load a causal LM (local folder, GGUF file or the embedded default), walk its decoder blocks, capture their inputs."""
 from __future__ import annotations
 
 import dataclasses

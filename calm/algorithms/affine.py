@@ -94,9 +94,10 @@ class _TrainableLinear(nn.Module):
             self.factors = nn.ParameterList([nn.Parameter(f.clone()) for f in factors])
         else:
             self.factors = [f.clone() for f in factors]
-        self.w_clip = nn.Parameter(torch.full((linear.out_features, 1), CLIP_INIT))
+        self.w_clip = nn.Parameter(torch.full((linear.out_features, 1), CLIP_INIT,
+                                                     device=linear.weight.device))
         self.a_clip = nn.Parameter(torch.tensor(min(CLIP_INIT, math.log(a_clip_init / (1.0 - a_clip_init)))
-                                                if a_clip_init < 1.0 else CLIP_INIT))
+                                                if a_clip_init < 1.0 else CLIP_INIT, device=linear.weight.device))
 
     def folded_weight(self) -> torch.Tensor:
         w = self.weight
@@ -163,7 +164,8 @@ def train_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, mod
     scales: dict[str, nn.Parameter] = {}
     for norm, names in NORM_SITES.items():
         if hasattr(work, norm) and any(modes.get(n) == "learned" for n in names):
-            scales[norm] = nn.Parameter(torch.zeros(linears[names[0]].in_features))
+            scales[norm] = nn.Parameter(torch.zeros(linears[names[0]].in_features,
+                                                             device=linears[names[0]].weight.device))
     site_of = {n: norm for norm, names in NORM_SITES.items() for n in names if norm in scales}
     head_dim = actquant.head_dim_of(work) if spec.k_bits != 16 or spec.v_bits != 16 else 0
     for name, linear in linears.items():
@@ -186,8 +188,8 @@ def _optimize(block: nn.Module, work: nn.Module, inputs: BlockInputs, params: li
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(steps):
-            batch = int(torch.randint(len(inputs), (1,), generator=gen))
-            row = int(torch.randint(inputs.hidden[batch].shape[0], (1,), generator=gen))
+            batch = int(torch.randint(len(inputs), (1,), generator=gen, device="cpu"))
+            row = int(torch.randint(inputs.hidden[batch].shape[0], (1,), generator=gen, device="cpu"))
             h, kw = _crop(inputs, batch, row, batch_tokens)
             with torch.no_grad():
                 target = _block_out(block, h, kw)
@@ -236,13 +238,14 @@ def quantize_with_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantS
     tl = {name: trained.get_submodule(name) for name in block_linears(block)}
     if weights == "gptq":
         return quantize_linears(block, inputs, spec, lambda name, linear: transform_of(tl[name]), weights="gptq",
-                                clip_ratio=lambda name: float(torch.sigmoid(tl[name].a_clip.detach())), act_order=act_order,
-                                damp=damp)
+                                clip_ratio=lambda name: float(torch.sigmoid(tl[name].a_clip.detach())),
+                                act_order=act_order, damp=damp)
     for name, linear in block_linears(block).items():
         t = transform_of(tl[name])
         w = t.fold_into_weight(linear.weight.detach()) if t is not None else linear.weight.detach().float()
         codes, row_scales = _rtn_row_clipped(w, spec.w_bits, torch.sigmoid(tl[name].w_clip.detach()))
-        q = actquant.activation_linear(linear, spec, t, float(torch.sigmoid(tl[name].a_clip.detach())), codes, row_scales)
+        a_clip = float(torch.sigmoid(tl[name].a_clip.detach()))
+        q = actquant.activation_linear(linear, spec, t, a_clip, codes, row_scales)
         replace_module(block, name, actquant.with_kv_quantization(block, name, q, spec))
     return block
 
@@ -264,7 +267,8 @@ class AffineOptions(TrainingOptions):
                                     "activation bits)", choices=("auto",), low=0.0, high=1.0, low_open=True)
 
 
-@register("affine", AffineOptions, check_spec=actquant.transform_spec_check("affine", "learns transforms of the activations it quantizes"))
+@register("affine", AffineOptions,
+          check_spec=actquant.transform_spec_check("affine", "learns transforms of the activations it quantizes"))
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: AffineOptions,
                    context: dict) -> nn.Module:
     for name, linear in block_linears(block).items():

@@ -105,7 +105,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int, 
     xg = x.to(torch.float32).reshape(-1, groups, g)
     reference = torch.einsum("tgk,ogk->tog", xg, wg)
     org_max = wg.abs().amax(dim=-1, keepdim=True)
-    best_err = torch.full((n_out, groups), float("inf"))
+    best_err = torch.full((n_out, groups), float("inf"), device=w.device)
     best_max = org_max.squeeze(-1).clone()
     for i in range(int(max_shrink * n_grid)):
         bound = org_max * (1 - i / n_grid)

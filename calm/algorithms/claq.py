@@ -57,7 +57,8 @@ class ClaqResult:
     """One quantized matrix in the original column order.
 
     codes (out, in) uint8; centroids (in, 2^max_bits) float32 holding float16 values, column j uses its first
-    2^column_bits[j] (the rest repeat its largest centroid); column_bits (in,) int; outliers: (rows, cols, values) or None;
+    2^column_bits[j] (the rest repeat its largest centroid); column_bits (in,) int; outliers: (rows, cols, values)
+    or None;
     dequantized: the dense (out, in) weight the codes, codebooks and outliers stand for.
     """
     codes: torch.Tensor
@@ -77,7 +78,7 @@ def adaptive_bits(score: torch.Tensor, bits_target: float) -> torch.Tensor:
     else:
         low, frac = 3, bits_target - 3.0
     n_high = int(round(frac * k))
-    bits = torch.full((k,), low, dtype=torch.int64)
+    bits = torch.full((k,), low, dtype=torch.int64, device=score.device)
     bits[torch.argsort(score, descending=True, stable=True)[:n_high]] = 4
     return bits
 
@@ -112,28 +113,28 @@ def claq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     w, h = prepare_problem(weight, hessian)
     n, k = w.shape
     counts = outlier_counts(w)
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k, device=w.device)
     w, h, counts = w[:, perm], h[perm][:, perm], counts[perm]
     hinv = inverse_cholesky(h, damp)
 
     saliency = (w.to(torch.float64).square() / torch.diag(hinv).to(torch.float64).square().unsqueeze(0)).mean(dim=0)
     if bits_target is None:
-        col_bits = torch.full((k,), bits, dtype=torch.int64)
+        col_bits = torch.full((k,), bits, dtype=torch.int64, device=w.device)
     else:
         score = _rank_score(counts, saliency) if order == "outlier" else saliency
         col_bits = adaptive_bits(score, bits_target)
-    tail = torch.zeros(k, dtype=torch.int64)
+    tail = torch.zeros(k, dtype=torch.int64, device=w.device)
     if outliers:
-        frac = torch.full((k,), outlier_rest, dtype=torch.float64)
+        frac = torch.full((k,), outlier_rest, dtype=torch.float64, device=w.device)
         top = torch.argsort(_rank_score(counts, saliency), descending=True, stable=True)
         frac[top[:int(round(outlier_columns * k))]] = outlier_top
         tail = torch.round(frac * n).to(torch.int64)
 
     max_bits = int(col_bits.max())
-    codes = torch.zeros(n, k, dtype=torch.uint8)
-    cents = torch.zeros(k, 1 << max_bits)
-    deq = torch.zeros(n, k)
-    keep = torch.zeros(n, k, dtype=torch.bool)
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    cents = torch.zeros(k, 1 << max_bits, device=w.device)
+    deq = torch.zeros(n, k, device=w.device)
+    keep = torch.zeros(n, k, dtype=torch.bool, device=w.device)
 
     def fit(cols: torch.Tensor, values: torch.Tensor, importance: torch.Tensor | None) -> None:
         """Fit the codebooks of columns `cols` (absolute indices) on `values` (n, len(cols)), by width."""
@@ -153,7 +154,7 @@ def claq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
             imp = None
             if outliers:
                 imp = torch.stack([~_tails(w1[:, j], int(tail[col - i + j])) for j in range(i, j2)], 1).float()
-            fit(torch.arange(col, col - i + j2), w1[:, i:j2], imp)
+            fit(torch.arange(col, col - i + j2, device=w.device), w1[:, i:j2], imp)
         wc = w1[:, i]
         mask = _tails(wc, int(tail[col]))
         c = cents[col:col + 1, :1 << int(col_bits[col])]

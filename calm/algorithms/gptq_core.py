@@ -45,8 +45,8 @@ QuantizeColumn = Callable[[int, int, torch.Tensor], torch.Tensor]
 class HessianAccumulator:
     """Running H = 2/n sum x x^T of a linear's inputs (float64 sum, float32 per-batch products)."""
 
-    def __init__(self, in_features: int) -> None:
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -85,11 +85,12 @@ def prepare_problem(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.
 def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor (float32) of the inverse of H + damp * mean(diag H) * I (H float64, dead inputs fixed)."""
     k = h.shape[0]
-    h = h + damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    h = h + damp * torch.mean(torch.diag(h)) * eye
     try:
         # H^-1 = L^-T L^-1 through a triangular solve and a matmul: torch.cholesky_inverse runs ~15x slower
         # on a 2-core CPU (measured, 1536 x 1536 float64).
-        l_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(k, dtype=h.dtype), upper=False)
+        l_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), eye, upper=False)
         return torch.linalg.cholesky(l_inv.T @ l_inv, upper=True).to(torch.float32)
     except torch.linalg.LinAlgError as exc:
         raise torch.linalg.LinAlgError(f"GPTQ: the damped Hessian is not positive definite (damp={damp}); "
@@ -142,8 +143,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     if group_size < k:
         block_size = group_size * max(1, block_size // group_size)
     codes = torch.zeros_like(w)
-    scales = torch.zeros(n_out, n_groups)
-    zeros = torch.zeros(n_out, n_groups)
+    scales = torch.zeros(n_out, n_groups, device=w.device)
+    zeros = torch.zeros(n_out, n_groups, device=w.device)
     grid: list[torch.Tensor] = []  # the current group's (scale, zero)
 
     def on_grid(col: int, i: int, w1: torch.Tensor) -> torch.Tensor:
@@ -191,7 +192,7 @@ def sequential_groups(block: nn.Module, true_sequential: bool) -> list[tuple[str
 def group_hessians(block: nn.Module, inputs: BlockInputs, group: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """H of each named linear's inputs when the block (as it stands) runs on the calibration inputs."""
     linears = block_linears(block)
-    accs = {n: HessianAccumulator(linears[n].in_features) for n in group}
+    accs = {n: HessianAccumulator(linears[n].in_features, linears[n].weight.device) for n in group}
     linear_inputs(block, inputs, group, lambda name, x: accs[name].add(x))
     return {n: acc.hessian() for n, acc in accs.items()}
 

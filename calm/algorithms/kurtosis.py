@@ -59,7 +59,7 @@ def robust_z(values: torch.Tensor, median: float | None = None, mad: float | Non
 
 def population(blocks: list[nn.Module]) -> dict[str, float]:
     kappas = torch.tensor([weight_kurtosis(m.weight) for b in blocks for m in block_linears(b).values()
-                           if hasattr(m, "weight")], dtype=torch.float64)
+                           if hasattr(m, "weight")], dtype=torch.float64, device="cpu")
     if kappas.numel() == 0:
         raise CalmUsageError("kurtosis: no float linears to measure")
     med = float(kappas.median())
@@ -70,7 +70,8 @@ def choose_transforms(block: nn.Module, threshold: float, side: str, outlier: st
                       stats: dict[str, float] | None) -> dict[str, tuple[float, str]]:
     """Per linear name: (z-score, chosen transform)."""
     linears = block_linears(block)
-    kappas = torch.tensor([weight_kurtosis(m.weight) for m in linears.values()], dtype=torch.float64)
+    kappas = torch.tensor([weight_kurtosis(m.weight) for m in linears.values()], dtype=torch.float64,
+                          device="cpu")
     z = robust_z(kappas) if stats is None else robust_z(kappas, stats["median"], stats["mad"])
     chosen = {}
     for (name, _), zi in zip(linears.items(), z.tolist()):
@@ -96,7 +97,8 @@ def _prepare(float_blocks: list[nn.Module], spec: QuantSpec, options: KurtosisOp
     return {"population": population(float_blocks)} if options.scope == "model" else {}
 
 
-@register("kurtosis", KurtosisOptions, check_spec=actquant.transform_spec_check("kurtosis", "chooses activation transforms"), prepare=_prepare)
+@register("kurtosis", KurtosisOptions, prepare=_prepare,
+          check_spec=actquant.transform_spec_check("kurtosis", "chooses activation transforms"))
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: KurtosisOptions,
                    context: dict) -> nn.Module:
     clip_ratio = actquant.resolve_clip(options.clip_ratio, spec.a_bits)

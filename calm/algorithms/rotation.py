@@ -96,7 +96,8 @@ class RotationOptions(AlgorithmOptions):
                                    "quantized ones before")
 
 
-@register("rotation", RotationOptions, check_spec=actquant.transform_spec_check("rotation", "quantizes activations through an online Hadamard"))
+@register("rotation", RotationOptions,
+          check_spec=actquant.transform_spec_check("rotation", "quantizes activations through an online Hadamard"))
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: RotationOptions,
                    context: dict) -> nn.Module:
     return quantize_linears(block, inputs, spec, lambda name, linear: actquant.transform_for(

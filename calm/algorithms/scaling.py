@@ -137,5 +137,5 @@ def spaced_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """At most n rows of x, evenly spaced (deterministic, covers every window)."""
     if n <= 0 or x.shape[0] <= n:
         return x
-    idx = torch.linspace(0, x.shape[0] - 1, n).round().long()
+    idx = torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()
     return x[idx]
