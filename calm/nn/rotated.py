@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from calm.nn.base import QuantizedLinear, register
+
+# calm_kernels.rotated imports torch only; triton loads inside its launchers.
 from calm_kernels import packing
-from calm_kernels import (
-    rotated as _rotated,  # torch only; triton loads inside the launchers
-)
+from calm_kernels import rotated as _rotated
 from calm_kernels._dispatch import use_triton as _use_triton
 
 

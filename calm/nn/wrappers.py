@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from calm.nn.base import QuantizedLinear, build_quantized_linear, register
-from calm_kernels import (
-    rotated as _rotated,  # torch only; triton loads inside the launchers
-)
+
+# calm_kernels.rotated imports torch only; triton loads inside its launchers.
+from calm_kernels import rotated as _rotated
 
 
 def fake_quantize_kv(y: torch.Tensor, bits: int, head_dim: int, group_size: int) -> torch.Tensor:
