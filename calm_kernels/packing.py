@@ -7,7 +7,10 @@ Uniform weights (out_features N x in_features K):
   of PACK_ALIGN = 32, so a row takes exactly K_pad * b / 32 words and 3-bit codes waste no bits beyond
   that padding (a 3-bit code may straddle two words: codes 10 and 21 of every 32);
 - scales: (N, K / group_size) float16; zeros: (N, K / group_size) uint8 integer zero points;
-  w = (code - zero) * scale. Per-channel quantization is group_size == K.
+  w = (code - zero) * scale. Per-channel quantization is group_size == K. A symmetric grid's zero point is
+  the constant 2^(b-1): the kernels read it like any other, calm.nn does not save it;
+- input_perm (optional, GPTQ act-order): (K,) `index_dtype(K)` (int16 up to 32767 columns, else int32);
+  stored column s meets input column input_perm[s].
 
 Codebook weights (CLAQ-style: one lookup table per input column, width b_j in {1, 2, 3, 4, 8} per column):
 - the columns are stably sorted by width into contiguous slabs (`CodebookLayout.slabs`: (bits, columns) in
@@ -108,10 +111,24 @@ def dequantize_uniform(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.
     return w.view(n, k).to(dtype)
 
 
-def uniform_effective_bits(bits: int, group_size: int, symmetric: bool) -> float:
-    """Stored bits per weight: codes plus a float16 scale per group, plus a uint8 zero per group if asymmetric."""
+def index_dtype(n: int) -> torch.dtype:
+    """The smallest integer dtype the packed formats use for indices into n columns: int16 up to 32767, else int32."""
+    return torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def uniform_effective_bits(bits: int, group_size: int, symmetric: bool, in_features: int | None = None,
+                           out_features: int | None = None, input_perm: bool = False) -> float:
+    """Stored bits per weight of a uniform weight: codes (with the row padding to PACK_ALIGN when in_features is
+    given), a float16 scale per group, a uint8 zero point per group if asymmetric (a symmetric grid's zero is
+    the constant 2^(bits-1), not stored) and, with `input_perm`, one `index_dtype(in_features)` index per input
+    column shared by the out_features rows. Equals calm.nn.UniformQuantLinear.effective_bits."""
     meta = 16 + (0 if symmetric else 8)
-    return bits + meta / group_size
+    code_bits = bits if in_features is None else bits * padded_length(in_features) / in_features
+    if not input_perm:
+        return code_bits + meta / group_size
+    if in_features is None or out_features is None:
+        raise ValueError("counting input_perm needs in_features and out_features")
+    return code_bits + meta / group_size + torch.iinfo(index_dtype(in_features)).bits / out_features
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +196,7 @@ class CodebookLayout:
 
 
 def outlier_col_dtype(in_features: int) -> torch.dtype:
-    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+    return index_dtype(in_features)
 
 
 @dataclasses.dataclass

@@ -104,6 +104,14 @@ def test_codebook_bad_inputs_say_what_is_wrong():
 
 def test_effective_bits_count_every_stored_byte():
     assert packing.uniform_effective_bits(3, 64, symmetric=False) == 3 + 24 / 64
+    # A symmetric grid's zero point (2^(b-1)) is not stored; rows pad to 32 codes; act-order adds an index per column.
+    assert packing.uniform_effective_bits(3, 64, symmetric=True) == 3 + 16 / 64
+    assert packing.uniform_effective_bits(4, 48, False, in_features=240) == 4 * 256 / 240 + 24 / 48
+    assert packing.uniform_effective_bits(4, 48, False, 240, 10, input_perm=True) == pytest.approx(
+        4 * 256 / 240 + 24 / 48 + 16 / 10)
+    for symmetric in (False, True):
+        u = UniformQuantLinear.from_float(nn.Linear(240, 10), 4, 48, symmetric)
+        assert u.effective_bits == pytest.approx(packing.uniform_effective_bits(4, 48, symmetric, 240, 10))
     codes, centroids, column_bits, outliers = _codebook_parts(64, 96, (3, 4), seed=5, outliers=40)
     m = CodebookQuantLinear.from_parts(codes, centroids, column_bits, outliers)
     stored = sum(t.numel() * t.element_size() * 8 for name, t in m.state_dict().items() if name != "bias")
