@@ -10,9 +10,9 @@ setup:
 run: setup
 	$(PY) -m calm.run $(RUN_ARGS)
 
-# Unit and end-to-end tests, then the Triton kernels under the interpreter in their own process (the
-# variable must be set before the kernel modules are imported).
-test: setup
+# Lint (ruff, configured in pyproject.toml), unit and end-to-end tests, then the Triton kernels under the
+# interpreter in their own process (the variable must be set before the kernel modules are imported).
+test: setup lint
 	$(PY) -m pytest -q tests --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 
@@ -21,6 +21,9 @@ test-unit: setup
 
 test-kernels: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
+
+lint: setup
+	$(PY) -m ruff check calm calm_kernels tests bench scripts
 
 bench: setup
 	$(PY) bench/bench_cka.py --smoke && $(PY) bench/bench_kmeans.py --smoke && \

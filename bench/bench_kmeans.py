@@ -138,7 +138,8 @@ def bench_case(rows: int, cols: int, bits: int, device: str, use_imp: bool, time
     try:
         import fast_pytorch_kmeans  # noqa: F401
     except ImportError as exc:
-        notes.append(f"fast-pytorch-kmeans not importable ({exc}; pip install fast-pytorch-kmeans): its column is skipped")
+        notes.append(f"fast-pytorch-kmeans not importable ({exc}; pip install fast-pytorch-kmeans): "
+                     "its column is skipped")
     else:
         if use_imp:
             notes.append("fast-pytorch-kmeans has no sample weights: skipped in --importance runs")

@@ -352,7 +352,7 @@ def goal_lines(records: list[dict]) -> list[str]:
     if marlin and ours:
         lines.append(f"8192x8192 M=1 u4: {ours:.1f} us vs Marlin {marlin:.1f} us "
                      f"(goal at least as fast: {'met' if ours <= marlin else 'NOT met'})")
-    for (n, k, m, prov, case), us in idx.items():
+    for n, k, m, prov, case in idx:
         if prov == "calm" and m == 2048:
             x = ratio(n, k, m, case)
             if x is not None:

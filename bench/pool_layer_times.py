@@ -126,7 +126,8 @@ def main() -> int:
     print("| linear | shape | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in rows:
-        print(f"| {r['linear']} | {r['shape'][0]}x{r['shape'][1]} | " + " | ".join("n/a" if r[c] is None else f"{r[c]:.2f}" for c in cols) + " |")
+        cells = ("n/a" if r[c] is None else f"{r[c]:.2f}" for c in cols)
+        print(f"| {r['linear']} | {r['shape'][0]}x{r['shape'][1]} | " + " | ".join(cells) + " |")
     n = len(names)
     print("\nWhole block: " + ", ".join(f"{k} {v:.1f} s ({v / n:.2f} s per linear)" for k, v in block_times.items()))
     return 0

@@ -9,8 +9,9 @@ hybrid over those candidates (per block the highest CKA, ties by MSE, as calm.se
 it. A candidate may carry its own scheme: `gptq@W3A16` (per channel) next to `gptq` (the --scheme).
 Same calibration and evaluation text as calm.run. Prints a table and a per-block table; writes JSON.
 
+    POOL="rtn;gptq;awq;claq;gptq@W3A16;claq:bits_target=3.12;claq:bits_target=2.1;claq:bits_target=2.1,outliers=true"
     python bench/pool_partial.py --scheme W3A16G64 --blocks 6 --eval-tokens 8192 --calm rtn,gptq,awq,claq \
-        --pool "rtn;gptq;awq;claq;gptq@W3A16;claq:bits_target=3.12;claq:bits_target=2.1;claq:bits_target=2.1,outliers=true"
+        --pool "$POOL"
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -20,7 +20,6 @@ from calm.config import RunConfig  # noqa: E402
 from calm.io import atomic_write_json, atomic_write_text  # noqa: E402
 from calm.run import build_parser, config_from_args, run  # noqa: E402
 
-
 BEGIN, END = "<!-- bench/quality.py: begin -->", "<!-- bench/quality.py: end -->"
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,8 +40,15 @@ from calm import algorithms  # noqa: E402
 from calm.config import CandidateSpec, DataConfig, QuantSpec  # noqa: E402
 from calm.data import calibration_windows, load_corpus, load_split, tokenize  # noqa: E402
 from calm.io import atomic_write_json  # noqa: E402
-from calm.model import (BlockInputs, capture_block_inputs, consumer_norm, decoder_blocks, final_hidden,  # noqa: E402
-                        load_model, run_block)
+from calm.model import (  # noqa: E402
+    BlockInputs,
+    capture_block_inputs,
+    consumer_norm,
+    decoder_blocks,
+    final_hidden,
+    load_model,
+    run_block,
+)
 from calm.search import block_scores, next_token_nll  # noqa: E402
 
 BLOCK_SCORES = ("cka", "cka-normed", "cka-rms", "mse", "cka-final", "mse-final", "nll")

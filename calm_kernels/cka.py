@@ -99,19 +99,19 @@ def linear_cka_reference(x: torch.Tensor, y: torch.Tensor, debiased: bool = Fals
     return CKAResult(_ratio(xy, xx, yy), xy, xx, yy)
 
 
-def _unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> float:
+def _unbiased_hsic(kx: torch.Tensor, ky: torch.Tensor) -> float:
     """Song et al. (2012) unbiased HSIC estimator (up to a constant factor that cancels in CKA)."""
-    n = k.shape[0]
+    n = kx.shape[0]
     if n < 4:
         raise ValueError(f"debiased CKA needs at least 4 tokens, got {n}")
-    k = k.clone()
-    l = l.clone()
-    k.fill_diagonal_(0)
-    l.fill_diagonal_(0)
-    kl = (k * l).sum()
-    k1 = k.sum(1)
-    l1 = l.sum(1)
-    value = kl + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2 * (k1 @ l1) / (n - 2)
+    kx = kx.clone()
+    ky = ky.clone()
+    kx.fill_diagonal_(0)
+    ky.fill_diagonal_(0)
+    kxy = (kx * ky).sum()
+    kx1 = kx.sum(1)
+    ky1 = ky.sum(1)
+    value = kxy + kx1.sum() * ky1.sum() / ((n - 1) * (n - 2)) - 2 * (kx1 @ ky1) / (n - 2)
     return float(value / (n * (n - 3)))
 
 

@@ -37,8 +37,14 @@ from __future__ import annotations
 import torch
 
 from calm_kernels._dispatch import use_triton
-from calm_kernels.packing import (CodebookLayout, _codebook_values, check_bits, dequantize_uniform, outlier_rows,
-                                  packed_words)
+from calm_kernels.packing import (
+    CodebookLayout,
+    _codebook_values,
+    check_bits,
+    dequantize_uniform,
+    outlier_rows,
+    packed_words,
+)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

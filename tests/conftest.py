@@ -1,13 +1,62 @@
-"""Shared fixtures: a tiny random LLaMA for fast tests; the real default model for slow ones."""
+"""Shared fixtures: a tiny random LLaMA for fast tests; the real default model for slow ones.
+
+Every test starts from torch, numpy and `random` seeded from its own node id (`test_seed`), so a test that
+forgets its generator is still reproducible. Tests outside tests/kernels never launch Triton: the launchers
+run the PyTorch reference on CPU tensors unless TRITON_INTERPRET=1, which only the kernel tests' own pytest
+process sets (`make test`); a process that has it set and collects other tests is refused.
+"""
 from __future__ import annotations
 
 import os
+import random
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-# Tests never launch Triton outside tests/kernels (which runs in its own process under the interpreter).
-os.environ.setdefault("CALM_FORCE_REFERENCE", "0")
+KERNEL_TESTS = Path(__file__).resolve().parent / "kernels"
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # the rule of calm_kernels._dispatch.interpreter_enabled
+
+
+def _is_kernel_test(item: pytest.Item) -> bool:
+    return KERNEL_TESTS in Path(item.path).resolve().parents
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _interpreter_on():
+        return
+    outside = [item.nodeid for item in items if not _is_kernel_test(item)]
+    if outside:
+        raise pytest.UsageError(
+            f"TRITON_INTERPRET=1 is set, but {len(outside)} tests outside tests/kernels were collected "
+            f"(first: {outside[0]}); under the interpreter they would run Triton kernels on CPU tensors. Run them "
+            "in a process without TRITON_INTERPRET and tests/kernels in its own (make test does both).")
+
+
+@pytest.fixture
+def test_seed(request: pytest.FixtureRequest) -> int:
+    """A fixed seed per test: the CRC32 of its node id (stable across runs, orders and -k selections)."""
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs(test_seed: int) -> None:
+    """Safety net: the global RNGs start from the test's own seed (tests should still pass a generator)."""
+    random.seed(test_seed)
+    np.random.seed(test_seed)
+    torch.manual_seed(test_seed)  # also seeds every CUDA device
+
+
+@pytest.fixture(autouse=True)
+def _no_interpreter_outside_kernels(request: pytest.FixtureRequest) -> None:
+    """Also catches TRITON_INTERPRET set after collection (by a fixture or an earlier test that leaked it)."""
+    if _interpreter_on() and not _is_kernel_test(request.node):
+        pytest.fail(f"TRITON_INTERPRET=1 in {request.node.nodeid}: only tests/kernels may run under the interpreter")
 
 
 def tiny_llama(hidden: int = 64, layers: int = 2, intermediate: int = 128, vocab: int = 256, seed: int = 0):

@@ -21,7 +21,7 @@ from conftest import tiny_llama
 def llama_block(kv_heads: int = 2, outlier_channels: float = 0.0, seed: int = 0):
     """Block 0 of a tiny LLaMA and its calibration inputs; `outlier_channels` > 0 gives both norms a few large
     channels, as trained LLMs have (activation-aware methods have something to find)."""
-    model = tiny_llama(seed=seed)
+    model = tiny_llama(seed=seed)  # seeds the global RNG: the block's weights below are a function of `seed`
     if kv_heads != 2:
         from transformers import LlamaForCausalLM
 
@@ -66,12 +66,13 @@ def quantize(name: str, scheme: str, block, inputs):
 def test_fold_keeps_float_block_output(kv_heads):
     block, inputs = llama_block(kv_heads=kv_heads, outlier_channels=8.0)
     folded = copy.deepcopy(block)
+    gen = torch.Generator().manual_seed(kv_heads)
     groups = scale_groups(folded)
     # Without GQA (4 kv heads = 4 heads) v_proj -> o_proj folds too; with GQA it must be skipped.
     assert ("o" in [g.name for g in groups]) == (kv_heads == 4)
     for g in groups:
         n = dict(folded.named_modules())[g.linears[0]].in_features
-        fold_scales(folded, g, torch.exp(torch.randn(n)))
+        fold_scales(folded, g, torch.exp(torch.randn(n, generator=gen)))
     assert any(not torch.equal(a, b) for a, b in zip(block.state_dict().values(), folded.state_dict().values()))
     assert_same_function(block, folded, inputs)
 
@@ -182,8 +183,10 @@ def correlated_layer(seed: int, n_out: int = 64, k: int = 128, n: int = 2048):
     return x, w, acc.hessian()
 
 
-def test_claq_error_below_rtn_and_gptq_per_channel_at_3_bits():
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+# Measured on seeds 0-39 (2048 tokens): CLAQ's output error is at most 0.15x GPTQ's (0.04-0.11x on seeds 0-2)
+# and GPTQ's at most 0.62x RTN's (0.50-0.59x on seeds 0-2), so the ordering holds with a factor-2 margin.
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_claq_error_below_rtn_and_gptq_per_channel_at_3_bits(seed):
     x, w, h = correlated_layer(seed)
 
     def err(dq):
@@ -191,7 +194,8 @@ def test_claq_error_below_rtn_and_gptq_per_channel_at_3_bits():
     codes, s, z = quantize_groups(w, 3, 128, False)
     codes_g, s_g, z_g, _ = gptq_quantize_weight(w, h, 3, 128, False)
     r = claq_quantize_weight(w, h, 3)
-    assert err(r.dequantized) < err((codes_g - z_g) * s_g) < err((codes - z) * s), seed
+    e_claq, e_gptq, e_rtn = err(r.dequantized), err((codes_g - z_g) * s_g), err((codes - z) * s)
+    assert e_claq < 0.5 * e_gptq and e_gptq < 0.8 * e_rtn, (e_claq, e_gptq, e_rtn)
 
 
 @pytest.mark.parametrize("options", [{}, {"bits_target": 2.1, "outliers": True}, {"fit_columns": 1},
@@ -216,7 +220,7 @@ def test_claq_codebook_membership_and_module_exact(options):
 @pytest.mark.parametrize("target", [2.1, 2.5, 3.0, 3.12, 4.0])
 def test_adaptive_precision_hits_target(target):
     k = 576
-    bits = adaptive_bits(torch.rand(k), target)
+    bits = adaptive_bits(torch.rand(k, generator=torch.Generator().manual_seed(int(target * 100))), target)
     assert abs(float(bits.float().mean()) - target) <= 2.0 / k
     assert set(bits.unique().tolist()) <= ({2, 4} if target < 3 else {3, 4})
 

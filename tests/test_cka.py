@@ -122,8 +122,8 @@ def test_streaming_equals_one_shot_and_reuses_the_reference_term():
 
 def test_rejects_mismatched_or_integer_inputs():
     with pytest.raises(ValueError, match="same tokens"):
-        linear_cka(torch.randn(5, 3), torch.randn(6, 3))
+        linear_cka(torch.randn(5, 3, generator=_gen(0)), torch.randn(6, 3, generator=_gen(1)))
     with pytest.raises(TypeError, match="floating-point"):
-        linear_cka(torch.ones(5, 3, dtype=torch.int32), torch.randn(5, 3))
+        linear_cka(torch.ones(5, 3, dtype=torch.int32), torch.randn(5, 3, generator=_gen(0)))
     with pytest.raises(ValueError, match="before any update"):
         CKAAccumulator().compute()

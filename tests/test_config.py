@@ -14,9 +14,11 @@ def test_scheme_parsing_round_trips(scheme, expect):
     assert QuantSpec.from_scheme(spec.scheme) == spec
 
 
-@pytest.mark.parametrize("bad", ["W5A16", "int4", "W3G", "W3A5", ""])
-def test_bad_scheme_is_refused(bad):
-    with pytest.raises(CalmUsageError):
+@pytest.mark.parametrize("bad,match", [("W5A16", "weight bits must be"), ("int4", "unknown scheme 'int4'"),
+                                       ("W3G", "unknown scheme 'W3G'"), ("W3A5", "a_bits must be"),
+                                       ("", "unknown scheme ''")])
+def test_bad_scheme_is_refused(bad, match):
+    with pytest.raises(CalmUsageError, match=match):
         QuantSpec.from_scheme(bad)
 
 
@@ -33,9 +35,9 @@ def test_pool_parsing_and_options():
     assert [c.algorithm for c in pool] == ["rtn", "gptq"]
     assert pool[1].options == {"act_order": "static", "damp": 0.02}
     assert pool[1].name == "gptq[act_order=static,damp=0.02]"
-    with pytest.raises(CalmUsageError):
+    with pytest.raises(CalmUsageError, match="names a candidate twice"):
         parse_pool("rtn,rtn")
-    with pytest.raises(CalmUsageError):
+    with pytest.raises(CalmUsageError, match="must read key=value"):
         CandidateSpec.parse("gptq:act_order")
     # without ';', options after a ':' stay with their candidate
     single = parse_pool("kurtosis:steps=5,lr=0.01")

@@ -118,19 +118,19 @@ def test_deterministic_across_calls():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: K.kmeans_columns(torch.randn(4, 4), 0), "bits"),
-    (lambda: K.kmeans_columns(torch.randn(4, 4), 5), "bits"),
-    (lambda: K.kmeans_columns(torch.randn(4, 4), 2.0), "bits"),
-    (lambda: K.kmeans_columns(torch.randn(4), 2), "2-D"),
-    (lambda: K.kmeans_columns(torch.randint(0, 3, (4, 4)), 2), "floating"),
+    (lambda: K.kmeans_columns(torch.randn(4, 4, generator=_gen(0)), 0), "bits"),
+    (lambda: K.kmeans_columns(torch.randn(4, 4, generator=_gen(0)), 5), "bits"),
+    (lambda: K.kmeans_columns(torch.randn(4, 4, generator=_gen(0)), 2.0), "bits"),
+    (lambda: K.kmeans_columns(torch.randn(4, generator=_gen(0)), 2), "2-D"),
+    (lambda: K.kmeans_columns(torch.randint(0, 3, (4, 4), generator=_gen(0)), 2), "floating"),
     (lambda: K.kmeans_columns(torch.zeros(0, 4), 2), "at least one row"),
     (lambda: K.kmeans_columns(torch.tensor([[float("nan")]]), 2), "NaN"),
-    (lambda: K.kmeans_columns(torch.randn(4, 4), 2, torch.ones(3)), "importance must have shape"),
-    (lambda: K.kmeans_columns(torch.randn(4, 4), 2, -torch.ones(4)), "nonnegative"),
-    (lambda: K.kmeans_columns(torch.randn(4, 4), 2, iters=-1), "iters"),
-    (lambda: K.assign_columns(torch.randn(4, 4), torch.zeros(3, 2)), "cols=4"),
-    (lambda: K.assign_columns(torch.randn(4, 4), torch.zeros(4, 17)), "1..16"),
-    (lambda: K.assign_columns(torch.randn(4, 4), torch.full((4, 2), float("inf"))), "finite"),
+    (lambda: K.kmeans_columns(torch.randn(4, 4, generator=_gen(0)), 2, torch.ones(3)), "importance must have shape"),
+    (lambda: K.kmeans_columns(torch.randn(4, 4, generator=_gen(0)), 2, -torch.ones(4)), "nonnegative"),
+    (lambda: K.kmeans_columns(torch.randn(4, 4, generator=_gen(0)), 2, iters=-1), "iters"),
+    (lambda: K.assign_columns(torch.randn(4, 4, generator=_gen(0)), torch.zeros(3, 2)), "cols=4"),
+    (lambda: K.assign_columns(torch.randn(4, 4, generator=_gen(0)), torch.zeros(4, 17)), "1..16"),
+    (lambda: K.assign_columns(torch.randn(4, 4, generator=_gen(0)), torch.full((4, 2), float("inf"))), "finite"),
 ])
 def test_bad_input_raises_clear_value_error(call, match):
     with pytest.raises(ValueError, match=match):

@@ -42,9 +42,10 @@ def test_codebook_module_on_cuda(m):
     centroids = torch.randn(k, 16, generator=g) * 0.02
     codes = (torch.randint(0, 16, (n, k), generator=g) % (1 << column_bits)).to(torch.uint8)
     flat = torch.randperm(n * k, generator=g)[: n * k // 100]
-    outliers = (flat // k, flat % k, torch.randn(flat.numel()))
-    layer = CodebookQuantLinear.from_parts(codes, centroids, column_bits, outliers, torch.randn(n)).cuda()
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    outliers = (flat // k, flat % k, torch.randn(flat.numel(), generator=g))
+    bias = torch.randn(n, generator=g)
+    layer = CodebookQuantLinear.from_parts(codes, centroids, column_bits, outliers, bias).cuda()
+    x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
     oracle, ref = _oracle_and_torch(x, layer.dequantized_weight(), layer.bias)
     assert _rel(layer(x), oracle) <= 2 * _rel(ref, oracle) + 1e-3
 

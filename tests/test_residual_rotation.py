@@ -5,7 +5,7 @@ import torch
 from calm.config import CalmUsageError
 from calm.model import decoder_blocks
 from calm.residual_rotation import rotate_residual, rotation_matrix
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def _with_norm_weights(model):

@@ -15,7 +15,6 @@ from calm.io import load_block_state, save_block_state
 from calm.model import block_linears, capture_block_inputs, decoder_blocks, run_block
 from calm.nn import KVQuantLinear, RotatedQuantLinear, fake_quantize_kv, model_effective_bits
 from calm_kernels import rotated as R
-
 from conftest import tiny_llama
 
 

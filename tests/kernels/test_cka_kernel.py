@@ -10,24 +10,10 @@ import pytest
 import torch
 
 from calm_kernels import cka as C
-from calm_kernels._dispatch import use_triton
-
-pytestmark = pytest.mark.interpreter
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter():
-    if not use_triton(torch.zeros(1)):
-        pytest.skip("run under TRITON_INTERPRET=1 (make test-kernels)")
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _pair(n: int, dx: int, dy: int, seed: int, big_mean: bool = True, dtype=torch.float32):
+def _pair(g: torch.Generator, n: int, dx: int, dy: int, big_mean: bool = True, dtype=torch.float32):
     """Y is a noisy linear map of X (CKA well inside (0, 1)); some columns carry means 1000x their spread."""
-    g = _gen(seed)
     x = torch.randn(n, dx, generator=g)
     y = x @ torch.randn(dx, dy, generator=g) / dx ** 0.5 + 0.3 * torch.randn(n, dy, generator=g)
     if big_mean:
@@ -36,13 +22,13 @@ def _pair(n: int, dx: int, dy: int, seed: int, big_mean: bool = True, dtype=torc
     return x.to(dtype), y.to(dtype)
 
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
-
-
-def _assert_close(got: C.CKAResult, ref: C.CKAResult, tol: float) -> None:
-    for name in ("cka", "hsic_xy", "hsic_xx", "hsic_yy"):
-        assert _rel(getattr(got, name), getattr(ref, name)) < tol, (name, getattr(got, name), getattr(ref, name))
+@pytest.fixture
+def assert_cka_close(assert_rel_close):
+    """Relative agreement of the CKA value and of each Frobenius term."""
+    def check(got: C.CKAResult, ref: C.CKAResult, tol: float) -> None:
+        for name in ("cka", "hsic_xy", "hsic_xx", "hsic_yy"):
+            assert_rel_close(getattr(got, name), getattr(ref, name), tol, name)
+    return check
 
 
 @pytest.mark.parametrize("n,dx,dy,form", [
@@ -54,9 +40,9 @@ def _assert_close(got: C.CKAResult, ref: C.CKAResult, tol: float) -> None:
     (12, 70, 50, "auto"),
 ])
 @pytest.mark.parametrize("big_mean", [False, True])
-def test_one_shot_matches_float64_reference_fp32(n, dx, dy, form, big_mean):
-    x, y = _pair(n, dx, dy, seed=n + dx + dy, big_mean=big_mean)
-    _assert_close(C.linear_cka_kernel(x, y, form), C.linear_cka_reference(x, y), 1e-6)
+def test_one_shot_matches_float64_reference_fp32(n, dx, dy, form, big_mean, gen, assert_cka_close):
+    x, y = _pair(gen(n + dx + dy), n, dx, dy, big_mean=big_mean)
+    assert_cka_close(C.linear_cka_kernel(x, y, form), C.linear_cka_reference(x, y), 1e-6)
 
 
 def test_auto_form_picks_the_cheaper_side():
@@ -64,30 +50,30 @@ def test_auto_form_picks_the_cheaper_side():
     assert C._cka_form(64, 4096, 4096) == "sample"
 
 
-def test_public_linear_cka_dispatches_to_the_kernel_and_flattens_leading_dims():
-    x, y = _pair(2 * 17, 24, 24, seed=5)
+def test_public_linear_cka_dispatches_to_the_kernel_and_flattens_leading_dims(gen, assert_cka_close):
+    x, y = _pair(gen(5), 2 * 17, 24, 24)
     got = C.linear_cka(x.reshape(2, 17, 24), y.reshape(2, 17, 24))
     assert got == C.linear_cka_kernel(x, y)
-    _assert_close(got, C.linear_cka_reference(x, y), 1e-6)
+    assert_cka_close(got, C.linear_cka_reference(x, y), 1e-6)
 
 
-def test_fp16_inputs_within_half_precision_rounding():
-    x, y = _pair(50, 30, 20, seed=7, dtype=torch.float16)
+def test_fp16_inputs_within_half_precision_rounding(gen, assert_cka_close):
+    x, y = _pair(gen(7), 50, 30, 20, dtype=torch.float16)
     ref = C.linear_cka_reference(x, y)  # float64 of the same fp16 values
     for form in ("feature", "sample"):
         got = C.linear_cka_kernel(x, y, form)
-        _assert_close(got, ref, 3e-3)
+        assert_cka_close(got, ref, 3e-3)
         assert abs(got.cka - ref.cka) < 1e-3
 
 
-def test_identical_inputs_score_one():
-    x, _ = _pair(40, 21, 21, seed=8)
+def test_identical_inputs_score_one(gen):
+    x, _ = _pair(gen(8), 40, 21, 21)
     assert abs(C.linear_cka_kernel(x, x, "feature").cka - 1.0) < 1e-6
     assert abs(C.linear_cka_kernel(x, x, "sample").cka - 1.0) < 1e-6
 
 
-def test_streaming_equals_one_shot_and_self_term_reuse():
-    x, y = _pair(150, 26, 35, seed=9)
+def test_streaming_equals_one_shot_and_self_term_reuse(gen, assert_rel_close, assert_cka_close):
+    x, y = _pair(gen(9), 150, 26, 35)
     cuts = [0, 1, 41, 41, 100, 150]  # a one-token batch and an empty batch among ragged ones
     batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
     acc = C.CKAAccumulator()
@@ -95,19 +81,19 @@ def test_streaming_equals_one_shot_and_self_term_reuse():
         acc.update(bx, by)
     streamed = acc.compute()
     assert acc.tokens == 150
-    _assert_close(streamed, C.linear_cka_kernel(x, y, "feature"), 1e-6)
-    _assert_close(streamed, C.linear_cka_reference(x, y), 1e-6)
+    assert_cka_close(streamed, C.linear_cka_kernel(x, y, "feature"), 1e-6)
+    assert_cka_close(streamed, C.linear_cka_reference(x, y), 1e-6)
 
     self_term = C.CKAAccumulator.reference(bx for bx, _ in batches)
-    assert _rel(self_term, streamed.hsic_xx) < 1e-9
+    assert_rel_close(self_term, streamed.hsic_xx, 1e-9, "reference self term")
     reuse = C.CKAAccumulator(reference_self_term=self_term)
     for bx, by in batches:
         reuse.update(bx, by)
-    _assert_close(reuse.compute(), streamed, 1e-12)
+    assert_cka_close(reuse.compute(), streamed, 1e-12)
 
 
-def test_streaming_state_is_the_centered_co_moment():
-    x, y = _pair(70, 9, 13, seed=10)
+def test_streaming_state_is_the_centered_co_moment(gen):
+    x, y = _pair(gen(10), 70, 9, 13)
     m = C.ShiftedCoMoment()
     m.update(x[:30], y[:30])
     m.update(x[30:], y[30:])
@@ -121,8 +107,8 @@ def test_streaming_state_is_the_centered_co_moment():
     assert torch.allclose(s.centered(), want_xx, rtol=1e-6, atol=1e-6 * float(want_xx.abs().max()))
 
 
-def test_bad_input():
-    x, y = _pair(20, 8, 8, seed=11)
+def test_bad_input(gen):
+    x, y = _pair(gen(11), 20, 8, 8)
     with pytest.raises(ValueError, match="form"):
         C.linear_cka_kernel(x, y, "gram")
     with pytest.raises(ValueError, match="same tokens"):

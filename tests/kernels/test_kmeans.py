@@ -10,52 +10,39 @@ import pytest
 import torch
 
 from calm_kernels import kmeans as K
-from calm_kernels._dispatch import use_triton
-
-pytestmark = pytest.mark.interpreter
-
-SENTINEL_CODE = 99  # above every code (k <= 16)
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter():
-    if not use_triton(torch.zeros(1)):
-        pytest.skip("run under TRITON_INTERPRET=1 (make test-kernels)")
+@pytest.fixture
+def kernel_fit(poisoned):
+    """The Triton fit itself (no dispatch) into poisoned codes (255, above every code) and NaN centroids."""
+    def fit(w, bits, importance=None, iters=25):
+        from calm_kernels import _kmeans_triton
 
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _kernel_fit(w, bits, importance=None, iters=25):
-    from calm_kernels import _kmeans_triton
-
-    k = 1 << bits
-    imp = K._check_importance(importance, w)
-    codes = torch.full(w.shape, SENTINEL_CODE, dtype=torch.uint8)
-    cent = torch.full((w.shape[1], k), float("nan"))
-    return _kmeans_triton.kmeans_columns(w, k, imp, iters, out=(codes, cent))
+        k = 1 << bits
+        imp = K._check_importance(importance, w)
+        out = (poisoned(w.shape, torch.uint8), poisoned((w.shape[1], k), torch.float32))
+        return _kmeans_triton.kmeans_columns(w, k, imp, iters, out=out)
+    return fit
 
 
 @pytest.mark.parametrize("rows,cols,k,dtype", [(131, 7, 3, torch.float32), (40, 33, 16, torch.float16),
                                                (1, 5, 2, torch.float32), (257, 19, 8, torch.float32)])
-def test_assign_kernel_equals_reference_exactly(rows, cols, k, dtype):
+def test_assign_kernel_equals_reference_exactly(rows, cols, k, dtype, gen, poisoned):
     from calm_kernels import _kmeans_triton
 
-    g = _gen(rows * cols + k)
+    g = gen(rows * cols + k)
     # Integer-valued weights against centroids on a half-integer grid: many exact ties (lower index wins).
     w = torch.randint(-8, 9, (rows, cols), generator=g).to(dtype)
     w[: rows // 2] += torch.randn(rows // 2, cols, generator=g).to(dtype)
     cent = (torch.randint(-16, 17, (cols, k), generator=g) * 0.5).sort(dim=1).values
-    out = torch.full((rows, cols), SENTINEL_CODE, dtype=torch.uint8)
-    codes = _kmeans_triton.assign_columns(w, cent, out=out)
+    codes = _kmeans_triton.assign_columns(w, cent, out=poisoned((rows, cols), torch.uint8))
     assert torch.equal(codes, K.assign_columns_reference(w, cent))
     assert torch.equal(K.assign_columns(w, cent), codes)  # the public launcher dispatches to the kernel
 
 
-def test_assign_kernel_strided_input():
-    w = torch.randn(23, 37, generator=_gen(1)).T  # (37, 23), column-contiguous
-    cent = torch.randn(23, 4, generator=_gen(2)).sort(dim=1).values
+def test_assign_kernel_strided_input(gen):
+    w = torch.randn(23, 37, generator=gen(1)).T  # (37, 23), column-contiguous
+    cent = torch.randn(23, 4, generator=gen(2)).sort(dim=1).values
     assert torch.equal(K.assign_columns(w, cent), K.assign_columns_reference(w, cent))
 
 
@@ -76,13 +63,13 @@ def _importance(kind, rows, cols, g):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fit_matches_reference_lloyd(name):
+def test_fit_matches_reference_lloyd(name, gen, kernel_fit):
     rows, cols, bits, kind = CASES[name]
-    g = _gen(len(name))
+    g = gen(len(name))
     w = torch.randn(rows, cols, generator=g) * torch.linspace(0.1, 3.0, cols)
     importance = _importance(kind, rows, cols, g)
     iters = 8
-    codes, cent = _kernel_fit(w, bits, importance, iters)
+    codes, cent = kernel_fit(w, bits, importance, iters)
     imp = K._check_importance(importance, w)
     ref_codes, ref_cent = K.lloyd_reference(w, K.quantile_init_reference(w, 1 << bits, imp), imp, iters)
     assert codes.dtype == torch.uint8 and int(codes.max()) < (1 << bits)
@@ -95,23 +82,23 @@ def test_fit_matches_reference_lloyd(name):
     assert torch.allclose(cent, ref_cent, rtol=1e-5, atol=1e-6)
 
 
-def test_init_equals_reference_quantiles_exactly():
+def test_init_equals_reference_quantiles_exactly(gen, kernel_fit):
     # Unit weights: cumulative weights are exact integers in float32, so the bisection hits the same values.
-    w = torch.randn(45, 5, generator=_gen(3)).half()
+    w = torch.randn(45, 5, generator=gen(3)).half()
     w[:, 0] = 1.0  # constant column: every quantile is that value
     w[:25, 1] = -2.0  # a heavy repeated value
-    _, cent = _kernel_fit(w, 3, iters=0)
+    _, cent = kernel_fit(w, 3, iters=0)
     assert torch.equal(cent, K.quantile_init_reference(w, 8))
 
 
-def test_degenerate_columns_and_strided_input():
-    g = _gen(4)
+def test_degenerate_columns_and_strided_input(gen, kernel_fit):
+    g = gen(4)
     w = torch.randn(5, 30, generator=g).T.clone()  # (30, 5), column-major: strides (1, 30)
     assert w.stride() == (1, 30)
     w[:, 2] = 0.25
     importance = torch.rand(30, 5, generator=g)
     importance[:, 3] = 0.0  # fitted with unit weights
-    codes, cent = _kernel_fit(w, 2, importance, iters=6)
+    codes, cent = kernel_fit(w, 2, importance, iters=6)
     ref_codes, ref_cent = K.kmeans_columns_reference(w, 2, importance, iters=6)
     assert torch.equal(cent[2], torch.full((4,), 0.25))
     assert torch.allclose(cent, ref_cent, rtol=1e-5, atol=1e-6)
@@ -125,10 +112,10 @@ def test_more_centroids_than_rows():
     assert bool((cent[:, 1:] >= cent[:, :-1]).all())
 
 
-def test_deterministic():
-    g = _gen(12)
+def test_deterministic(gen, kernel_fit):
+    g = gen(12)
     w = torch.randn(50, 6, generator=g)
     imp = torch.rand(50, 6, generator=g)
-    first = _kernel_fit(w, 2, imp, iters=5)
-    second = _kernel_fit(w.clone(), 2, imp.clone(), iters=5)
+    first = kernel_fit(w, 2, imp, iters=5)
+    second = kernel_fit(w.clone(), 2, imp.clone(), iters=5)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -5,49 +5,32 @@ Oracle: x @ W^T in float64 with W the dequantized weight rounded to x's dtype (w
 PyTorch multiply). The kernel's relative error may be at most twice PyTorch's in the same dtype, plus a floor
 at the dtype's accumulation noise.
 """
-import os
-
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("kernel tests run under TRITON_INTERPRET=1 in their own process (make test-kernels)",
-                allow_module_level=True)
-pytest.importorskip("triton")
-
-from calm.nn import CodebookQuantLinear, UniformQuantLinear  # noqa: E402
-from calm_kernels import packing, qgemm  # noqa: E402
-
-pytestmark = pytest.mark.interpreter
+from calm.nn import CodebookQuantLinear, UniformQuantLinear
+from calm_kernels import packing, qgemm
 
 DECODE = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 1}
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3}
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+@pytest.fixture
+def check(rel_err, assert_rel_close):
+    """`check(y, x, w, bias, dtype)`: y (kernel) vs the float64 oracle; w is the dense float32 weight (K in x's
+    column order). The kernel's relative error may be at most twice PyTorch's plus the dtype's floor."""
+    def run(y, x, w, bias, dtype):
+        wq = w.to(dtype)
+        oracle = x.double() @ wq.double().T
+        if bias is not None:
+            oracle += bias.to(dtype).double()
+        torch_y = torch.nn.functional.linear(x, wq, None if bias is None else bias.to(dtype))
+        torch_err = rel_err(torch_y, oracle)
+        assert_rel_close(y, oracle, 2 * torch_err + FLOOR[dtype], f"kernel vs float64 (PyTorch {torch_err:.3g})")
+    return run
 
 
-def _poisoned(m, n, dtype):
-    return torch.full((m, n), float("nan"), dtype=dtype)
-
-
-def _check(y, x, w, bias, dtype):
-    """y (kernel) vs the float64 oracle; w is the dense float32 weight (K in x's column order)."""
-    wq = w.to(dtype)
-    oracle = x.double() @ wq.double().T
-    if bias is not None:
-        oracle += bias.to(dtype).double()
-    torch_y = torch.nn.functional.linear(x, wq, None if bias is None else bias.to(dtype))
-    scale = oracle.norm()
-    assert torch.isfinite(y).all(), "kernel left unwritten or non-finite outputs"
-    err = (y.double() - oracle).norm() / scale
-    torch_err = (torch_y.double() - oracle).norm() / scale
-    assert err <= 2 * torch_err + FLOOR[dtype], f"kernel error {err:.3g} vs PyTorch {torch_err:.3g}"
-
-
-def _uniform(n, k, bits, group, symmetric, seed):
-    g = _gen(seed)
+def _uniform(g, n, k, bits, group, symmetric):
     codes = torch.randint(0, 1 << bits, (n, k), generator=g)
     groups = k // group
     scales = (torch.rand(n, groups, generator=g) * 0.05 + 0.01).to(torch.float16)
@@ -69,31 +52,31 @@ UNIFORM_CASES = [
 
 
 @pytest.mark.parametrize("bits,group,k,m,symmetric", UNIFORM_CASES)
-def test_uniform_matches_reference(bits, group, k, m, symmetric):
+def test_uniform_matches_reference(bits, group, k, m, symmetric, gen, poisoned, check):
     n = 37
-    packed, scales, zeros = _uniform(n, k, bits, group, symmetric, seed=bits * 100 + k + m)
-    g = _gen(m)
+    packed, scales, zeros = _uniform(gen(bits * 100 + k + m), n, k, bits, group, symmetric)
+    g = gen(m)
     x = torch.randn(m, k, generator=g)
     bias = torch.randn(n, generator=g) if m % 2 else None
-    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, bias, out=_poisoned(m, n, x.dtype))
+    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, bias, out=poisoned((m, n), x.dtype))
     w = packing.dequantize_uniform(packed, scales, zeros, bits, group, k)
-    _check(y, x, w, bias, torch.float32)
+    check(y, x, w, bias, torch.float32)
 
 
 @pytest.mark.parametrize("m", [1, 4, 45])
-def test_uniform_float16_and_input_perm(m):
+def test_uniform_float16_and_input_perm(m, gen, poisoned, check):
     n, k, bits, group = 50, 192, 3, 64
-    packed, scales, zeros = _uniform(n, k, bits, group, False, seed=m)
-    g = _gen(m + 1)
+    packed, scales, zeros = _uniform(gen(m), n, k, bits, group, False)
+    g = gen(m + 1)
     perm = torch.randperm(k, generator=g)
     x = torch.randn(m, k, generator=g).to(torch.float16)
     bias = torch.randn(n, generator=g)
-    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, bias, perm, out=_poisoned(m, n, x.dtype))
+    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, bias, perm, out=poisoned((m, n), x.dtype))
     assert y.dtype == torch.float16
     w = packing.dequantize_uniform(packed, scales, zeros, bits, group, k)
     w_orig = torch.empty_like(w)
     w_orig[:, perm] = w  # stored column s meets x[:, perm[s]]
-    _check(y, x, w_orig, bias, torch.float16)
+    check(y, x, w_orig, bias, torch.float16)
 
 
 @pytest.mark.parametrize("config", [
@@ -101,30 +84,29 @@ def test_uniform_float16_and_input_perm(m):
     dict(DECODE, BLOCK_N=16, BLOCK_K=128, SPLIT_K=4),
 ])
 @pytest.mark.parametrize("m", [1, 11])
-def test_decode_split_k(config, m):
+def test_decode_split_k(config, m, gen, poisoned, check):
     n, k, bits, group = 29, 448, 4, 64
-    packed, scales, zeros = _uniform(n, k, bits, group, False, seed=m)
-    x = torch.randn(m, k, generator=_gen(2))
-    bias = torch.randn(n, generator=_gen(3))
-    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, bias, out=_poisoned(m, n, x.dtype),
+    packed, scales, zeros = _uniform(gen(m), n, k, bits, group, False)
+    x = torch.randn(m, k, generator=gen(2))
+    bias = torch.randn(n, generator=gen(3))
+    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, bias, out=poisoned((m, n), x.dtype),
                              config=config)
-    _check(y, x, packing.dequantize_uniform(packed, scales, zeros, bits, group, k), bias, torch.float32)
+    check(y, x, packing.dequantize_uniform(packed, scales, zeros, bits, group, k), bias, torch.float32)
 
 
 @pytest.mark.parametrize("config", [
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1, "GROUP_M": 2},
     {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 1},
 ])
-def test_prefill_tiles(config):
+def test_prefill_tiles(config, gen, poisoned, check):
     m, n, k, bits, group = 70, 45, 320, 2, 64  # group % BLOCK_K == 0 with BLOCK_K 32, per column with 128
-    packed, scales, zeros = _uniform(n, k, bits, group, True, seed=5)
-    x = torch.randn(m, k, generator=_gen(6))
-    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, out=_poisoned(m, n, x.dtype), config=config)
-    _check(y, x, packing.dequantize_uniform(packed, scales, zeros, bits, group, k), None, torch.float32)
+    packed, scales, zeros = _uniform(gen(5), n, k, bits, group, True)
+    x = torch.randn(m, k, generator=gen(6))
+    y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, out=poisoned((m, n), x.dtype), config=config)
+    check(y, x, packing.dequantize_uniform(packed, scales, zeros, bits, group, k), None, torch.float32)
 
 
-def _codebook(n, k, widths, n_outliers, seed):
-    g = _gen(seed)
+def _codebook(g, n, k, widths, n_outliers):
     column_bits = torch.tensor(widths)[torch.randint(0, len(widths), (k,), generator=g)]
     column_bits[: len(widths)] = torch.tensor(widths)  # every width present
     centroids = torch.randn(k, 1 << max(widths), generator=g) * 0.1
@@ -144,46 +126,46 @@ CODEBOOK_CASES = [
 
 
 @pytest.mark.parametrize("widths,k,m,n_outliers", CODEBOOK_CASES)
-def test_codebook_matches_reference(widths, k, m, n_outliers):
+def test_codebook_matches_reference(widths, k, m, n_outliers, gen, poisoned, check):
     n = 41
-    codes, centroids, column_bits, outliers = _codebook(n, k, widths, n_outliers, seed=k + m)
+    codes, centroids, column_bits, outliers = _codebook(gen(k + m), n, k, widths, n_outliers)
     packed = packing.pack_codebook(codes, centroids, column_bits, outliers)
     deltas = None
     if outliers is not None:
         d = packing.codebook_outlier_deltas(packed.qweight, packed.codebooks, packed.perm, packed.layout,
                                             packed.outlier_rowptr, packed.outlier_cols, packed.outlier_vals)
         deltas = (packed.outlier_rowptr, packed.outlier_cols, d)
-    g = _gen(m)
+    g = gen(m)
     x = torch.randn(m, k, generator=g)
     bias = torch.randn(n, generator=g) if m % 2 else None
     y = qgemm.codebook_matmul(x, packed.qweight, packed.codebooks, packed.perm, packed.layout, bias, deltas,
-                              out=_poisoned(m, n, x.dtype))
-    _check(y, x, packing.dequantize_codebook(packed), bias, torch.float32)
+                              out=poisoned((m, n), x.dtype))
+    check(y, x, packing.dequantize_codebook(packed), bias, torch.float32)
 
 
-def test_codebook_float16_split_k_with_outliers():
+def test_codebook_float16_split_k_with_outliers(gen, poisoned, check):
     n, k, m = 33, 260, 3
-    codes, centroids, column_bits, outliers = _codebook(n, k, (3, 4), 60, seed=9)
-    lin = CodebookQuantLinear.from_parts(codes, centroids, column_bits, outliers, torch.randn(n))
-    x = torch.randn(m, k, generator=_gen(10)).to(torch.float16)
+    codes, centroids, column_bits, outliers = _codebook(gen(9), n, k, (3, 4), 60)
+    lin = CodebookQuantLinear.from_parts(codes, centroids, column_bits, outliers, torch.randn(n, generator=gen(11)))
+    x = torch.randn(m, k, generator=gen(10)).to(torch.float16)
     y = qgemm.codebook_matmul(x, lin.qweight, lin.codebooks, lin.perm, lin.layout, lin.bias, lin._outliers(),
-                              out=_poisoned(m, n, x.dtype), config=dict(DECODE, SPLIT_K=3))
-    _check(y, x, lin.dequantized_weight(), lin.bias, torch.float16)
+                              out=poisoned((m, n), x.dtype), config=dict(DECODE, SPLIT_K=3))
+    check(y, x, lin.dequantized_weight(), lin.bias, torch.float16)
 
 
-def test_modules_forward_through_the_kernel():
+def test_modules_forward_through_the_kernel(gen, check):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40)
     x = torch.randn(2, 3, 96)
     u = UniformQuantLinear.from_float(lin, bits=3, group_size=32)
-    _check(u(x).reshape(6, 40), x.reshape(6, 96), u.dequantized_weight(), u.bias, torch.float32)
-    codes, centroids, column_bits, outliers = _codebook(40, 96, (2, 4), 12, seed=1)
+    check(u(x).reshape(6, 40), x.reshape(6, 96), u.dequantized_weight(), u.bias, torch.float32)
+    codes, centroids, column_bits, outliers = _codebook(gen(1), 40, 96, (2, 4), 12)
     c = CodebookQuantLinear.from_parts(codes, centroids, column_bits, outliers, lin.bias.detach())
-    _check(c(x).reshape(6, 40), x.reshape(6, 96), c.dequantized_weight(), c.bias, torch.float32)
+    check(c(x).reshape(6, 40), x.reshape(6, 96), c.dequantized_weight(), c.bias, torch.float32)
 
 
-def test_empty_batch_and_bad_inputs():
-    packed, scales, zeros = _uniform(8, 64, 4, 32, True, seed=0)
+def test_empty_batch_and_bad_inputs(gen):
+    packed, scales, zeros = _uniform(gen(0), 8, 64, 4, 32, True)
     assert qgemm.uniform_matmul(torch.zeros(0, 64), packed, scales, zeros, 4, 32, 64).shape == (0, 8)
     with pytest.raises(ValueError, match="features"):
         qgemm.uniform_matmul(torch.zeros(2, 63), packed, scales, zeros, 4, 32, 64)

@@ -12,30 +12,19 @@ import torch
 from torch import nn
 
 from calm_kernels import rotated as R
-from calm_kernels._dispatch import use_triton
-
-pytestmark = pytest.mark.interpreter
-
-SENTINEL_CODE = 99  # outside every code range
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter():
-    if not use_triton(torch.zeros(1)):
-        pytest.skip("run under TRITON_INTERPRET=1 (make test-kernels)")
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _poisoned(t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.full((t, k), SENTINEL_CODE, dtype=torch.int8), torch.full((t,), float("nan"))
+@pytest.fixture
+def quant_out(poisoned):
+    """`quant_out(t, k)`: poisoned (codes, scales) outputs of transform_quantize (int8 -128, NaN)."""
+    def make(t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return poisoned((t, k), torch.int8), poisoned(t, torch.float32)
+    return make
 
 
 def _learned(orders: tuple[int, ...], seed: int) -> R.KroneckerTransform:
     """Invertible small-integer factors (exact in fp16 after the power-of-two prescale): identity plus noise."""
-    g = _gen(seed)
+    g = torch.Generator().manual_seed(seed)
     return R.kronecker_transform(*[torch.eye(d) * 4 + torch.randint(-1, 2, (d, d), generator=g).float()
                                    for d in orders])
 
@@ -59,15 +48,15 @@ def _size(name: str, transform) -> int:
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 @pytest.mark.parametrize("bits,clip", [(3, 1.0), (4, 0.9), (8, 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_codes_exact_on_integer_inputs(name, bits, clip, dtype):
+def test_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
     transform = TRANSFORMS[name]()
     k = _size(name, transform)
     t = 7
-    x = torch.randint(-3, 4, (t, k), generator=_gen(k + bits)).to(dtype)
+    x = torch.randint(-3, 4, (t, k), generator=gen(k + bits)).to(dtype)
     x[3] = 0  # an all-zero token: scale 0, codes 0
     x[5, :] = 0
     x[5, k // 2] = 5  # a one-hot token: the transform spreads it evenly
-    codes, scales = R.transform_quantize(x, bits, clip, transform, out=_poisoned(t, k))
+    codes, scales = R.transform_quantize(x, bits, clip, transform, out=quant_out(t, k))
     ref_codes, ref_scales = R.transform_quantize_reference(x, bits, clip, transform)
     assert torch.equal(codes, ref_codes)
     assert torch.equal(scales, ref_scales)
@@ -78,14 +67,14 @@ def test_codes_exact_on_integer_inputs(name, bits, clip, dtype):
                                   "learned-12x20", "none"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype):
+def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype, gen, quant_out):
     transform = TRANSFORMS[name]()
     k = _size(name, transform)
     t = 9
-    g = _gen(bits * 1000 + k)
+    g = gen(bits * 1000 + k)
     x = (torch.randn(t, k, generator=g) * torch.rand(t, 1, generator=g) * 8).to(dtype)
     x[:, 3] *= 40  # an outlier channel, the case rotations are for
-    codes, scales = R.transform_quantize(x, bits, 1.0, transform, out=_poisoned(t, k))
+    codes, scales = R.transform_quantize(x, bits, 1.0, transform, out=quant_out(t, k))
     # float64 oracle of the exact values the codes round
     z = x.double() if transform is None else x.double() @ (transform.matrix() / transform.norm)
     amax = z.abs().amax(1, keepdim=True)
@@ -102,14 +91,14 @@ def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype):
     assert (diff != 0).float().mean() < 0.02
 
 
-def test_huge_and_tiny_tokens_stay_in_range():
+def test_huge_and_tiny_tokens_stay_in_range(gen, quant_out):
     # fp16 would overflow on x H for |x| ~ 1e6 without the per-token power-of-two normalization
     transform = R.hadamard_transform(576)
-    x = torch.randint(-3, 4, (4, 576), generator=_gen(3)).float()
+    x = torch.randint(-3, 4, (4, 576), generator=gen(3)).float()
     x[0] *= 2.0 ** 40
     x[1] *= 2.0 ** -60
     x[2] *= 2.0 ** 16  # beyond the fp16 range itself
-    codes, scales = R.transform_quantize(x, 4, 1.0, transform, out=_poisoned(4, 576))
+    codes, scales = R.transform_quantize(x, 4, 1.0, transform, out=quant_out(4, 576))
     ref_codes, ref_scales = R.transform_quantize_reference(x, 4, 1.0, transform)
     assert torch.equal(codes, ref_codes)
     assert torch.equal(scales, ref_scales)
@@ -117,8 +106,8 @@ def test_huge_and_tiny_tokens_stay_in_range():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n,k", [(7, 131, 257), (1, 33, 64), (20, 17, 96), (3, 40, 31)])
-def test_int_matmul_exact(bits, m, n, k):
-    g = _gen(m * n * k + bits)
+def test_int_matmul_exact(bits, m, n, k, gen, poisoned):
+    g = gen(m * n * k + bits)
     qmin, qmax = R.code_range(bits)
     a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     q = torch.randint(qmin, qmax + 1, (n, k), generator=g).to(torch.int8)
@@ -128,7 +117,7 @@ def test_int_matmul_exact(bits, m, n, k):
     packed = R.pack_weight_codes(q, bits)
     from calm_kernels import _rotated_triton
 
-    out = torch.full((m, n), -(2 ** 31), dtype=torch.int32)
+    out = poisoned((m, n), torch.int32)  # -2^31
     _rotated_triton.rotated_matmul(a, None, packed, None, bits, None, out)
     expect = a.to(torch.int64) @ q.to(torch.int64).T
     assert torch.equal(out.to(torch.int64), expect)
@@ -138,9 +127,9 @@ def test_int_matmul_exact(bits, m, n, k):
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_rotated_matmul_epilogue(bits, out_dtype, with_bias):
+def test_rotated_matmul_epilogue(bits, out_dtype, with_bias, gen, poisoned, assert_rel_close):
     m, n, k = 7, 131, 257
-    g = _gen(bits)
+    g = gen(bits)
     qmin, qmax = R.code_range(bits)
     a = torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8)
     q = torch.randint(qmin, qmax + 1, (n, k), generator=g).to(torch.int8)
@@ -148,14 +137,13 @@ def test_rotated_matmul_epilogue(bits, out_dtype, with_bias):
     w_scales = torch.rand(n, generator=g) * 0.05 + 0.01
     bias = torch.randn(n, generator=g).to(out_dtype) if with_bias else None
     packed = R.pack_weight_codes(q, bits)
-    out = torch.full((m, n), float("nan"), dtype=out_dtype)
-    y = R.rotated_matmul(a, a_scales, packed, w_scales, bits, bias, out_dtype, out=out)
+    y = R.rotated_matmul(a, a_scales, packed, w_scales, bits, bias, out_dtype, out=poisoned((m, n), out_dtype))
     expect = (a.double() @ q.double().T) * a_scales.double()[:, None] * w_scales.double()[None, :]
     if bias is not None:
         expect = expect + bias.double()
-    assert y.dtype == out_dtype and not torch.isnan(y).any()
+    assert y.dtype == out_dtype
     tol = 1e-3 if out_dtype == torch.float16 else 1e-6  # fp16 output rounding vs float32 epilogue
-    assert ((y.double() - expect).norm() / expect.norm()) < tol
+    assert_rel_close(y, expect, tol, "epilogue vs float64")
     # the float32 reference rounds in the same places: the fp32 output agrees almost bit for bit
     ref = R.rotated_matmul_reference(a, a_scales, packed, w_scales, bits, bias, out_dtype)
     assert torch.allclose(y.double(), ref.double(), rtol=2e-3 if out_dtype == torch.float16 else 1e-6, atol=1e-6)
@@ -179,14 +167,14 @@ def test_module_triton_path_matches_reference_path(transform, w_bits, a_bits, mo
     assert torch.allclose(y.float(), y_ref.float(), rtol=2e-3, atol=2e-3)
 
 
-def test_launcher_errors():
-    x = torch.randn(3, 576)
+def test_launcher_errors(rng):
+    x = torch.randn(3, 576, generator=rng)
     with pytest.raises(ValueError, match="transform has size"):
         R.transform_quantize(x, 4, 1.0, R.hadamard_transform(512))
     with pytest.raises(ValueError, match="activation bits"):
         R.transform_quantize(x, 5, 1.0, None)
     with pytest.raises(ValueError, match="contiguous"):
-        R.transform_quantize(torch.randn(576, 3).T, 4, 1.0, R.hadamard_transform(576))
+        R.transform_quantize(torch.randn(576, 3, generator=rng).T, 4, 1.0, R.hadamard_transform(576))
     packed = R.pack_weight_codes(torch.zeros(4, 64, dtype=torch.int8), 4)
     with pytest.raises(ValueError, match="words per row"):
         R.int_matmul(torch.zeros(2, 65, dtype=torch.int8), packed, 4)
