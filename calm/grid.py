@@ -52,7 +52,8 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest of (out, in) weights in groups along the input: codes (out, in), scales and zeros (out, in/g)."""
+    """Round-to-nearest of (out, in) weights in groups along the input: codes (out, in), scales and zeros
+    (out, in/g)."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide in_features {k}")

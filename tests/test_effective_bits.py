@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -31,6 +30,7 @@ from calm.nn import (
 )
 from calm_kernels import packing
 from calm_kernels.rotated import kronecker_transform
+from conftest import tiny_llama
 
 
 def _set(block: nn.Module, name: str, module: nn.Module) -> None:

@@ -271,7 +271,7 @@ class AffineOptions(TrainingOptions):
           check_spec=actquant.transform_spec_check("affine", "learns transforms of the activations it quantizes"))
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: AffineOptions,
                    context: dict) -> nn.Module:
-    for name, linear in block_linears(block).items():
+    for linear in block_linears(block).values():
         actquant.transform_for(linear.in_features, True, "affine")
     with torch.enable_grad():
         return quantize_with_transforms(block, inputs, spec, lambda name, linear: "learned", weights=options.weights,

@@ -136,7 +136,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, optio
     grid_tokens, clip_tokens, scale_o = options.grid_tokens, options.clip_tokens, options.scale_o
     groups = [g for g in scale_groups(block) if scale_o or g.name != "o"]
     linears = block_linears(block)
-    for name, lin in linears.items():
+    for lin in linears.values():
         spec.group_for(lin.in_features)
 
     # 1. Activation statistics on every calibration token; the loss modules' inputs on the grid subset.
