@@ -192,7 +192,7 @@ class CodebookLayout:
 
     def column_bits(self) -> torch.Tensor:
         """Width of every stored column (K,)."""
-        return torch.cat([torch.full((c,), b, dtype=torch.int64) for b, c in self.slabs])
+        return torch.cat([torch.full((c,), b, dtype=torch.int64, device="cpu") for b, c in self.slabs])
 
 
 def outlier_col_dtype(in_features: int) -> torch.dtype:

@@ -101,9 +101,9 @@ def _check_clip(clip_ratio: float) -> None:
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
 
 
-def _scale_multiplier(bits: int, clip_ratio: float) -> torch.Tensor:
+def _scale_multiplier(bits: int, clip_ratio: float, device: torch.device | str | None = "cpu") -> torch.Tensor:
     # One float32 constant clip/qmax, rounded once, used identically by the reference and the kernel.
-    return torch.tensor(clip_ratio / code_range(bits)[1], dtype=torch.float32)
+    return torch.tensor(clip_ratio / code_range(bits)[1], dtype=torch.float32, device=device)
 
 
 def quantize_per_token_reference(x: torch.Tensor, bits: int, clip_ratio: float = 1.0
@@ -113,7 +113,7 @@ def quantize_per_token_reference(x: torch.Tensor, bits: int, clip_ratio: float =
     _check_clip(clip_ratio)
     qmin, qmax = code_range(bits)
     z = x.to(torch.float32)
-    scale = z.abs().amax(dim=-1) * _scale_multiplier(bits, clip_ratio)
+    scale = z.abs().amax(dim=-1) * _scale_multiplier(bits, clip_ratio, z.device)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = round_half_to_even(torch.clamp(z / safe.unsqueeze(-1), qmin, qmax)).to(torch.int8)
     return codes, scale
@@ -137,7 +137,7 @@ def quantize_weights_rtn(w: torch.Tensor, bits: int, clip_ratio: float = 1.0
         raise ValueError(f"weights must be 2-D (out_features, in_features), got {tuple(w.shape)}")
     qmin, qmax = code_range(bits)
     z = w.to(torch.float32)
-    scale = z.abs().amax(dim=1) * torch.tensor(clip_ratio / qmax, dtype=torch.float32)
+    scale = z.abs().amax(dim=1) * torch.tensor(clip_ratio / qmax, dtype=torch.float32, device=z.device)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = round_half_to_even(torch.clamp(z / safe.unsqueeze(1), qmin, qmax)).to(torch.int8)
     return codes, scale
@@ -235,7 +235,12 @@ def _paley_core(q: int, skew: bool) -> torch.Tensor:
 
 @functools.cache
 def _hadamard_int(n: int) -> torch.Tensor | None:
-    """A +-1 Hadamard matrix of order n (int64), or None when none of our constructions reaches n."""
+    """A +-1 Hadamard matrix of order n (int64, CPU), or None when none of our constructions reaches n."""
+    with torch.device("cpu"):  # host-side construction, whatever default device the caller has set
+        return _construct_hadamard(n)
+
+
+def _construct_hadamard(n: int) -> torch.Tensor | None:
     if n == 1:
         return torch.ones(1, 1, dtype=torch.int64)
     if n == 2:
@@ -266,7 +271,7 @@ def _verified_hadamard(n: int) -> torch.Tensor:
     if h is None:
         raise ValueError(f"no Hadamard matrix of order {n} is constructed here (Sylvester, Paley I/II and "
                          f"doublings reach every multiple of 4 up to 128 except 92 and 116)")
-    if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.int64)):
+    if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.int64, device=h.device)):
         raise AssertionError(f"constructed Hadamard matrix of order {n} fails H H^T = n I")
     return h
 
@@ -331,7 +336,7 @@ class KroneckerTransform:
 
     def matrix(self) -> torch.Tensor:
         """Dense R (float64): for tests and small sizes only."""
-        r = torch.ones(1, 1, dtype=torch.float64)
+        r = torch.ones(1, 1, dtype=torch.float64, device=self.factors[0].device)
         for f in self.factors:
             r = torch.kron(r, f.to(torch.float64))
         return r * self.norm
@@ -410,7 +415,7 @@ def kernel_factors(transform: KroneckerTransform, device: torch.device | str | N
         d, big = f.shape[0], padded_order(f.shape[0])
         amax = float(f.abs().max())
         exp = math.frexp(amax)[1] if amax > 0 else 0
-        g = torch.zeros(big, big, dtype=torch.float32)
+        g = torch.zeros(big, big, dtype=torch.float32, device=f.device)
         g[:d, :d] = f.to(torch.float32) * 2.0 ** (-exp)
         norm *= 2.0 ** exp
         padded.append(g.to(torch.float16).to(device).contiguous())
@@ -440,7 +445,7 @@ def transform_quantize_reference(x: torch.Tensor, bits: int, clip_ratio: float =
     if transform is None:
         return quantize_per_token_reference(x, bits, clip_ratio)
     codes, scale = quantize_per_token_reference(transform.apply_unnormalized(x), bits, clip_ratio)
-    return codes, scale * torch.tensor(transform.norm, dtype=torch.float32)
+    return codes, scale * torch.tensor(transform.norm, dtype=torch.float32, device=scale.device)
 
 
 def transform_quantize(x: torch.Tensor, bits: int, clip_ratio: float = 1.0,

@@ -12,16 +12,19 @@ from calm.config import CandidateSpec, QuantSpec
 from calm.model import capture_block_inputs, decoder_blocks
 from conftest import tiny_llama
 
-WEIGHT_ONLY_POOL = ("rtn", "gptq", "gptq:act_order=none", "gptq:act_order=full", "awq",
-                    "claq:bits_target=3.12,outliers=true")
+CASES = [("W3A16G32", text) for text in ("rtn", "gptq", "gptq:act_order=none", "gptq:act_order=full", "awq",
+                                        "claq:bits_target=3.12,outliers=true")]
+CASES += [("W4A4", text) for text in ("rtn", "gptq", "rotation", "rotation:weights=rtn", "affine:steps=1",
+                                      "kurtosis:steps=1")]
+CASES += [("W4A4K4V4", "affine:steps=1"), ("W4A8", "smoothquant"), ("W8A8", "smoothquant")]
 
 
-@pytest.mark.parametrize("text", WEIGHT_ONLY_POOL)
-def test_weight_only_candidates_create_every_tensor_on_their_inputs_device(text):
+@pytest.mark.parametrize("scheme, text", CASES)
+def test_every_candidate_creates_its_tensors_on_its_inputs_device(scheme, text):
     model = tiny_llama()
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     inputs = capture_block_inputs(model, windows, 2)
-    spec = QuantSpec.from_scheme("W3A16G32")
+    spec = QuantSpec.from_scheme(scheme)
     candidate = CandidateSpec.parse(text)
     context = algorithms.prepare(candidate, list(decoder_blocks(model)), spec)
     block = copy.deepcopy(decoder_blocks(model)[0])

@@ -100,8 +100,8 @@ class CodebookQuantLinear(QuantizedLinear):
         width per column, 1-4 (8-bit codebooks come through `from_parts`)."""
         w = linear.weight.detach().to(torch.float32)
         k = w.shape[1]
-        column_bits = (torch.full((k,), int(bits), dtype=torch.int64) if not isinstance(bits, torch.Tensor)
-                       else bits.to(torch.int64).cpu())
+        column_bits = (bits.to(torch.int64).cpu() if isinstance(bits, torch.Tensor)
+                       else torch.full((k,), int(bits), dtype=torch.int64, device="cpu"))
         max_bits = int(column_bits.max())
         codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
         centroids = torch.zeros(k, 1 << max_bits, device=w.device)
@@ -123,7 +123,7 @@ class CodebookQuantLinear(QuantizedLinear):
 
     def column_bits(self) -> torch.Tensor:
         """Width of every original input column (in_features,)."""
-        bits = torch.empty(self.in_features, dtype=torch.int64)
+        bits = torch.empty(self.in_features, dtype=torch.int64, device="cpu")
         bits[self.perm.to(torch.int64).cpu()] = self.layout.column_bits()
         return bits
 

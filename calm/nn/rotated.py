@@ -44,7 +44,8 @@ def _is_hadamard(t, n: int) -> bool:
         h = _hadamard(n)
     except ValueError:
         return False
-    same_norm = torch.equal(torch.tensor(h.norm, dtype=torch.float32), torch.tensor(t.norm, dtype=torch.float32))
+    same_norm = torch.equal(torch.tensor(h.norm, dtype=torch.float32, device="cpu"),
+                            torch.tensor(t.norm, dtype=torch.float32, device="cpu"))
     return (h.orders == t.orders and same_norm
             and all(torch.equal(a, b.detach().to("cpu", a.dtype)) for a, b in zip(h.factors, t.factors)))
 
@@ -116,7 +117,7 @@ class RotatedQuantLinear(QuantizedLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         # A Hadamard is rebuilt here from in_features and not saved; without a transform the norm is unused.
         for i, d in enumerate(orders):
-            f = h.factors[i].clone() if h is not None else torch.eye(d, dtype=torch.float32)
+            f = h.factors[i].clone() if h is not None else torch.eye(d, dtype=torch.float32, device=device)
             self.register_buffer(f"transform_factor{i}", f.to(device), persistent=h is None)
         self.register_buffer("transform_norm", torch.tensor(h.norm if h is not None else 1.0, dtype=torch.float32,
                                                             device=device), persistent=h is None and bool(orders))
