@@ -11,6 +11,11 @@ class CalmUsageError(ValueError):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
 
 
+class NumericalError(ArithmeticError):
+    """A quantization broke down numerically (e.g. a Hessian that is not positive definite even after damping).
+    In a search the candidate that raised it is recorded as failed and the others still compete."""
+
+
 SCHEME_PATTERN = re.compile(r"^W(?P<w>\d+)(?:A(?P<a>\d+))?(?:K(?P<k>\d+)V(?P<v>\d+))?(?:G(?P<g>\d+))?$")
 
 
