@@ -17,13 +17,7 @@ from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, run_bl
 from calm.nn import release_caches
 from calm.progress import get_logger, progress
 from calm.search import candidates
-from calm.search.decision import (
-    AllCandidatesFailed,
-    BlockDecision,
-    CandidateScore,
-    choose,
-    numerical_failure,
-)
+from calm.search.decision import AllCandidatesFailed, BlockDecision, CandidateScore, choose, numerical_failure
 from calm.search.propagation import propagate
 from calm.search.scoring import Scorer, make_scorer
 from calm.search.state import BlockStateStore
