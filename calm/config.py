@@ -11,6 +11,11 @@ class CalmUsageError(ValueError):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
 
 
+class NumericalError(ArithmeticError):
+    """A quantization broke down numerically (e.g. a Hessian that is not positive definite even after damping).
+    In a search the candidate that raised it is recorded as failed and the others still compete."""
+
+
 SCHEME_PATTERN = re.compile(r"^W(?P<w>\d+)(?:A(?P<a>\d+))?(?:K(?P<k>\d+)V(?P<v>\d+))?(?:G(?P<g>\d+))?$")
 
 
@@ -175,9 +180,9 @@ class DataConfig:
     Args:
         text: None for the embedded Wikipedia extract (gensim wheel), or a local UTF-8 text file.
         calib_windows, calib_seqlen: calibration windows drawn with `seed` from the calibration half.
-        score_windows: further windows of the calibration half, drawn after those (same seed), on which the
-            search scores candidates instead of on the windows they were fitted on; 0 scores on the fitting
-            windows.
+        score_windows: further windows of the calibration half, drawn after those (same seed) where they share
+            no token with them or each other, on which the search scores candidates instead of on the windows
+            they were fitted on; 0 scores on the fitting windows.
         eval_seqlen: T of the GPTQ perplexity protocol (non-overlapping windows of T tokens).
         eval_tokens: held-out tokens evaluated (rounded down to whole windows); 0 means the whole held-out half.
     """

@@ -158,14 +158,58 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`n` windows of `seqlen` tokens at offsets drawn with `seed` (GPTQ's protocol)."""
+def _fitting_starts(ids: torch.Tensor, n: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:
     if ids.numel() < max(n, 1) * seqlen:
         raise CalmUsageError(f"calibration text has {ids.numel()} tokens, fewer than the {n} x {seqlen} = "
                              f"{n * seqlen} asked for: lower --calib-windows/--calib-seqlen or give a longer --text")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=gen)
+    return torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=gen)
+
+
+def calibration_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`n` windows of `seqlen` tokens at offsets drawn with `seed` (GPTQ's protocol; they may overlap)."""
+    starts = _fitting_starts(ids, n, seqlen, torch.Generator().manual_seed(seed))
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def disjoint_starts(total: int, taken: torch.Tensor, k: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:
+    """`k` start offsets of `seqlen`-token windows in a text of `total` tokens, drawn one by one with `gen` among
+    the offsets whose window overlaps no window starting at `taken` and no window drawn before it.
+    Raises CalmUsageError when the text runs out of such offsets."""
+    allowed = torch.ones(total - seqlen + 1, dtype=torch.bool)
+
+    def forbid(start: int) -> None:  # every window overlapping [start, start + seqlen)
+        allowed[max(0, start - seqlen + 1):start + seqlen] = False
+
+    for s in taken.tolist():
+        forbid(s)
+    starts = []
+    for _ in range(k):
+        free = allowed.nonzero()[:, 0]
+        if free.numel() == 0:
+            raise CalmUsageError(
+                f"calibration text has {total} tokens, too few for {k} scoring windows of {seqlen} tokens that "
+                f"overlap neither the {taken.numel()} fitting windows nor each other (room for {len(starts)}): "
+                f"lower --score-windows, --calib-windows or --calib-seqlen, or give a longer --text")
+        start = int(free[torch.randint(0, free.numel(), (1,), generator=gen)])
+        forbid(start)
+        starts.append(start)
+    return torch.tensor(starts, dtype=torch.long)
+
+
+def fitting_and_scoring_windows(ids: torch.Tensor, n: int, k: int, seqlen: int, seed: int
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`n` fitting windows, `k` scoring windows or None when k == 0) of `seqlen` tokens.
+
+    The fitting windows are `calibration_windows(ids, n, seqlen, seed)` whatever `k`; the scoring windows are
+    then drawn with the same generator among the offsets whose window shares no token with a fitting window
+    or another scoring window, so the search never scores a candidate on tokens it was fitted on."""
+    gen = torch.Generator().manual_seed(seed)
+    fit = _fitting_starts(ids, n, seqlen, gen)
+    fitting = torch.stack([ids[s:s + seqlen] for s in fit.tolist()])
+    if k == 0:
+        return fitting, None
+    scoring = disjoint_starts(ids.numel(), fit, k, seqlen, gen)
+    return fitting, torch.stack([ids[s:s + seqlen] for s in scoring.tolist()])
 
 
 def evaluation_windows(ids: torch.Tensor, seqlen: int, max_tokens: int) -> torch.Tensor:
@@ -184,7 +228,7 @@ class Corpus:
     sha256: str
     calibration: torch.Tensor  # (n, T) token windows
     evaluation: torch.Tensor  # (m, T) token windows
-    scoring: torch.Tensor | None  # (k, T) calibration-half windows the search scores on, or None
+    scoring: torch.Tensor | None  # (k, T) calibration-half windows the search scores on (disjoint), or None
     calibration_tokens_available: int
     evaluation_tokens_available: int
 
@@ -193,9 +237,8 @@ def load_corpus(tokenizer, cfg: DataConfig) -> Corpus:
     split = load_split(cfg.text)
     calib_ids = tokenize(tokenizer, split.calibration)
     eval_ids = tokenize(tokenizer, split.evaluation)
-    # One draw for both sets: the fitting windows are the same whether or not scoring windows follow them.
-    drawn = calibration_windows(calib_ids, cfg.calib_windows + cfg.score_windows, cfg.calib_seqlen, cfg.seed)
-    return Corpus(split.name, split.sha256, drawn[:cfg.calib_windows],
-                  evaluation_windows(eval_ids, cfg.eval_seqlen, cfg.eval_tokens),
-                  drawn[cfg.calib_windows:] if cfg.score_windows else None,
-                  calib_ids.numel(), eval_ids.numel())
+    # The fitting windows are the same whether or not scoring windows follow them; those share no token with them.
+    fitting, scoring = fitting_and_scoring_windows(calib_ids, cfg.calib_windows, cfg.score_windows,
+                                                   cfg.calib_seqlen, cfg.seed)
+    return Corpus(split.name, split.sha256, fitting, evaluation_windows(eval_ids, cfg.eval_seqlen, cfg.eval_tokens),
+                  scoring, calib_ids.numel(), eval_ids.numel())

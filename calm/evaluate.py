@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from calm.progress import progress as progress_bar
+
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """NLL of every next-token prediction, (n, T-1) float64: `logits` (n, T, vocab) predict `ids[:, 1:]`."""
@@ -21,16 +23,20 @@ def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_windows: int = 4,
                progress: Callable[[str], None] | None = None) -> torch.Tensor:
-    """Mean next-token NLL of each window (n,), float64 (T-1 predictions per window)."""
+    """Mean next-token NLL of each window (n,), float64 (T-1 predictions per window).
+
+    A progress bar over the windows shows on a terminal (`calm.progress`); `progress`, when given, also
+    receives a line after every batch."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"evaluation windows must be (n, T>=2), got {tuple(windows.shape)}")
     device = next(model.parameters()).device
     nll = []
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(total=windows.shape[0], desc="perplexity", unit="window") as bar:
         for i in range(0, windows.shape[0], batch_windows):
             batch = windows[i:i + batch_windows].to(device)
             nll.append(token_nll(model(batch, use_cache=False).logits, batch).mean(1).cpu())
+            bar.update(batch.shape[0])
             if progress is not None:
                 done = min(i + batch_windows, windows.shape[0])
                 progress(f"{done}/{windows.shape[0]} windows, {time.perf_counter() - start:.0f}s, "

@@ -35,3 +35,37 @@ def test_token_nll_keeps_fp32_accuracy_with_a_large_vocabulary():
     oracle = -logits.double()[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
     # (token, vocab) rows: 5.7e-6 here; a transposed (n, vocab, T) cross_entropy: 5.8e-5.
     assert float((token_nll(logits, ids) - oracle).abs().max()) < 2e-5
+
+
+def test_window_nll_shows_a_bar_over_the_windows(monkeypatch):
+    import calm.evaluate
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, desc="", unit="it"):
+            self.total, self.unit, self.done = total, unit, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.done += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(calm.evaluate, "progress_bar", Bar)
+    lines = []
+    windows = torch.randint(0, 256, (5, 9), generator=torch.Generator().manual_seed(0))
+    window_nll(tiny_llama(), windows, 2, progress=lines.append)
+    assert [(b.total, b.done, b.unit) for b in bars] == [(5, 5, "window")]
+    assert [line.split(",")[0] for line in lines] == ["2/5 windows", "4/5 windows", "5/5 windows"]
+
+
+def test_progress_bars_stay_off_when_stderr_is_not_a_terminal():
+    from calm.progress import progress
+
+    with progress(total=3) as bar:  # pytest captures stderr: no terminal
+        assert bar.disable

@@ -1,15 +1,20 @@
-"""The search loop on a tiny random LLaMA: decisions, tie-breaking, state on disk, resume."""
+"""The search loop on a tiny random LLaMA: decisions, tie-breaking, failed candidates, state on disk, resume,
+progress."""
 import copy
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from calm.config import QuantSpec, SearchConfig, parse_pool
+import calm.search.candidates
+import calm.search.loop
+from calm.config import SCORES, CalmUsageError, NumericalError, QuantSpec, SearchConfig, parse_pool
 from calm.evaluate import perplexity
 from calm.model import decoder_blocks
-from calm.search import CandidateScore, calm_search, check_models, choose, install_blocks
+from calm.search import (SCORERS, AllCandidatesFailed, BlockDecision, CandidateScore, calm_search, check_models,
+                         choose, install_blocks, numerical_failure)
 
 
 def score(cka, mse):
@@ -124,7 +129,7 @@ def test_final_score_sees_the_model_output(tiny_model):
 
 
 def test_score_is_validated():
-    with pytest.raises(Exception, match="score must be one of"):
+    with pytest.raises(CalmUsageError, match="score must be one of"):
         SearchConfig(score="mse")
     assert SearchConfig(score="cka-final").score == "cka-final"
 
@@ -138,7 +143,7 @@ def test_resume_refuses_blocks_saved_with_other_algorithm_settings(tiny_model, t
     assert saved["candidate_options"]["gptq"]["act_order"] == "static"  # defaults are recorded
     saved["candidate_options"]["gptq"]["act_order"] = "none"  # as an older calm with another default wrote it
     (tmp_path / "block_000.json").write_text(json.dumps(saved))
-    with pytest.raises(Exception, match="other settings for gptq.*new --output"):
+    with pytest.raises(CalmUsageError, match="other settings for gptq.*new --output"):
         calm_search(tiny_model, windows, spec, SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2),
                     state_dir=tmp_path, log=lambda _: None)
 
@@ -158,3 +163,200 @@ def test_check_models_is_the_whole_model_nll_with_each_block_list(tiny_model):
     assert {n: float(w.mean()) for n, w in nll.items()} == pytest.approx(expected, rel=1e-6)
     assert all(w.shape == (3,) for w in nll.values())
     assert decoder_blocks(tiny_model)[0] is damaged[0]
+
+
+def test_every_score_has_one_scorer():
+    assert set(SCORERS) == set(SCORES)
+    assert {n for n, cls in SCORERS.items() if cls.by == "nll"} == {"nll"}
+
+
+def test_choose_skips_failed_and_non_finite_candidates():
+    nan, inf = float("nan"), float("inf")
+    scores = {"a": score(nan, 0.1), "b": score(-inf, inf), "c": score(0.5, 2.0), "d": score(0.9, 1.0)}
+    assert choose(scores, 1e-7) == "d"
+    scores["d"] = dataclasses.replace(scores["d"], failed="RuntimeError: not positive definite")
+    assert choose(scores, 1e-7) == "c"
+    by_nll = {"a": CandidateScore(0.9, 1.0, 0.0, 0.0, 0.0, nll=nan),
+              "b": CandidateScore(0.8, 1.0, 0.0, 0.0, 0.0, nll=4.0)}
+    assert choose(by_nll, 1e-7, by="nll") == "b"
+    decision = BlockDecision(0, "c", scores)
+    assert decision.margin == 0.0  # every other candidate failed: nothing to compare with
+    assert decision.failed == {"d": "RuntimeError: not positive definite"}
+    assert decision.to_dict()["scores"]["d"]["failed"] == "RuntimeError: not positive definite"
+    assert "failed" not in decision.to_dict()["scores"]["c"]
+
+
+def test_choose_when_every_candidate_failed_names_each_reason():
+    scores = {"rtn": score(float("nan"), float("nan")),
+              "gptq": dataclasses.replace(score(float("-inf"), float("inf")), failed="RuntimeError: raise\ndamp")}
+    with pytest.raises(AllCandidatesFailed) as caught:
+        choose(scores, 1e-7)
+    assert caught.value.reasons == {"rtn": "non-finite cka (nan)", "gptq": "RuntimeError: raise\ndamp"}
+    assert isinstance(caught.value, CalmUsageError) and "\n" not in str(caught.value)
+    assert "rtn: non-finite cka (nan); gptq: RuntimeError: raise damp" in str(caught.value)
+    with pytest.raises(AllCandidatesFailed, match="every candidate failed"):
+        choose({"a": CandidateScore(0.9, 1.0, 0.0, 0.0, 0.0, nll=float("inf"))}, 1e-7, by="nll")
+
+
+def test_numerical_failures_are_told_from_other_errors():
+    try:
+        try:
+            torch.linalg.cholesky(-torch.eye(2))
+        except torch.linalg.LinAlgError as exc:
+            raise RuntimeError("GPTQ: the damped Hessian is not positive definite (damp=0.01); raise damp") from exc
+    except RuntimeError as exc:
+        assert numerical_failure(exc) == ("RuntimeError: GPTQ: the damped Hessian is not positive definite "
+                                          "(damp=0.01); raise damp")
+    assert numerical_failure(NumericalError("overflow")) == "NumericalError: overflow"
+    assert numerical_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert numerical_failure(TypeError("bad argument")) is None
+    assert numerical_failure(CalmUsageError("bad option")) is None
+
+
+def failing_quantize(monkeypatch, fail: dict[tuple[str, int], BaseException]):
+    """Make candidates.quantize raise `fail[(name, block index)]`; other calls quantize as usual."""
+    real = calm.search.candidates.quantize
+    calls = {}
+
+    def quantize(candidate, block, inputs, spec, context):
+        index = calls[candidate.name] = calls.get(candidate.name, -1) + 1
+        if (candidate.name, index) in fail:
+            raise fail[(candidate.name, index)]
+        return real(candidate, block, inputs, spec, context)
+
+    monkeypatch.setattr(calm.search.candidates, "quantize", quantize)
+
+
+def not_positive_definite() -> RuntimeError:
+    try:
+        torch.linalg.cholesky(-torch.eye(2))
+    except torch.linalg.LinAlgError as exc:
+        err = RuntimeError("the damped Hessian is not positive definite; raise damp")
+        err.__cause__ = exc
+        return err
+
+
+def test_a_candidate_that_fails_numerically_is_recorded_and_the_others_compete(tiny_model, tmp_path, monkeypatch,
+                                                                                caplog):
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2)
+    spec = QuantSpec.from_scheme("W2A16G32")
+    failing_quantize(monkeypatch, {("gptq", 1): not_positive_definite()})
+    with caplog.at_level("WARNING", logger="calm.search"):
+        outcome = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lambda _: None)
+    first, second = outcome.decisions
+    assert first.failed == {} and second.chosen == "rtn"
+    assert second.failed == {"gptq": "RuntimeError: the damped Hessian is not positive definite; raise damp"}
+    assert second.to_dict()["cka_margin"] == 0.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [("block 2/2: gptq failed (RuntimeError: the damped Hessian is not positive definite; "
+                         "raise damp); chose rtn among the others")]
+    assert outcome.candidate_blocks["gptq"][1] is None and outcome.candidate_blocks["gptq"][0] is not None
+    assert set(outcome.complete_candidates) == {"rtn"}
+    with pytest.raises(ValueError, match="no block for layers"):
+        install_blocks(tiny_model, outcome.candidate_blocks["gptq"])
+    assert not (tmp_path / "block_001-gptq.safetensors").exists()
+    saved = json.loads((tmp_path / "block_001.json").read_text())
+    assert saved["scores"]["gptq"]["failed"].startswith("RuntimeError")
+
+    # Resume: the failure is part of the decision; nothing is quantized again.
+    failing_quantize(monkeypatch, {(c, i): AssertionError("quantized again") for c in ("rtn", "gptq") for i in (0, 1)})
+    lines = []
+    again = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lines.append)
+    assert sum("(resumed)" in line for line in lines) == 2
+    assert [d.to_dict() for d in again.decisions] == [d.to_dict() for d in outcome.decisions]
+    assert again.candidate_blocks["gptq"][1] is None
+
+
+def test_every_candidate_failing_stops_with_one_error_and_keeps_earlier_blocks(tiny_model, tmp_path, monkeypatch):
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2)
+    spec = QuantSpec.from_scheme("W2A16G32")
+    failing_quantize(monkeypatch, {("rtn", 1): NumericalError("scale overflow"), ("gptq", 1): not_positive_definite()})
+    with pytest.raises(AllCandidatesFailed) as caught:
+        calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lambda _: None)
+    message = str(caught.value)
+    assert caught.value.block == 1 and "\n" not in message
+    assert message.startswith("every candidate failed on block 2/2 (rtn: NumericalError: scale overflow; "
+                              "gptq: RuntimeError: the damped Hessian is not positive definite; raise damp)")
+    assert str(tmp_path) in message
+    assert (tmp_path / "block_000.json").is_file() and not (tmp_path / "block_001.json").exists()
+
+    # The rerun resumes at the failed block.
+    monkeypatch.undo()
+    lines = []
+    outcome = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lines.append)
+    assert ["(resumed)" in line for line in lines[1:]] == [True, False]
+    assert all(d.failed == {} for d in outcome.decisions)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+                                   CalmUsageError("gptq act_order must be one of ..."), KeyError("q_proj")])
+def test_other_errors_of_a_candidate_stop_the_search(tiny_model, monkeypatch, error):
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    failing_quantize(monkeypatch, {("gptq", 0): error})
+    with pytest.raises(type(error), match=str(error.args[0])[:20]):
+        calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"),
+                    SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2), log=lambda _: None)
+
+
+def test_a_diverged_candidate_is_failed_by_its_score(tiny_model, monkeypatch):
+    """A block that quantizes but outputs NaN scores -inf CKA: recorded as failed, never chosen."""
+    real = calm.search.candidates.quantize
+
+    def quantize(candidate, block, inputs, spec, context):
+        out = real(candidate, block, inputs, spec, context)
+        if candidate.name == "gptq":
+            out.input_layernorm.weight.data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(calm.search.candidates, "quantize", quantize)
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    outcome = calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"),
+                          SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2), log=lambda _: None)
+    for d in outcome.decisions:
+        assert d.chosen == "rtn" and d.failed == {"gptq": "non-finite cka (-inf)"}
+
+
+def test_a_real_gptq_breakdown_leaves_rtn(tiny_model):
+    """GPTQ with a negative damp: its Hessian is not positive definite (torch's LinAlgError under GPTQ's error)."""
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    outcome = calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"),
+                          SearchConfig(pool=parse_pool("rtn;gptq:damp=-5"), batch_windows=2), log=lambda _: None)
+    for d in outcome.decisions:
+        assert d.chosen == "rtn" and "not positive definite" in d.failed["gptq[damp=-5]"]
+    with pytest.raises(AllCandidatesFailed, match="block 1/2.*gptq.*raise damp"):
+        calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"),
+                    SearchConfig(pool=parse_pool("gptq:damp=-5"), batch_windows=2), log=lambda _: None)
+
+
+class Bar:
+    """Stands in for calm.progress.progress: records the total and every update."""
+
+    def __init__(self, bars, total=None, desc="", unit="it"):
+        self.total, self.desc, self.done = total, desc, 0
+        bars.append(self)
+
+    def update(self, n=1):
+        self.done += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_search_progress_bar_counts_blocks_times_candidates_and_logs_by_default(tiny_model, tmp_path, monkeypatch,
+                                                                               caplog):
+    bars = []
+    monkeypatch.setattr(calm.search.loop, "progress", lambda **kw: Bar(bars, **kw))
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2)
+    with caplog.at_level("INFO", logger="calm.search"):
+        calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"), cfg, state_dir=tmp_path)
+        calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"), cfg, state_dir=tmp_path)
+    assert [(b.total, b.done) for b in bars] == [(4, 4), (4, 4)]  # the resumed search counts its blocks too
+    messages = [r.getMessage() for r in caplog.records if r.name == "calm.search"]
+    assert messages[0].startswith("captured block inputs") and messages[1].startswith("block   1/2: ")
+    assert sum("(resumed)" in m for m in messages) == 2

@@ -1,0 +1,76 @@
+"""The search's state on disk: every candidate's quantized block and each block's decision, written as they are
+made (atomically), so that an interrupted search resumes at the first undecided block.
+
+Layout of `state_dir`: `block_NNN.json` (the decision, with every candidate's options) and
+`block_NNN-<candidate>.safetensors` (each candidate's block; none for a candidate whose quantization failed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from calm.config import CalmUsageError
+from calm.io import atomic_write_json, load_block_state, save_block_state
+from calm.search.decision import BlockDecision
+
+
+def state_name(name: str) -> str:
+    """A candidate name (`gptq:act_order=static`) as a file-name part."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def check_saved_options(path: Path, saved: dict[str, dict], current: dict[str, dict]) -> None:
+    """Saved blocks made with other algorithm settings (e.g. a default changed between calm versions) must not
+    be reused silently."""
+    changed = sorted(n for n in current if saved.get(n) != current[n])
+    if changed:
+        details = "; ".join(f"{n}: saved {saved.get(n)} now {current[n]}" for n in changed)
+        raise CalmUsageError(f"{path} was written with other settings for {', '.join(changed)} ({details}); "
+                             f"resume with the calm version that wrote it, or pass a new --output")
+
+
+class BlockStateStore:
+    """Per-block search state in `state_dir`; with `state_dir` None nothing is saved and nothing resumes.
+
+    `options` (candidate name -> options with defaults, `candidate_options`) is written beside every decision
+    and checked on resume."""
+
+    def __init__(self, state_dir: Path | None, options: dict[str, dict]) -> None:
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.options = options
+
+    def decision_path(self, index: int) -> Path:
+        return self.state_dir / f"block_{index:03d}.json"
+
+    def block_path(self, index: int, name: str) -> Path:
+        return self.state_dir / f"block_{index:03d}-{state_name(name)}.safetensors"
+
+    def save_block(self, index: int, name: str, block: nn.Module) -> None:
+        if self.state_dir is not None:
+            save_block_state(self.block_path(index, name), block)
+
+    def save_decision(self, decision: BlockDecision) -> None:
+        if self.state_dir is not None:
+            atomic_write_json(self.decision_path(decision.index), {**decision.to_dict(),
+                                                                    "candidate_options": self.options})
+
+    def load(self, index: int, float_block: nn.Module) -> tuple[BlockDecision, dict[str, nn.Module | None]] | None:
+        """Block `index`'s saved decision and candidate blocks (None for a candidate that failed), or None when
+        the block is not decided yet. Raises CalmUsageError when they were made with other candidate options."""
+        if self.state_dir is None:
+            return None
+        path = self.decision_path(index)
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        decision = BlockDecision.from_dict(saved)
+        failed = decision.failed
+        needed = {n: self.block_path(index, n) for n in self.options if n not in failed}
+        if not all(p.is_file() for p in needed.values()):
+            return None
+        check_saved_options(path, saved.get("candidate_options", self.options), self.options)
+        blocks: dict[str, nn.Module | None] = {n: None for n in self.options}
+        blocks.update({n: load_block_state(p, float_block) for n, p in needed.items()})
+        return decision, blocks
