@@ -3,8 +3,16 @@ import pytest
 import torch
 
 from calm.config import CalmUsageError, DataConfig
-from calm.data import (calibration_windows, clean_wikitext, disjoint_starts, evaluation_windows,
-                       fitting_and_scoring_windows, load_corpus, load_text_file_split, load_wikipedia_split)
+from calm.data import (
+    calibration_windows,
+    clean_wikitext,
+    disjoint_starts,
+    evaluation_windows,
+    fitting_and_scoring_windows,
+    load_corpus,
+    load_text_file_split,
+    load_wikipedia_split,
+)
 
 
 def test_wikipedia_split_is_deterministic_and_disjoint():

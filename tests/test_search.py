@@ -10,11 +10,21 @@ import torch
 
 import calm.search.candidates
 import calm.search.loop
+from calm.algorithms import gptq_core
 from calm.config import SCORES, CalmUsageError, NumericalError, QuantSpec, SearchConfig, parse_pool
 from calm.evaluate import perplexity
 from calm.model import decoder_blocks
-from calm.search import (SCORERS, AllCandidatesFailed, BlockDecision, CandidateScore, calm_search, check_models,
-                         choose, install_blocks, numerical_failure)
+from calm.search import (
+    SCORERS,
+    AllCandidatesFailed,
+    BlockDecision,
+    CandidateScore,
+    calm_search,
+    check_models,
+    choose,
+    install_blocks,
+    numerical_failure,
+)
 
 
 def score(cka, mse):
@@ -56,7 +66,6 @@ def test_search_scores_every_candidate_and_resumes(tiny_model, tmp_path, propaga
     second = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lines.append)
     assert sum("(resumed)" in line for line in lines) == 2
     assert [d.to_dict() for d in second.decisions] == [d.to_dict() for d in first.decisions]
-    x = torch.randint(0, 256, (1, 8))
     for a, b in zip(first.chosen_blocks, second.chosen_blocks):
         for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
             assert na == nb and torch.equal(ta, tb)
@@ -318,16 +327,18 @@ def test_a_diverged_candidate_is_failed_by_its_score(tiny_model, monkeypatch):
         assert d.chosen == "rtn" and d.failed == {"gptq": "non-finite cka (-inf)"}
 
 
-def test_a_real_gptq_breakdown_leaves_rtn(tiny_model):
-    """GPTQ with a negative damp: its Hessian is not positive definite (torch's LinAlgError under GPTQ's error)."""
+def test_a_real_gptq_breakdown_leaves_rtn(tiny_model, monkeypatch):
+    """GPTQ on a Hessian that is not positive definite (negated here): its Cholesky fails inside GPTQ."""
+    real_hessian = gptq_core.HessianAccumulator.hessian
+    monkeypatch.setattr(gptq_core.HessianAccumulator, "hessian", lambda self: -real_hessian(self))
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     outcome = calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"),
-                          SearchConfig(pool=parse_pool("rtn;gptq:damp=-5"), batch_windows=2), log=lambda _: None)
+                          SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2), log=lambda _: None)
     for d in outcome.decisions:
-        assert d.chosen == "rtn" and "not positive definite" in d.failed["gptq[damp=-5]"]
+        assert d.chosen == "rtn" and "not positive definite" in d.failed["gptq"]
     with pytest.raises(AllCandidatesFailed, match="block 1/2.*gptq.*raise damp"):
         calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"),
-                    SearchConfig(pool=parse_pool("gptq:damp=-5"), batch_windows=2), log=lambda _: None)
+                    SearchConfig(pool=parse_pool("gptq"), batch_windows=2), log=lambda _: None)
 
 
 class Bar:
