@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -158,11 +159,24 @@ SEQUENTIAL_GROUPS = (
 )
 
 
+def offload(t: torch.Tensor) -> torch.Tensor:
+    """`t` in CPU memory (pinned when it comes from a GPU, so copies back overlap with compute)."""
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    return out.copy_(t, non_blocking=False)
+
+
 @dataclasses.dataclass
 class BlockInputs:
-    """Calibration inputs of one decoder block: hidden-state batches and the keyword arguments each batch needs."""
+    """Calibration inputs of one decoder block: hidden-state batches and the keyword arguments each batch needs.
+
+    `hidden` lives where the activation budget put it: on the compute device, or offloaded to CPU memory;
+    `batch(i)` hands a batch to the compute device (`device`; None: where it lives) and `store` keeps a block's
+    outputs where its inputs live. `kwargs` (attention masks, rotary tables) stay on the compute device."""
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    device: torch.device | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -171,8 +185,29 @@ class BlockInputs:
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self.hidden)
+
+    def batch(self, i: int) -> torch.Tensor:
+        h = self.hidden[i]
+        return h if self.device is None or h.device == self.device else h.to(self.device, non_blocking=True)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        for i in range(len(self)):
+            yield self.batch(i), self.kwargs[i]
+
+    def store(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Outputs (one per batch, on the compute device) kept where the corresponding inputs are kept."""
+        return [o if o.device == h.device else offload(o) if h.device.type == "cpu" else o.to(h.device)
+                for o, h in zip(outputs, self.hidden)]
+
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.kwargs)
+        return BlockInputs(hidden, self.kwargs, self.device)
+
+    def offloaded(self) -> "BlockInputs":
+        """The same inputs with every hidden batch in CPU memory."""
+        return BlockInputs([offload(h) for h in self.hidden], self.kwargs, self.device)
 
 
 class _StopForward(Exception):
@@ -180,8 +215,10 @@ class _StopForward(Exception):
 
 
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_windows: int) -> BlockInputs:
-    """Run the embeddings on `windows` (n, T) and capture what block 0 receives, batch by batch."""
+    """Run the embeddings on `windows` (n, T) and capture what block 0 receives, batch by batch, on the device
+    of the model's embeddings (the decoder blocks need not be loaded: the forward stops before block 0)."""
     block0 = decoder_blocks(model)[0]
+    device = model.get_input_embeddings().weight.device
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
 
@@ -195,7 +232,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_windows:
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_windows):
                 try:
-                    model(windows[start:start + batch_windows], use_cache=False)
+                    model(windows[start:start + batch_windows].to(device), use_cache=False)
                 except _StopForward:
                     pass
     finally:
@@ -204,17 +241,17 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_windows:
         for key in ("past_key_values", "past_key_value"):
             kw.pop(key, None)
         kw["use_cache"] = False
-    return BlockInputs(hidden, kwargs)
+    return BlockInputs(hidden, kwargs, device)
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs for every calibration batch."""
+    """The block's outputs for every calibration batch, kept where the inputs are kept."""
     outs = []
     with torch.no_grad():
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
+        for h, kw in inputs.batches():
             out = block(h, **kw)
             outs.append((out[0] if isinstance(out, tuple) else out).detach())
-    return outs
+    return inputs.store(outs)
 
 
 def slice_batch(obj: Any, n: int, batch: int) -> Any:
@@ -259,7 +296,7 @@ def run_with_input_hooks(block: nn.Module, inputs: BlockInputs, names: tuple[str
     try:
         with torch.no_grad():
             done = 0
-            for h, kw in zip(inputs.hidden, inputs.kwargs):
+            for h, kw in inputs.batches():
                 if max_windows is not None:
                     if done >= max_windows:
                         break

@@ -127,7 +127,7 @@ def _crop(inputs: BlockInputs, batch: int, row: int, tokens: int) -> tuple[torch
     """`tokens` tokens of calibration batch `batch` from window `row` on: the window's prefix when tokens < T,
     else tokens // T whole windows; keyword arguments cropped to match (causal attention: a prefix is a
     valid shorter sequence)."""
-    h = inputs.hidden[batch]
+    h = inputs.batch(batch)
     t = min(tokens, h.shape[1])
     rows = max(1, min(tokens // h.shape[1], h.shape[0]))
     row = min(row, h.shape[0] - rows)

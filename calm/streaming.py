@@ -1,0 +1,250 @@
+"""Block streaming (sequential onloading): the float model is never materialized whole.
+
+A `ModelSource` owns the model's skeleton and hands out its pieces on the compute device when their turn
+comes: the embeddings (to turn token windows into block-0 inputs), one decoder block at a time, and the head
+(final norm + LM head). After use a piece is released: its weights go back to the `meta` device (read from the
+checkpoint again when needed) or, for a model given in memory, back to where it lives. So at any time the device
+holds one float block (plus what the caller keeps: the candidate being fitted, the calibration activations).
+
+Two sources:
+- `CheckpointSource`: a Hugging Face folder of safetensors files (one file or sharded with an index). The
+  skeleton is built on the meta device (parameters only: buffers such as the rotary tables are real and
+  small); a piece is read from the files with `safe_open` and assigned. A `.gguf` file is converted once to
+  such a folder in calm's cache (calm.model), then streamed.
+- `MemorySource`: a model already in memory (`calm.quantize(model, ...)`): pieces are moved to the compute
+  device and back; nothing is read.
+Weights are cast to the compute dtype on load. With a residual rotation (calm.residual_rotation) every piece is
+rotated as it is loaded, so the rotated float model never exists whole either.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from calm.config import CalmUsageError
+from calm.model import decoder_blocks
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+# Applied to a piece right after it is loaded: (kind, index or None, module) with kind in
+# {"embed", "block", "head"}; the residual rotation uses it.
+LoadHook = Callable[[str, "int | None", nn.Module], None]
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a Hugging Face checkpoint folder by name."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif (self.folder / SAFETENSORS_SINGLE).is_file():
+            from safetensors import safe_open
+
+            path = self.folder / SAFETENSORS_SINGLE
+            with safe_open(str(path), framework="pt") as f:
+                self.files = {name: path for name in f.keys()}
+        else:
+            raise CalmUsageError(f"{self.folder} has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX}: calm streams "
+                                 f"safetensors checkpoints (convert .bin weights with save_pretrained first)")
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _module_prefix(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module is not part of the model")
+
+
+def release_to_meta(module: nn.Module) -> None:
+    """Drop a module's parameters and persistent buffers (they are re-read from the checkpoint when needed)."""
+    module.to("meta")
+
+
+class ModelSource:
+    """The float model, piece by piece on `device` in `dtype` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.load_hooks: list[LoadHook] = []
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_blocks(self) -> int:
+        return len(decoder_blocks(self.model))
+
+    # Pieces --------------------------------------------------------------------------------------------------
+    def embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    def head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def _materialize(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _release(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _run_hooks(self, kind: str, index: int | None, module: nn.Module) -> None:
+        for hook in self.load_hooks:
+            hook(kind, index, module)
+
+    def load_block(self, index: int) -> nn.Module:
+        """Float block `index` on the device (the model's own module, materialized)."""
+        block = decoder_blocks(self.model)[index]
+        self._materialize(block)
+        self._run_hooks("block", index, block)
+        return block
+
+    def release_block(self, index: int) -> None:
+        self._release(decoder_blocks(self.model)[index])
+
+    @contextlib.contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        try:
+            yield self.load_block(index)
+        finally:
+            self.release_block(index)
+
+    def iter_blocks(self) -> Iterator[nn.Module]:
+        """Every float block in turn, each released when the next is asked for."""
+        for i in range(self.num_blocks):
+            with self.block(i) as b:
+                yield b
+
+    @contextlib.contextmanager
+    def embedding_stage(self) -> Iterator[nn.Module]:
+        """The model with its embeddings on the device, to capture block-0 inputs (blocks stay unloaded)."""
+        embed = self.embeddings()
+        self._materialize(embed)
+        self._run_hooks("embed", None, embed)
+        try:
+            yield self.model
+        finally:
+            self._release(embed)
+
+    @contextlib.contextmanager
+    def head_stage(self) -> Iterator[tuple[nn.Module, nn.Module]]:
+        """(final norm, LM head) on the device."""
+        norm, head = self.final_norm(), self.head()
+        self._materialize_head(norm, head)
+        self._run_hooks("head", None, nn.ModuleList([norm, head]))
+        try:
+            yield norm, head
+        finally:
+            self._release(norm)
+            self._release(head)
+
+    def _materialize_head(self, norm: nn.Module, head: nn.Module) -> None:
+        self._materialize(norm)
+        self._materialize(head)
+
+    def close(self) -> None:
+        pass
+
+
+class MemorySource(ModelSource):
+    """A model already in memory: pieces move to the compute device and back to where they live."""
+
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__(model, tokenizer, torch.device(device), dtype)
+        ref = next(model.parameters())
+        self.home = ref.device
+        if ref.dtype != dtype and self.device != self.home:
+            # Each piece would be cast on the way to the device and back: refuse the silent precision loss.
+            raise CalmUsageError(f"the model is {ref.dtype} on {self.home}; cast it to {dtype} first or pass "
+                                 f"dtype={ref.dtype}")
+        if ref.dtype != dtype:
+            model.to(dtype)
+
+    def _materialize(self, module: nn.Module) -> None:
+        module.to(self.device)
+
+    def _release(self, module: nn.Module) -> None:
+        module.to(self.home)
+
+
+class CheckpointSource(ModelSource):
+    """A checkpoint folder streamed with `safe_open`; the skeleton's parameters live on `meta` when unloaded."""
+
+    def __init__(self, folder: Path, tokenizer, device: torch.device | str, dtype: torch.dtype) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(folder))
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+        model.config.use_cache = False
+        super().__init__(model, tokenizer, torch.device(device), dtype)
+        self.reader = CheckpointReader(folder)
+        for module in model.modules():  # the real buffers (rotary tables) are small: they live on the device
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[name] = buf.to(self.device)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied:
+            # One parameter for both on meta: the head is materialized from the embedding's tensor.
+            self.head().weight = self.embeddings().weight
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        if name not in self.reader:
+            raise CalmUsageError(f"{self.reader.folder} has no tensor {name!r}: the checkpoint does not match its "
+                                 f"config.json")
+        return self.reader.get(name).to(self.device, self.dtype)
+
+    def _materialize(self, module: nn.Module, names: dict[str, str] | None = None) -> None:
+        prefix = _module_prefix(self.model, module)
+        state = {}
+        for key in module.state_dict(keep_vars=True):
+            state[key] = self._tensor((names or {}).get(key, prefix + key))
+        module.load_state_dict(state, strict=True, assign=True)
+
+    def _materialize_head(self, norm: nn.Module, head: nn.Module) -> None:
+        self._materialize(norm)
+        head_prefix = _module_prefix(self.model, head)
+        if self.tied and head_prefix + "weight" not in self.reader:
+            embed_prefix = _module_prefix(self.model, self.embeddings())
+            self._materialize(head, {"weight": embed_prefix + "weight"})
+        else:
+            self._materialize(head)
+
+    def _release(self, module: nn.Module) -> None:
+        release_to_meta(module)
+
+    def close(self) -> None:
+        self.reader.close()
