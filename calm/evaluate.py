@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
+from calm.model import capture_block_inputs, run_block
 from calm.progress import progress as progress_bar
+from calm.streaming import ModelSource
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,25 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_windows: int = 4,
                 progress(f"{done}/{windows.shape[0]} windows, {time.perf_counter() - start:.0f}s, "
                          f"running ppl {math.exp(float(torch.cat(nll).mean())):.3f}")
     return torch.cat(nll)
+
+
+BlockFor = Callable[[int], ContextManager[nn.Module]]
+
+
+def streamed_window_nll(source: ModelSource, windows: torch.Tensor, block_for: BlockFor | None = None,
+                        batch_windows: int = 4) -> torch.Tensor:
+    """Mean next-token NLL of each window (n,), float64, streaming: every window passes block by block, block i
+    being what `block_for(i)` yields on the device (default: the source's float block), so a model larger
+    than the device is evaluated holding one block at a time (plus the windows' activations)."""
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"evaluation windows must be (n, T>=2), got {tuple(windows.shape)}")
+    block_for = block_for or source.block
+    with source.embedding_stage() as model:
+        state = capture_block_inputs(model, windows, batch_windows)
+    for i in progress_bar(range(source.num_blocks), desc="perplexity", unit="block"):
+        with block_for(i) as block:
+            state = state.with_hidden(run_block(block, state))
+    return source.window_nll(state.hidden, state, windows)
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_windows: int = 4,

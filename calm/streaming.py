@@ -19,6 +19,7 @@ rotated as it is loaded, so the rotated float model never exists whole either.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from calm.config import CalmUsageError
-from calm.model import decoder_blocks
+from calm.model import BlockInputs, decoder_blocks, run_block
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -172,6 +173,62 @@ class ModelSource:
     def _materialize_head(self, norm: nn.Module, head: nn.Module) -> None:
         self._materialize(norm)
         self._materialize(head)
+
+    @contextlib.contextmanager
+    def norm_stage(self) -> Iterator[nn.Module]:
+        """The final norm alone on the device."""
+        norm = self.final_norm()
+        self._materialize(norm)
+        self._run_hooks("norm", None, norm)
+        try:
+            yield norm
+        finally:
+            self._release(norm)
+
+    def consumer_norm(self, index: int) -> nn.Module:
+        """A copy of the RMS norm that first reads block `index`'s output (the next block's input norm, or the
+        final norm), on the device."""
+        if index + 1 < self.num_blocks:
+            with self.block(index + 1) as nxt:
+                norm = getattr(nxt, "input_layernorm", None)
+                if norm is None or getattr(norm, "weight", None) is None:
+                    raise CalmUsageError(f"cannot find the RMS norm after block {index}: calm expects LLaMA/Qwen2-"
+                                         "style input_layernorm / model.norm; use --score cka")
+                return copy.deepcopy(norm)
+        with self.norm_stage() as norm:
+            return copy.deepcopy(norm)
+
+    # Passes over the rest of the model ------------------------------------------------------------------------
+    def run_tail(self, index: int, hidden: list[torch.Tensor], inputs: BlockInputs) -> list[torch.Tensor]:
+        """The outputs of the float blocks after block `index` when block `index` output `hidden`."""
+        state = inputs.with_hidden(hidden)
+        for j in range(index + 1, self.num_blocks):
+            with self.block(j) as block:
+                state = state.with_hidden(run_block(block, state))
+        return state.hidden
+
+    def final_states(self, hidden: list[torch.Tensor], inputs: BlockInputs) -> list[torch.Tensor]:
+        """The final norm of the last block's outputs: what the LM head reads."""
+        with self.norm_stage() as norm, torch.no_grad():
+            return inputs.store([norm(inputs.with_hidden(hidden).batch(i)).detach() for i in range(len(hidden))])
+
+    def window_nll(self, hidden: list[torch.Tensor], inputs: BlockInputs, windows: torch.Tensor) -> torch.Tensor:
+        """Mean next-token NLL of each window (n,), float64, from the last block's outputs `hidden` (one tensor
+        per batch of `windows`): final norm and LM head, one window at a time so that the logits of a single
+        window (T x vocabulary) are the largest thing held."""
+        from calm.evaluate import token_nll
+
+        state = inputs.with_hidden(hidden)
+        nll = []
+        with self.head_stage() as (norm, head), torch.no_grad():
+            start = 0
+            for i in range(len(state)):
+                h = state.batch(i)
+                for row in range(h.shape[0]):
+                    ids = windows[start + row:start + row + 1]
+                    nll.append(token_nll(head(norm(h[row:row + 1])), ids).mean(1).cpu())
+                start += h.shape[0]
+        return torch.cat(nll)
 
     def close(self) -> None:
         pass
