@@ -131,17 +131,6 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
             from exc
 
 
-def consumer_norm(model: nn.Module, index: int) -> nn.Module:
-    """The RMS norm that first reads block `index`'s output: the next block's input norm, or the final norm."""
-    blocks = decoder_blocks(model)
-    owner = blocks[index + 1] if index + 1 < len(blocks) else model.model
-    norm = getattr(owner, "input_layernorm" if index + 1 < len(blocks) else "norm", None)
-    if norm is None or getattr(norm, "weight", None) is None:
-        raise CalmUsageError(f"cannot find the RMS norm after block {index}: calm expects LLaMA/Qwen2-style "
-                             "input_layernorm / model.norm; use --score cka")
-    return norm
-
-
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """The block's linear layers by their name inside the block (self_attn.q_proj, mlp.down_proj, ...)."""
     from calm.nn import top_level_linears
@@ -318,13 +307,3 @@ def linear_inputs(block: nn.Module, inputs: BlockInputs, names: tuple[str, ...],
     """Hand every batch's input of each named linear to `consume(name, x)`, stopping each forward as soon as
     the last of them has its input."""
     run_with_input_hooks(block, inputs, names, lambda name, x, kw: consume(name, x), stop_early=True)
-
-
-def final_hidden(model: nn.Module, index: int, hidden: list[torch.Tensor], inputs: BlockInputs) -> list[torch.Tensor]:
-    """What the LM head reads when block `index` output `hidden` (for `inputs`' batches) and the model's blocks
-    after it follow: their outputs through the final norm."""
-    state = inputs.with_hidden(hidden)
-    for block in list(decoder_blocks(model))[index + 1:]:
-        state = state.with_hidden(run_block(block, state))
-    with torch.no_grad():
-        return [model.model.norm(h).detach() for h in state.hidden]

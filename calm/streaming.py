@@ -32,6 +32,9 @@ from calm.config import CalmUsageError
 from calm.model import BlockInputs, decoder_blocks, run_block
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Default activation budget: this share of the device's free memory when the search starts; the rest is for the
+# float block, the candidates being fitted (Hessians, copies) and evaluation logits.
+ACTIVATION_SHARE = 0.4
 SAFETENSORS_SINGLE = "model.safetensors"
 
 # Applied to a piece right after it is loaded: (kind, index or None, module) with kind in
@@ -95,6 +98,8 @@ class ModelSource:
         self.device = torch.device(device)
         self.dtype = dtype
         self.load_hooks: list[LoadHook] = []
+        # Bytes of activations the search may keep on the device (None: a share of its free memory at start).
+        self.activation_budget: int | None = None
 
     @property
     def config(self):
@@ -103,6 +108,16 @@ class ModelSource:
     @property
     def num_blocks(self) -> int:
         return len(decoder_blocks(self.model))
+
+    def keeps_activations(self, nbytes: int) -> bool:
+        """Whether `nbytes` of calibration activations stay on the device (else they live in CPU memory)."""
+        if self.device.type == "cpu":
+            return True
+        budget = self.activation_budget
+        if budget is None:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * ACTIVATION_SHARE)
+        return nbytes <= budget
 
     # Pieces --------------------------------------------------------------------------------------------------
     def embeddings(self) -> nn.Module:

@@ -112,7 +112,7 @@ def test_separate_scoring_windows_change_scores_not_fits(tiny_model, tmp_path, p
     assert [d.scores["gptq"].cka for d in held.decisions] != [d.scores["gptq"].cka for d in plain.decisions]
     # Block 0's candidates are fitted on the same inputs either way: identical weights.
     for name in ("rtn", "gptq"):
-        a, b = plain.candidate_blocks[name][0].state_dict(), held.candidate_blocks[name][0].state_dict()
+        a, b = plain.block(name, 0).state_dict(), held.block(name, 0).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     again = calm_search(tiny_model, windows, spec, cfg, state_dir=tmp_path, log=lines.append, score_windows=scoring)
     assert [d.to_dict() for d in again.decisions] == [d.to_dict() for d in held.decisions]
@@ -124,17 +124,22 @@ def test_separate_scoring_windows_change_scores_not_fits(tiny_model, tmp_path, p
 
 
 def test_final_score_sees_the_model_output(tiny_model):
-    """cka-final of the last block equals plain CKA of its output through the final norm."""
-    from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, final_hidden, run_block
+    """What cka-final compares for the last block is its output through the final norm; for an earlier block,
+    the float blocks after it run first."""
+    from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, run_block
+    from calm.search.loop import as_source
 
+    source = as_source(tiny_model)
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     inputs: BlockInputs = capture_block_inputs(tiny_model, windows, 2)
     blocks = decoder_blocks(tiny_model)
-    for b in blocks[:-1]:
-        inputs = inputs.with_hidden(run_block(b, inputs))
-    out = run_block(blocks[-1], inputs)
+    first = run_block(blocks[0], inputs)
+    out = run_block(blocks[-1], inputs.with_hidden(first))
     last = len(blocks) - 1
-    assert torch.allclose(final_hidden(tiny_model, last, out, inputs)[0], tiny_model.model.norm(out[0]))
+    assert torch.allclose(source.final_states(source.run_tail(last, out, inputs), inputs)[0],
+                          tiny_model.model.norm(out[0]))
+    assert torch.allclose(source.final_states(source.run_tail(0, first, inputs), inputs)[0],
+                          tiny_model.model.norm(out[0]))
 
 
 def test_score_is_validated():
@@ -171,7 +176,6 @@ def test_check_models_is_the_whole_model_nll_with_each_block_list(tiny_model):
     nll = check_models(tiny_model, {"float": blocks, "damaged": damaged}, windows, batch_windows=2)
     assert {n: float(w.mean()) for n, w in nll.items()} == pytest.approx(expected, rel=1e-6)
     assert all(w.shape == (3,) for w in nll.values())
-    assert decoder_blocks(tiny_model)[0] is damaged[0]
 
 
 def test_every_score_has_one_scorer():
@@ -263,7 +267,7 @@ def test_a_candidate_that_fails_numerically_is_recorded_and_the_others_compete(t
     assert outcome.candidate_blocks["gptq"][1] is None and outcome.candidate_blocks["gptq"][0] is not None
     assert set(outcome.complete_candidates) == {"rtn"}
     with pytest.raises(ValueError, match="no block for layers"):
-        install_blocks(tiny_model, outcome.candidate_blocks["gptq"])
+        install_blocks(tiny_model, [outcome.block("gptq", i) for i in range(2)])
     assert not (tmp_path / "block_001-gptq.safetensors").exists()
     saved = json.loads((tmp_path / "block_001.json").read_text())
     assert saved["scores"]["gptq"]["failed"].startswith("RuntimeError")

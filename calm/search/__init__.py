@@ -28,10 +28,10 @@ from calm.search.candidates import candidate_options
 from calm.search.decision import AllCandidatesFailed, BlockDecision, CandidateScore, choose, numerical_failure
 from calm.search.loop import Log, SearchOutcome, calm_search, check_models, install_blocks
 from calm.search.propagation import propagate
-from calm.search.scoring import SCORERS, Scorer, block_scores, make_scorer, next_token_nll, score_features
+from calm.search.scoring import SCORERS, Scorer, block_scores, make_scorer, score_features
 from calm.search.state import BlockStateStore, check_saved_options, state_name
 
 __all__ = ["SCORERS", "AllCandidatesFailed", "BlockDecision", "BlockStateStore", "CandidateScore", "Log", "Scorer",
            "SearchOutcome", "block_scores", "calm_search", "candidate_options", "check_models", "check_saved_options",
-           "choose", "install_blocks", "make_scorer", "next_token_nll", "numerical_failure", "propagate",
+           "choose", "install_blocks", "make_scorer", "numerical_failure", "propagate",
            "score_features", "state_name"]

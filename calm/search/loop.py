@@ -2,17 +2,19 @@
 whole-model check of its result."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from calm.config import QuantSpec, SearchConfig
-from calm.evaluate import window_nll
+from calm.evaluate import streamed_window_nll
+from calm.io import load_block_state
 from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, run_block
 from calm.nn import release_caches
 from calm.progress import get_logger, progress
@@ -20,7 +22,8 @@ from calm.search import candidates
 from calm.search.decision import AllCandidatesFailed, BlockDecision, CandidateScore, choose, numerical_failure
 from calm.search.propagation import propagate
 from calm.search.scoring import Scorer, make_scorer
-from calm.search.state import BlockStateStore
+from calm.search.state import BlockStateStore, StoredBlock
+from calm.streaming import MemorySource, ModelSource
 
 Log = Callable[[str], None]
 logger = get_logger("calm.search")
@@ -29,18 +32,52 @@ logger = get_logger("calm.search")
 @dataclasses.dataclass
 class SearchOutcome:
     decisions: list[BlockDecision]
-    # every candidate's quantized copy of every block; None where that candidate failed on that block
-    candidate_blocks: dict[str, list[nn.Module | None]]
-    float_blocks: list[nn.Module]
+    # every candidate's quantized block of every layer; None where that candidate failed on that layer
+    candidate_blocks: dict[str, list[StoredBlock | None]]
+    source: ModelSource
 
     @property
     def chosen_blocks(self) -> list[nn.Module]:
-        return [self.candidate_blocks[d.chosen][d.index] for d in self.decisions]
+        """The hybrid's blocks, in memory (CPU)."""
+        return [self.candidate_blocks[d.chosen][d.index].module for d in self.decisions]
 
     @property
-    def complete_candidates(self) -> dict[str, list[nn.Module]]:
+    def complete_candidates(self) -> list[str]:
         """The candidates with a block for every layer (none failed anywhere): the possible uniform models."""
-        return {n: blocks for n, blocks in self.candidate_blocks.items() if all(b is not None for b in blocks)}
+        return [n for n, blocks in self.candidate_blocks.items() if all(b is not None for b in blocks)]
+
+    def block(self, name: str, index: int) -> nn.Module | None:
+        """Candidate `name`'s block of layer `index` in CPU memory (read from the state folder if needed); None
+        where it failed."""
+        stored = self.candidate_blocks[name][index]
+        if stored is None:
+            return None
+        return stored.module if stored.module is not None else load_block_state(
+            stored.path, decoder_blocks(self.source.model)[index], torch.device("cpu"))
+
+    def uniform(self, name: str) -> list[StoredBlock]:
+        return self.candidate_blocks[name]
+
+    def hybrid(self) -> list[StoredBlock]:
+        return [self.candidate_blocks[d.chosen][d.index] for d in self.decisions]
+
+
+
+def blocks_for(source: ModelSource, blocks: list[StoredBlock | nn.Module]):
+    """A `calm.evaluate.BlockFor` over `blocks` (stored or in memory): block i on the device while in use."""
+    stored = [b if isinstance(b, StoredBlock) else StoredBlock(b) for b in blocks]
+    if len(stored) != source.num_blocks or any(b is None for b in blocks):
+        raise ValueError(f"need a block for each of the {source.num_blocks} layers")
+    return lambda i: _loaded(source, stored[i], i)
+
+
+@contextlib.contextmanager
+def _loaded(source: ModelSource, stored: StoredBlock, index: int) -> Iterator[nn.Module]:
+    module = stored.load(decoder_blocks(source.model)[index], source.device)
+    try:
+        yield module
+    finally:
+        stored.unload(module)
 
 
 @dataclasses.dataclass
@@ -48,7 +85,7 @@ class _Block:
     """One block as the search decided it: the decision, every candidate's block (None: failed) and the
     candidates' outputs on the scoring inputs (empty when resumed)."""
     decision: BlockDecision
-    blocks: dict[str, nn.Module | None]
+    blocks: dict[str, StoredBlock | None]
     outputs: dict[str, list[torch.Tensor]]
     resumed: bool = False
 
@@ -61,7 +98,7 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
     numerically is recorded as failed; when all fail, raises AllCandidatesFailed (earlier blocks stay saved)."""
     scorer.prepare(index, reference, score_inputs)
     scores: dict[str, CandidateScore] = {}
-    blocks: dict[str, nn.Module | None] = {}
+    blocks: dict[str, StoredBlock | None] = {}
     outputs: dict[str, list[torch.Tensor]] = {}
     for cand in config.pool:
         tq = time.perf_counter()
@@ -81,8 +118,9 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
         scored = scorer.score(outs)
         scores[cand.name] = dataclasses.replace(scored, seconds=quantize_seconds,
                                                 score_seconds=time.perf_counter() - ts)
-        outputs[cand.name], blocks[cand.name] = outs, qblock
         store.save_block(index, cand.name, qblock)
+        outputs[cand.name] = outs
+        blocks[cand.name] = StoredBlock(qblock, store.path_or_none(index, cand.name))
         bar.update(1)
     decision = BlockDecision(index, choose(scores, config.tie_tolerance, scorer.by), scores)
     store.save_decision(decision)
@@ -96,74 +134,94 @@ def _block_line(block: _Block, total: int, score: str, seconds: float, elapsed: 
             f"{'  (resumed)' if block.resumed else ''}  {seconds:.1f}s (total {elapsed:.0f}s)")
 
 
-def calm_search(model: nn.Module, windows: torch.Tensor, spec: QuantSpec, config: SearchConfig,
+def as_source(model: nn.Module | ModelSource) -> ModelSource:
+    """A ModelSource for `model`: itself, or a model in memory computed where and in the dtype it is."""
+    if isinstance(model, ModelSource):
+        return model
+    ref = next(model.parameters())
+    return MemorySource(model, None, ref.device, ref.dtype)
+
+
+def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: QuantSpec, config: SearchConfig,
                 state_dir: Path | None = None, log: Log | None = None,
                 score_windows: torch.Tensor | None = None) -> SearchOutcome:
-    """Run the search on calibration `windows` (n, T). The model's blocks are left untouched (float).
+    """Run the search on calibration `windows` (n, T). `model`: a ModelSource streaming the float model block by
+    block (calm.streaming), or a model in memory; its blocks are left untouched (float).
 
     With `score_windows` (m, T), candidates are fitted on `windows` and scored on `score_windows` only, so a
-    candidate that fits the calibration tokens closely but generalizes worse is not preferred for it. Progress
+    candidate that fits the calibration tokens closely but generalizes worse is not preferred for it. Each
+    candidate's block is written to `state_dir` as it is made; then only the chosen one is kept in memory (the
+    others are read back from there when asked for; without a state folder they stay in memory). Progress
     lines go to `log` (default: the `calm.search` logger at INFO); warnings to that logger."""
     log = log or logger.info
+    source = as_source(model)
     for cand in config.pool:
         candidates.validate(cand, spec)
     names = [c.name for c in config.pool]
-    float_blocks = list(decoder_blocks(model))
-    contexts = {c.name: candidates.prepare(c, float_blocks, spec) for c in config.pool}
+    n_blocks = source.num_blocks
+    contexts = {c.name: candidates.prepare(c, source.iter_blocks(), spec) for c in config.pool}
     t0 = time.perf_counter()
-    inputs: BlockInputs = capture_block_inputs(model, windows, config.batch_windows)
     separate = score_windows is not None
-    score_inputs = capture_block_inputs(model, score_windows, config.batch_windows) if separate else inputs
+    with source.embedding_stage() as embedder:
+        inputs = capture_block_inputs(embedder, windows, config.batch_windows)
+        score_inputs = capture_block_inputs(embedder, score_windows, config.batch_windows) if separate else inputs
+    if not source.keeps_activations(inputs.nbytes * (2 + len(names)) * (2 if separate else 1)):
+        inputs = inputs.offloaded()
+        score_inputs = score_inputs.offloaded() if separate else inputs
     log(f"captured block inputs: {inputs.tokens} tokens in {len(inputs)} batches"
-        + (f"; scoring on {score_inputs.tokens} other tokens" if separate else ""))
+        + (f"; scoring on {score_inputs.tokens} other tokens" if separate else "")
+        + ("; activations offloaded to CPU memory" if inputs.hidden[0].device != inputs.device else ""))
     store = BlockStateStore(state_dir, candidates.candidate_options(config))
-    scorer = make_scorer(model, config, score_windows if separate else windows)
+    scorer = make_scorer(source, config, score_windows if separate else windows)
     decisions: list[BlockDecision] = []
-    candidate_blocks: dict[str, list[nn.Module | None]] = {n: [] for n in names}
+    candidate_blocks: dict[str, list[StoredBlock | None]] = {n: [] for n in names}
 
-    with progress(total=len(float_blocks) * len(names), desc="CALM search", unit="candidate") as bar:
-        for index, fp_block in enumerate(float_blocks):
+    with progress(total=n_blocks * len(names), desc="CALM search", unit="candidate") as bar:
+        for index in range(n_blocks):
             tb = time.perf_counter()
-            reference = run_block(fp_block, score_inputs)
-            saved = store.load(index, fp_block)
-            if saved is not None:
-                block = _Block(*saved, outputs={}, resumed=True)
-                bar.update(len(names))
-            else:
-                try:
-                    block = _decide(index, fp_block, inputs, score_inputs, reference, spec, config, contexts,
-                                    scorer, store, bar)
-                except AllCandidatesFailed as exc:  # name the block; the blocks before it stay saved
-                    raise AllCandidatesFailed(exc.reasons, index, len(float_blocks),
-                                              None if state_dir is None else str(state_dir)) from None
-                if block.decision.failed:
-                    logger.warning(f"block {index + 1}/{len(float_blocks)}: "
-                                   + "; ".join(f"{n} failed ({r})" for n, r in block.decision.failed.items())
-                                   + f"; chose {block.decision.chosen} among the others")
+            with source.block(index) as fp_block:
+                reference = run_block(fp_block, score_inputs)
+                saved = store.load(index)
+                if saved is not None:
+                    block = _Block(*saved, outputs={}, resumed=True)
+                    bar.update(len(names))
+                else:
+                    try:
+                        block = _decide(index, fp_block, inputs, score_inputs, reference, spec, config, contexts,
+                                        scorer, store, bar)
+                    except AllCandidatesFailed as exc:  # name the block; the blocks before it stay saved
+                        raise AllCandidatesFailed(exc.reasons, index, n_blocks,
+                                                  None if state_dir is None else str(state_dir)) from None
+                    if block.decision.failed:
+                        logger.warning(f"block {index + 1}/{n_blocks}: "
+                                       + "; ".join(f"{n} failed ({r})" for n, r in block.decision.failed.items())
+                                       + f"; chose {block.decision.chosen} among the others")
+                chosen = block.blocks[block.decision.chosen]
+                if chosen.module is None:  # resumed: read the chosen block back, the others stay on disk
+                    chosen.keep_in_memory(fp_block)
+                chosen_module = chosen.module.to(source.device)
+                inputs, score_inputs = propagate(config.propagation, inputs, score_inputs, chosen=chosen_module,
+                                                 chosen_outputs=block.outputs.get(block.decision.chosen),
+                                                 float_block=fp_block, reference=reference)
             decisions.append(block.decision)
             for n in names:
-                if block.blocks[n] is not None:
-                    release_caches(block.blocks[n])
-                candidate_blocks[n].append(block.blocks[n])
-            inputs, score_inputs = propagate(config.propagation, inputs, score_inputs,
-                                             chosen=block.blocks[block.decision.chosen],
-                                             chosen_outputs=block.outputs.get(block.decision.chosen),
-                                             float_block=fp_block, reference=reference)
-            log(_block_line(block, len(float_blocks), config.score, time.perf_counter() - tb,
-                            time.perf_counter() - t0))
-    return SearchOutcome(decisions, candidate_blocks, float_blocks)
+                stored = block.blocks[n]
+                if stored is not None and stored.module is not None:
+                    release_caches(stored.module.to("cpu"))
+                    if stored is not chosen and stored.path is not None:
+                        stored.module = None  # on disk: read back when an evaluation asks for it
+                candidate_blocks[n].append(stored)
+            log(_block_line(block, n_blocks, config.score, time.perf_counter() - tb, time.perf_counter() - t0))
+    return SearchOutcome(decisions, candidate_blocks, source)
 
 
-def check_models(model: nn.Module, models: dict[str, list[nn.Module]], windows: torch.Tensor,
-                 batch_windows: int = 4) -> dict[str, torch.Tensor]:
-    """Per-window mean next-token NLL of the whole model with each block list of `models` installed, on
-    `windows` (held-out calibration windows). The model is left with the last list installed."""
-    nll = {}
-    for name, blocks in models.items():
-        install_blocks(model, blocks)
-        nll[name] = window_nll(model, windows, batch_windows)
-        release_caches(model)
-    return nll
+def check_models(model: nn.Module | ModelSource, models: dict[str, list[StoredBlock | nn.Module]],
+                 windows: torch.Tensor, batch_windows: int = 4) -> dict[str, torch.Tensor]:
+    """Per-window mean next-token NLL of the whole model with each block list of `models` (streamed block by
+    block), on `windows` (held-out calibration windows)."""
+    source = as_source(model)
+    return {name: streamed_window_nll(source, windows, blocks_for(source, blocks), batch_windows)
+            for name, blocks in models.items()}
 
 
 def install_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:

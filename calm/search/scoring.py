@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from calm.config import SearchConfig
-from calm.evaluate import token_nll
-from calm.model import BlockInputs, consumer_norm, final_hidden
+from calm.model import BlockInputs
 from calm.search.decision import CandidateScore
+from calm.streaming import ModelSource
 from calm_kernels.cka import CKAAccumulator, linear_cka_reference
 
 
@@ -68,13 +68,6 @@ def block_scores(reference: list[torch.Tensor], outputs: list[torch.Tensor], sco
     return cka, sq_err / count, (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else float("inf")
 
 
-def next_token_nll(model: nn.Module, final: list[torch.Tensor], windows: torch.Tensor) -> float:
-    """Mean next-token NLL of the LM head on `final` (final-norm outputs, one tensor per batch of `windows`)."""
-    with torch.no_grad():
-        nll = [token_nll(model.lm_head(h), ids) for h, ids in zip(final, windows.split([h.shape[0] for h in final]))]
-    return float(torch.cat(nll).mean())
-
-
 class Scorer:
     """Linear CKA of a block's raw outputs against the float block's (score `cka`), with MSE and relative error.
 
@@ -84,9 +77,9 @@ class Scorer:
     features = "cka"  # score_features' variant
     by = "cka"
 
-    def __init__(self, model: nn.Module, config: SearchConfig, windows: torch.Tensor) -> None:
+    def __init__(self, source: ModelSource, config: SearchConfig, windows: torch.Tensor) -> None:
         """`windows`: the token ids of the scoring inputs (the LM head's targets with score `nll`)."""
-        self.model, self.windows, self.debiased = model, windows, config.debiased_cka
+        self.source, self.windows, self.debiased = source, windows, config.debiased_cka
         self.index = -1
         self.inputs: BlockInputs | None = None
         self.norm: nn.Module | None = None
@@ -96,7 +89,7 @@ class Scorer:
     def prepare(self, index: int, reference: list[torch.Tensor], inputs: BlockInputs) -> None:
         """Block `index`'s float outputs `reference` on the scoring `inputs`; the candidates are scored next."""
         self.index, self.inputs = index, inputs
-        self.norm = None if self.features == "cka" else consumer_norm(self.model, index)
+        self.norm = None if self.features == "cka" else self.source.consumer_norm(index)
         self.reference = self.compared(reference)
         # The reference's self term is shared by every candidate of the block.
         self.self_term = CKAAccumulator.reference(score_features(y, self.features, self.norm)
@@ -132,7 +125,7 @@ class FinalScorer(Scorer):
     outputs (what the LM head reads); MSE and relative error are of those too."""
 
     def compared(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return final_hidden(self.model, self.index, outputs, self.inputs)
+        return self.source.final_states(self.source.run_tail(self.index, outputs, self.inputs), self.inputs)
 
 
 class NLLScorer(Scorer):
@@ -141,13 +134,15 @@ class NLLScorer(Scorer):
     by = "nll"
 
     def nll(self, outputs: list[torch.Tensor]) -> float:
-        return next_token_nll(self.model, final_hidden(self.model, self.index, outputs, self.inputs), self.windows)
+        last = self.source.run_tail(self.index, outputs, self.inputs)
+        # Every window has T - 1 predictions: the mean of the window means is the mean over all tokens.
+        return float(self.source.window_nll(last, self.inputs, self.windows).mean())
 
 
 SCORERS: dict[str, type[Scorer]] = {"cka": Scorer, "cka-normed": NormedScorer, "cka-rms": RMSScorer,
                                     "cka-final": FinalScorer, "nll": NLLScorer}
 
 
-def make_scorer(model: nn.Module, config: SearchConfig, windows: torch.Tensor) -> Scorer:
+def make_scorer(source: ModelSource, config: SearchConfig, windows: torch.Tensor) -> Scorer:
     """The scorer of `config.score`, scoring on the token `windows` the scoring inputs were captured from."""
-    return SCORERS[config.score](model, config, windows)
+    return SCORERS[config.score](source, config, windows)

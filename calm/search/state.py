@@ -9,11 +9,44 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from calm.config import CalmUsageError
 from calm.io import atomic_write_json, load_block_state, save_block_state
+from calm.nn import release_caches
 from calm.search.decision import BlockDecision
+
+
+class StoredBlock:
+    """A candidate's quantized block: held in memory (on the CPU, caches released), or only in the search's state
+    folder and read back when asked for, so that the search keeps one block per layer in memory at most."""
+
+    def __init__(self, module: nn.Module | None = None, path: Path | None = None) -> None:
+        if module is None and path is None:
+            raise ValueError("a stored block needs a module or a path")
+        self.module, self.path = module, path
+
+    def load(self, skeleton: nn.Module, device: torch.device) -> nn.Module:
+        """The block on `device` (`skeleton`: the float block, possibly unloaded, whose structure it shares)."""
+        if self.module is not None:
+            return self.module.to(device)
+        return load_block_state(self.path, skeleton, device)
+
+    def unload(self, module: nn.Module) -> None:
+        if self.module is not None:
+            release_caches(self.module.to("cpu"))
+
+    def keep_in_memory(self, skeleton: nn.Module) -> "StoredBlock":
+        """This block held in CPU memory (read from the state folder once)."""
+        if self.module is None:
+            self.module = release_caches_of(load_block_state(self.path, skeleton, torch.device("cpu")))
+        return self
+
+
+def release_caches_of(module: nn.Module) -> nn.Module:
+    release_caches(module)
+    return module
 
 
 def state_name(name: str) -> str:
@@ -56,9 +89,13 @@ class BlockStateStore:
             atomic_write_json(self.decision_path(decision.index), {**decision.to_dict(),
                                                                     "candidate_options": self.options})
 
-    def load(self, index: int, float_block: nn.Module) -> tuple[BlockDecision, dict[str, nn.Module | None]] | None:
-        """Block `index`'s saved decision and candidate blocks (None for a candidate that failed), or None when
-        the block is not decided yet. Raises CalmUsageError when they were made with other candidate options."""
+    def path_or_none(self, index: int, name: str) -> Path | None:
+        return None if self.state_dir is None else self.block_path(index, name)
+
+    def load(self, index: int) -> tuple[BlockDecision, dict[str, StoredBlock | None]] | None:
+        """Block `index`'s saved decision and candidate blocks (on disk; None for a candidate that failed), or
+        None when the block is not decided yet. Raises CalmUsageError when they were made with other candidate
+        options."""
         if self.state_dir is None:
             return None
         path = self.decision_path(index)
@@ -71,6 +108,6 @@ class BlockStateStore:
         if not all(p.is_file() for p in needed.values()):
             return None
         check_saved_options(path, saved.get("candidate_options", self.options), self.options)
-        blocks: dict[str, nn.Module | None] = {n: None for n in self.options}
-        blocks.update({n: load_block_state(p, float_block) for n, p in needed.items()})
+        blocks: dict[str, StoredBlock | None] = {n: None for n in self.options}
+        blocks.update({n: StoredBlock(path=p) for n, p in needed.items()})
         return decision, blocks
