@@ -113,11 +113,11 @@ class ShardedWriter:
     (a tensor larger than that gets a shard of its own) in a staging folder; `finish` names them in Hugging
     Face's layout, writes the index and moves everything into `out`. Only the current shard is held."""
 
-    def __init__(self, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    def __init__(self, out: Path, max_shard_bytes: int | None = None) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(dir=self.out, prefix=".staging-"))
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []

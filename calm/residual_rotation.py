@@ -53,12 +53,11 @@ def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
     raise CalmUsageError(f"unknown residual rotation {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def _rms_weight(norm: nn.Module, where: str) -> torch.Tensor:
-    w = getattr(norm, "weight", None)
-    if w is None or getattr(norm, "bias", None) is not None or "gemma" in type(norm).__name__.lower():
+def _check_rms(norm: nn.Module, where: str) -> None:
+    if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is not None \
+            or "gemma" in type(norm).__name__.lower():
         raise CalmUsageError(f"{where} ({type(norm).__name__}) is not a plain RMS norm y = w * x / rms(x): the "
                              "residual rotation supports LLaMA/Qwen2/Mistral-style models; drop --residual-rotation")
-    return w.detach().to(torch.float64)
 
 
 def _float_linear(block: nn.Module, name: str) -> nn.Linear:
@@ -69,42 +68,90 @@ def _float_linear(block: nn.Module, name: str) -> nn.Linear:
     return linear
 
 
+def check_rotatable(model: nn.Module) -> None:
+    """Refuse, before anything changes, a model whose residual stream cannot be rotated exactly (checks module
+    types only, so it works on a skeleton whose weights are not loaded)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise CalmUsageError("the residual rotation needs a bias-free lm_head; drop --residual-rotation")
+    _check_rms(model.model.norm, "model.norm")
+    for i, block in enumerate(decoder_blocks(model)):
+        for norm_name, readers in READERS.items():
+            _check_rms(block.get_submodule(norm_name), f"block {i} {norm_name}")
+            for r in readers:
+                _float_linear(block, r)
+        for w in WRITERS:
+            _float_linear(block, w)
+
+
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(param.dtype).contiguous()
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def rotate_embedding(embed: nn.Module, q: torch.Tensor) -> None:
+    _set(embed.weight, _f64(embed.weight) @ q.to(embed.weight.device))
+
+
+def rotate_block(block: nn.Module, q: torch.Tensor) -> None:
+    """Fold the block's norms into the linears that read them and rotate its reads and writes of the stream."""
+    q = q.to(next(block.parameters()).device)
+    for norm_name, readers in READERS.items():
+        norm = block.get_submodule(norm_name)
+        g = _f64(norm.weight)
+        for name in readers:
+            linear = _float_linear(block, name)
+            _set(linear.weight, _f64(linear.weight) * g[None, :] @ q)
+        norm.weight.data.fill_(1.0)
+    for name in WRITERS:
+        linear = _float_linear(block, name)
+        _set(linear.weight, q.T @ _f64(linear.weight))
+        if linear.bias is not None:
+            _set(linear.bias, _f64(linear.bias) @ q)
+
+
+def rotate_head(final_norm: nn.Module, head: nn.Module, q: torch.Tensor) -> None:
+    """lm_head W <- W diag(g) Q with the final norm's weight g, which becomes 1."""
+    g = _f64(final_norm.weight)
+    _set(head.weight, _f64(head.weight) * g[None, :] @ q.to(head.weight.device))
+    final_norm.weight.data.fill_(1.0)
+
+
 def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> torch.Tensor | None:
-    """Rotate `model`'s residual stream in place (float model only); returns Q, or None for kind "none"."""
+    """Rotate `model`'s residual stream in place (float model in memory only); returns Q, or None for "none"."""
     if kind == "none":
         return None
     q = rotation_matrix(kind, model.config.hidden_size, seed)
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise CalmUsageError("the residual rotation needs a bias-free lm_head; drop --residual-rotation")
-    final_norm = model.model.norm
-    # Everything is checked before anything changes, so a refused model is left as it was.
-    final_g = _rms_weight(final_norm, "model.norm")
-    blocks = []
-    for i, block in enumerate(decoder_blocks(model)):
-        readers = [(block.get_submodule(n), _rms_weight(block.get_submodule(n), f"block {i} {n}"),
-                    [_float_linear(block, r) for r in rs]) for n, rs in READERS.items()]
-        blocks.append((readers, [_float_linear(block, w) for w in WRITERS]))
-
-    head_weight = head.weight.detach().to(torch.float64) * final_g[None, :]
+    check_rotatable(model)  # everything is checked before anything changes: a refused model is left as it was
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head.weight is embed.weight:  # tied: the head gets its own copy with the final norm folded in
         head.weight = nn.Parameter(head.weight.detach().clone())
-        model.config.tie_word_embeddings = False
-    _set(head.weight, head_weight @ q)
-    _set(embed.weight, embed.weight.detach().to(torch.float64) @ q)
-    final_norm.weight.data.fill_(1.0)
-    for readers, writers in blocks:
-        for norm, g, linears in readers:
-            for linear in linears:
-                _set(linear.weight, linear.weight.detach().to(torch.float64) * g[None, :] @ q)
-            norm.weight.data.fill_(1.0)
-        for linear in writers:
-            _set(linear.weight, q.T @ linear.weight.detach().to(torch.float64))
-            if linear.bias is not None:
-                _set(linear.bias, linear.bias.detach().to(torch.float64) @ q)
+    model.config.tie_word_embeddings = False
+    rotate_head(model.model.norm, head, q)
+    rotate_embedding(embed, q)
+    for block in decoder_blocks(model):
+        rotate_block(block, q)
     return q
+
+
+class RotationOnLoad:
+    """A `calm.streaming` load hook: rotates every piece of a streamed model as it is loaded, so that the
+    rotated float model never exists whole (the pieces are re-read and re-rotated at each load)."""
+
+    def __init__(self, model: nn.Module, kind: str, seed: int) -> None:
+        check_rotatable(model)
+        self.q = rotation_matrix(kind, model.config.hidden_size, seed)
+        model.config.tie_word_embeddings = False
+
+    def __call__(self, kind: str, index: int | None, module: nn.Module) -> None:
+        if kind == "embed":
+            rotate_embedding(module, self.q)
+        elif kind == "block":
+            rotate_block(module, self.q)
+        elif kind == "head":
+            rotate_head(module[0], module[1], self.q)
+        elif kind == "norm":
+            module.weight.data.fill_(1.0)

@@ -14,7 +14,7 @@ from torch import nn
 
 from calm.config import QuantSpec, SearchConfig
 from calm.evaluate import streamed_window_nll
-from calm.io import load_block_state
+from calm.io import FORMAT, load_block_state, quantized_manifest, save_model_files
 from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, run_block
 from calm.nn import release_caches
 from calm.progress import get_logger, progress
@@ -60,6 +60,10 @@ class SearchOutcome:
 
     def hybrid(self) -> list[StoredBlock]:
         return [self.candidate_blocks[d.chosen][d.index] for d in self.decisions]
+
+    def block_for_hybrid(self):
+        """The hybrid as a `calm.evaluate.BlockFor` (for streamed evaluation and saving)."""
+        return blocks_for(self.source, self.hybrid())
 
 
 
@@ -222,6 +226,42 @@ def check_models(model: nn.Module | ModelSource, models: dict[str, list[StoredBl
     source = as_source(model)
     return {name: streamed_window_nll(source, windows, blocks_for(source, blocks), batch_windows)
             for name, blocks in models.items()}
+
+
+def save_streamed(source: ModelSource, blocks: list[StoredBlock | nn.Module], path: Path,
+                  extra: dict | None = None) -> None:
+    """Save the model whose decoder blocks are `blocks` (stored or in memory) and whose other pieces are the
+    source's, piece by piece into sharded safetensors (calm.io), never holding the whole model."""
+    block_for = blocks_for(source, blocks)
+    model = source.model
+    embed_prefix = _prefix(model, source.embeddings())
+    head_prefix = _prefix(model, source.head())
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    manifest_modules: dict[str, dict] = {}
+
+    def pieces():
+        with source.embedding_stage():
+            yield {embed_prefix + k: v for k, v in source.embeddings().state_dict().items()}
+        for i in range(source.num_blocks):
+            prefix = _prefix(model, decoder_blocks(model)[i])
+            with block_for(i) as block:
+                manifest_modules.update(quantized_manifest(block, prefix))
+                yield {prefix + k: v for k, v in block.state_dict().items()}
+        with source.head_stage() as (norm, head):
+            yield {_prefix(model, norm) + k: v for k, v in norm.state_dict().items()}
+            if not tied:
+                yield {head_prefix + k: v for k, v in head.state_dict().items()}
+
+    manifest = {"format": FORMAT, "modules": manifest_modules,
+                "tied": [[head_prefix + "weight", embed_prefix + "weight"]] if tied else [], **(extra or {})}
+    save_model_files(Path(path), source.config, source.tokenizer, manifest, pieces())
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module is not part of the model")
 
 
 def install_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:
