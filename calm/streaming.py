@@ -42,6 +42,29 @@ SAFETENSORS_SINGLE = "model.safetensors"
 LoadHook = Callable[[str, "int | None", nn.Module], None]
 
 
+def resolve_device(name: str) -> torch.device:
+    """The compute device a `--device` value names; a CUDA device that is not there is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CalmUsageError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; install a "
+                                 f"CUDA build of torch (README, 'Installing on a GPU machine') or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CalmUsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype a `--dtype` value names ("auto": bfloat16 on CUDA, float32 on the CPU, where bfloat16
+    runs several times slower)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a Hugging Face checkpoint folder by name."""
 
