@@ -1,8 +1,13 @@
-"""python -m calm.run: parse, plan, search, evaluate, save, report.
+"""python -m calm.run: parse, plan, search, evaluate, save, report (the command line over calm's pipeline).
 
-Bad input (unknown scheme or algorithm, missing model or text, a group size that does not divide, too little
-calibration text, an output folder holding another run) is refused with one line and exit code 2 before
-anything is written. An output folder holding the same run resumes its search from the saved block state.
+Bad input (unknown scheme, algorithm or option, missing model or text, an unsupported architecture, a group size
+that does not divide, too little calibration text, a device that is not there, an output folder holding another
+run) is refused with one line and exit code 2 before anything is written. An output folder holding the same run
+resumes its search from the saved block state.
+
+The float model is streamed (calm.streaming): it is read from its checkpoint one block at a time, on `--device`,
+for the search, every evaluation and the saving, so a model larger than the device (or the machine's memory) is
+quantized and measured.
 """
 from __future__ import annotations
 
@@ -12,26 +17,33 @@ import hashlib
 import json
 import math
 import platform
+import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from calm import __version__, algorithms
-from calm.config import SCORES, CalmUsageError, DataConfig, RunConfig, SearchConfig, parse_pool
-from calm.data import load_corpus
-from calm.evaluate import paired_difference, window_nll
-from calm.io import atomic_write_json, atomic_write_text, save_quantized
-from calm.model import block_linears, decoder_blocks, describe_source, load_model
-from calm.nn import model_effective_bits
+from calm.config import DTYPES, SCORES, CalmUsageError, DataConfig, QuantSpec, RunConfig, SearchConfig, parse_pool
+from calm.data import Corpus, load_corpus
+from calm.evaluate import BlockFor, paired_difference, streamed_window_nll
+from calm.io import atomic_write_json, atomic_write_text
+from calm.model import block_linears, checkpoint_folder, decoder_blocks, describe_source, load_tokenizer
+from calm.nn import weight_bits
+from calm.progress import configure_logging, get_logger
 from calm.report import block_table, perplexity_table
 from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
-from calm.residual_rotation import rotate_residual
-from calm.search import calm_search, check_models, install_blocks, state_name
+from calm.residual_rotation import RotationOnLoad
+from calm.search import SearchOutcome, calm_search, check_models, state_name
+from calm.search.loop import blocks_for, save_streamed
+from calm.search.state import StoredBlock
+from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype
 
 RUN_CONFIG = "run_config.json"
+logger = get_logger("calm.run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "hidden states with the float blocks after the candidate (cka-final); nll: not CKA but the model's "
                    "next-token NLL on the scoring windows through those blocks (lowest wins)")
     p.add_argument("--output", default="outputs/default", help="output folder (resumes a matching run)")
+    p.add_argument("--device", default="auto", help="where every step runs: auto (CUDA when available, else the "
+                   "CPU), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: bfloat16 on CUDA, "
+                   "float32 on the CPU)")
+    p.add_argument("--activation-budget", type=float, default=None, metavar="GIB",
+                   help="GiB of calibration activations kept on the device; beyond, they live in pinned CPU memory "
+                   "(default: a share of the device's free memory)")
+    p.add_argument("--list-algorithms", action="store_true", help="print every algorithm and its options, and exit")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="also log debugging detail")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only (no progress)")
     return p
 
 
@@ -95,12 +118,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed,
                         score_windows=args.score_windows),
         baselines=args.baselines, exact_baselines=args.exact_baselines, final_check=args.final_check,
-        output=args.output)
+        output=args.output, device=args.device, dtype=args.dtype, activation_budget_gb=args.activation_budget)
 
 
-# Settings that only choose which baselines are evaluated: a resumed run may change them (the search state
-# stays valid; results.json and run_config.json are rewritten).
-_REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check")
+# Settings that only choose which baselines are evaluated, or where the work runs: a resumed run may change
+# them (the search state stays valid; results.json and run_config.json are rewritten).
+_REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device", "activation_budget_gb")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -153,18 +176,18 @@ def check_residual_rotation(path: Path, digest: str | None) -> None:
         atomic_write_json(path, {"sha256": digest})
 
 
-def final_check(model: torch.nn.Module, hybrid: list[torch.nn.Module], uniform: dict[str, list[torch.nn.Module]],
-                windows: torch.Tensor, batch_windows: int, log: Callable[[str], None]) -> dict[str, Any]:
+def final_check(outcome: SearchOutcome, hybrid: list[StoredBlock], uniform: dict[str, list[StoredBlock]],
+                windows: torch.Tensor, batch_windows: int) -> dict[str, Any]:
     """Whole-model NLL of the hybrid ("calm") and of every uniform member on `windows`; "kept" is the lowest
     (the hybrid on ties). Returns the record results.json keeps."""
-    per_window = check_models(model, {"calm": hybrid, **uniform}, windows, batch_windows)
+    per_window = check_models(outcome.source, {"calm": hybrid, **uniform}, windows, batch_windows)
     nll = {n: float(w.mean()) for n, w in per_window.items()}
     kept = min(nll, key=lambda n: (nll[n], n != "calm"))
     calm_windows = per_window["calm"].tolist()
-    log(f"final check, NLL on the scoring windows: calm={nll['calm']:.5f}, the others' difference ± SE: "
-        + "  ".join("{}={:+.5f} ± {:.5f}".format(n, *paired_difference(w.tolist(), calm_windows))
-                    for n, w in per_window.items() if n != "calm")
-        + f"; keeping {'the hybrid' if kept == 'calm' else kept + ' (uniform)'}")
+    logger.info(f"final check, NLL on the scoring windows: calm={nll['calm']:.5f}, the others' difference ± SE: "
+                + "  ".join("{}={:+.5f} ± {:.5f}".format(n, *paired_difference(w.tolist(), calm_windows))
+                            for n, w in per_window.items() if n != "calm")
+                + f"; keeping {'the hybrid' if kept == 'calm' else kept + ' (uniform)'}")
     return {"done": True, "windows": int(windows.shape[0]), "nll": nll, "kept": kept,
             "window_nll": {n: w.tolist() for n, w in per_window.items()}}
 
@@ -182,123 +205,176 @@ def versions() -> dict[str, str]:
     return v
 
 
-class Progress:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+@dataclasses.dataclass
+class Ledger:
+    """What the run measured, stage by stage: perplexities, per-window NLLs, effective bits, seconds and peak
+    memory (resident, and allocated on the device when it is a GPU), as results.json records them."""
+    device: torch.device
+    ppl: dict[str, float] = dataclasses.field(default_factory=dict)
+    window_nll: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    bits: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
-    def __call__(self, msg: str) -> None:
-        print(f"[calm {time.perf_counter() - self.start:6.0f}s] {msg}", flush=True)
+    @contextmanager
+    def stage(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        # ru_maxrss is the process's peak so far (KiB on Linux): a stage's figure includes the stages before it.
+        record = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+        if self.device.type == "cuda":
+            record["peak_device_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        self.memory[name] = record
 
 
-def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], torch.nn.Module]:
-    """Run the whole job; returns results.json's content and the hybrid model (as saved) in memory."""
-    log = log or Progress()
+def validated_spec(cfg: RunConfig) -> QuantSpec:
+    """The scheme and every candidate's options and scheme checked: nothing heavy has happened yet."""
     spec = cfg.spec
     for cand in cfg.search.pool:
         algorithms.validate_candidate(cand, spec)
-    resume = check_output_folder(cfg)
-    log(f"calm {__version__}: scheme {spec.scheme}{' symmetric' if spec.symmetric else ''}, pool "
-        f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}, output {cfg.output}"
-        f"{' (resuming)' if resume else ''}")
-    seconds: dict[str, float] = {}
+    return spec
 
-    t = time.perf_counter()
-    model, tokenizer = load_model(cfg.model)
-    for block in decoder_blocks(model):
+
+def open_model(cfg: RunConfig, spec: QuantSpec, device: torch.device, dtype: torch.dtype
+               ) -> tuple[ModelSource, str | None]:
+    """The float model as a streamed source (nothing but its skeleton in memory), with the residual rotation
+    applied on load when asked for; returns it and the rotation's digest (None without one)."""
+    folder = checkpoint_folder(cfg.model)
+    source = CheckpointSource(folder, load_tokenizer(folder), device, dtype)
+    if cfg.activation_budget_gb is not None:
+        source.activation_budget = int(cfg.activation_budget_gb * 2 ** 30)
+    for block in decoder_blocks(source.model):  # shapes are known on the skeleton: check the groups now
         for linear in block_linears(block).values():
             spec.group_for(linear.in_features)
-    seconds["load_model"] = time.perf_counter() - t
-    log(f"model {describe_source(cfg.model)}: {len(decoder_blocks(model))} blocks, "
-        f"hidden {model.config.hidden_size} ({seconds['load_model']:.0f}s)")
-    rotation_digest = None
+    digest = None
     if cfg.residual_rotation != "none":
-        q = rotate_residual(model, cfg.residual_rotation, seed=cfg.data.seed)
-        rotation_digest = hashlib.sha256(q.numpy().tobytes()).hexdigest()
-        log(f"residual stream rotated ({cfg.residual_rotation}, seed {cfg.data.seed}, sha256 {rotation_digest[:12]}); "
-            "norms folded, lm_head untied")
+        rotation = RotationOnLoad(source.model, cfg.residual_rotation, seed=cfg.data.seed)
+        source.load_hooks.append(rotation)
+        digest = hashlib.sha256(rotation.q.numpy().tobytes()).hexdigest()
+        logger.info(f"residual stream rotated on load ({cfg.residual_rotation}, seed {cfg.data.seed}, sha256 "
+                    f"{digest[:12]}); norms folded, lm_head untied")
+    return source, digest
 
-    t = time.perf_counter()
-    corpus = load_corpus(tokenizer, cfg.data)
-    seconds["load_data"] = time.perf_counter() - t
-    log(f"text {corpus.split_name} (sha256 {corpus.sha256[:12]}): calibration {tuple(corpus.calibration.shape)} "
-        f"windows of {corpus.calibration_tokens_available} tokens, evaluation {tuple(corpus.evaluation.shape)} "
-        f"of {corpus.evaluation_tokens_available}")
+
+def evaluate(ledger: Ledger, name: str, source: ModelSource, corpus: Corpus, block_for: BlockFor | None,
+             batch_windows: int) -> None:
+    """Held-out perplexity of the model whose blocks `block_for` gives (None: the float model), streamed, with
+    the effective bits of its decoder linears counted on the way."""
+    stored = {"bits": 0.0, "weights": 0}
+    inner = block_for or source.block
+
+    @contextmanager
+    def counted(i: int):
+        with inner(i) as block:
+            for linear in block_linears(block).values():
+                b, n = weight_bits(linear)
+                stored["bits"] += b
+                stored["weights"] += n
+            yield block
+
+    with ledger.stage(f"eval_{name}"):
+        nll = streamed_window_nll(source, corpus.evaluation, counted, batch_windows)
+    ledger.window_nll[name] = nll.tolist()
+    ledger.ppl[name] = math.exp(float(nll.mean()))
+    ledger.bits[name] = stored["bits"] / stored["weights"]
+    logger.info(f"perplexity {name}: {ledger.ppl[name]:.3f} (T={corpus.evaluation.shape[1]}, "
+                f"{corpus.evaluation.numel()} tokens, {ledger.seconds[f'eval_{name}']:.0f}s)")
+
+
+def uniform_baselines(cfg: RunConfig, spec: QuantSpec, source: ModelSource, outcome: SearchOutcome,
+                      corpus: Corpus, out: Path, ledger: Ledger) -> dict[str, list[StoredBlock]]:
+    """Every pool member applied to all blocks: the search's own candidate blocks, or (exact baselines) each
+    calibration-using member's own sequential pass."""
+    uniform = {n: outcome.uniform(n) for n in outcome.complete_candidates}
+    if not (cfg.exact_baselines and len(cfg.search.pool) > 1):
+        return uniform
+    for cand in cfg.search.pool:
+        chose_it_everywhere = (cfg.search.propagation == "greedy"
+                               and all(d.chosen == cand.name for d in outcome.decisions))
+        if chose_it_everywhere or not algorithms.uses_calibration(cand):
+            continue  # the hybrid is this member's own sequential pass already, or its blocks ignore the inputs
+        logger.info(f"uniform baseline {cand.name}: its own sequential pass")
+        # One candidate: nothing to choose, so the cheapest score and no scoring windows.
+        solo = dataclasses.replace(cfg.search, pool=(cand,), propagation="greedy", score="cka")
+        with ledger.stage(f"uniform_{cand.name}"):
+            uniform[cand.name] = calm_search(source, corpus.calibration, spec, solo,
+                                             state_dir=out / "state" / f"uniform-{state_name(cand.name)}").hybrid()
+    return uniform
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Run the whole job; returns results.json's content."""
+    spec = validated_spec(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    resume = check_output_folder(cfg)
+    logger.info(f"calm {__version__}: scheme {spec.scheme}{' symmetric' if spec.symmetric else ''}, pool "
+                f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}, {device} "
+                f"{str(dtype).removeprefix('torch.')}, output {cfg.output}{' (resuming)' if resume else ''}")
+    ledger = Ledger(device)
+    with ledger.stage("load_model"):
+        source, digest = open_model(cfg, spec, device, dtype)
+    logger.info(f"model {describe_source(cfg.model)}: {source.num_blocks} blocks, hidden "
+                f"{source.config.hidden_size}, streamed block by block ({ledger.seconds['load_model']:.0f}s)")
+    with ledger.stage("load_data"):
+        corpus = load_corpus(source.tokenizer, cfg.data)
+    logger.info(f"text {corpus.split_name} (sha256 {corpus.sha256[:12]}): calibration "
+                f"{tuple(corpus.calibration.shape)} windows of {corpus.calibration_tokens_available} tokens, "
+                f"evaluation {tuple(corpus.evaluation.shape)} of {corpus.evaluation_tokens_available}")
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    check_residual_rotation(out / "state" / ROTATION_RECORD, rotation_digest)
+    check_residual_rotation(out / "state" / ROTATION_RECORD, digest)
     atomic_write_text(out / RUN_CONFIG, cfg.to_json() + "\n")
-    print(cfg.to_json(), flush=True)
+    logger.debug(cfg.to_json())
 
-    ppl: dict[str, float] = {}
-    bits: dict[str, float] = {}
-    eval_nll: dict[str, list[float]] = {}  # per evaluation window, for paired differences between the models
-
-    def evaluate(name: str) -> None:
-        t0 = time.perf_counter()
-        nll = window_nll(model, corpus.evaluation, batch_windows=max(1, cfg.search.batch_windows // 2))
-        eval_nll[name] = nll.tolist()
-        ppl[name] = math.exp(float(nll.mean()))
-        seconds[f"eval_{name}"] = time.perf_counter() - t0
-        bits[name] = model_effective_bits(list(decoder_blocks(model)))
-        log(f"perplexity {name}: {ppl[name]:.3f} (T={cfg.data.eval_seqlen}, {corpus.evaluation.numel()} tokens, "
-            f"{seconds[f'eval_{name}']:.0f}s)")
-
-    evaluate("fp")
-    t = time.perf_counter()
-    outcome = calm_search(model, corpus.calibration, spec, cfg.search, state_dir=out / "state", log=log,
-                          score_windows=corpus.scoring)
-    seconds["search"] = time.perf_counter() - t
-    if cfg.baselines:
-        uniform = outcome.candidate_blocks
-        if cfg.exact_baselines and len(cfg.search.pool) > 1:
-            uniform = {}
-            for cand in cfg.search.pool:
-                chose_it_everywhere = (cfg.search.propagation == "greedy"
-                                       and all(d.chosen == cand.name for d in outcome.decisions))
-                if chose_it_everywhere or not algorithms.uses_calibration(cand):
-                    # The hybrid is this member's own sequential pass already, or its blocks ignore the inputs.
-                    uniform[cand.name] = outcome.candidate_blocks[cand.name]
-                    continue
-                install_blocks(model, outcome.float_blocks)
-                log(f"uniform baseline {cand.name}: its own sequential pass")
-                t = time.perf_counter()
-                # One candidate: nothing to choose, so the cheapest score and no scoring windows.
-                solo = dataclasses.replace(cfg.search, pool=(cand,), propagation="greedy", score="cka")
-                uniform[cand.name] = calm_search(model, corpus.calibration, spec, solo,
-                                                 state_dir=out / "state" / f"uniform-{state_name(cand.name)}", log=log
-                                                 ).chosen_blocks
-                seconds[f"uniform_{cand.name}"] = time.perf_counter() - t
-        for name, blocks in uniform.items():
-            install_blocks(model, blocks)
-            evaluate(name)
-    install_blocks(model, outcome.chosen_blocks)
-    evaluate("calm")
+    eval_batch = max(1, cfg.search.batch_windows // 2)
+    evaluate(ledger, "fp", source, corpus, None, eval_batch)
+    with ledger.stage("search"):
+        outcome = calm_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
+                              log=logger.info, score_windows=corpus.scoring)
+    uniform = uniform_baselines(cfg, spec, source, outcome, corpus, out, ledger) if cfg.baselines else {}
+    for name, blocks in uniform.items():
+        evaluate(ledger, name, source, corpus, blocks_for(source, blocks), eval_batch)
+    hybrid = outcome.hybrid()
+    evaluate(ledger, "calm", source, corpus, blocks_for(source, hybrid), eval_batch)
 
     chosen = [d.chosen for d in outcome.decisions]
+    saved_blocks = hybrid
     check: dict[str, Any] = {"done": False}
     if cfg.final_check and len(cfg.search.pool) > 1:
         if corpus.scoring is None or not cfg.baselines:  # nothing held out, or nothing to compare with
-            log("final check skipped: it needs --score-windows and the uniform baselines")
+            logger.info("final check skipped: it needs --score-windows and the uniform baselines")
         else:
-            t = time.perf_counter()
-            check = final_check(model, outcome.chosen_blocks, uniform, corpus.scoring,
-                                max(1, cfg.search.batch_windows // 2), log)
-            seconds["final_check"] = time.perf_counter() - t
+            with ledger.stage("final_check"):
+                check = final_check(outcome, hybrid, uniform, corpus.scoring, eval_batch)
             kept = check["kept"]
             if kept != "calm":
-                for d in (ppl, bits, eval_nll):
+                for d in (ledger.ppl, ledger.bits, ledger.window_nll):
                     d["calm-hybrid"] = d.pop("calm")
                     d["calm"] = d[kept]
                 chosen = [kept] * len(chosen)
-            install_blocks(model, outcome.chosen_blocks if kept == "calm" else uniform[kept])
+                saved_blocks = uniform[kept]
 
-    t = time.perf_counter()
-    save_quantized(model, tokenizer, out / "model", extra={"scheme": spec.scheme, "chosen": chosen})
-    seconds["save"] = time.perf_counter() - t
+    with ledger.stage("save"):
+        save_streamed(source, saved_blocks, out / "model", extra={"scheme": spec.scheme, "chosen": chosen})
+    results = results_record(cfg, spec, corpus, outcome, ledger, check)
+    atomic_write_json(out / "results.json", results)
+    tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
+    atomic_write_text(out / "tables.md", tables)
+    print("\n" + tables, flush=True)
+    logger.info(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
+    return results
 
+
+def results_record(cfg: RunConfig, spec: QuantSpec, corpus: Corpus, outcome: SearchOutcome, ledger: Ledger,
+                   check: dict[str, Any]) -> dict[str, Any]:
+    """results.json (contract in docs/results.md)."""
     per_block_seconds = {c.name: sum(d.scores[c.name].seconds for d in outcome.decisions) for c in cfg.search.pool}
-    results = {
+    return {
         "model": describe_source(cfg.model),
         "default_model": cfg.model is None,
         "scheme": spec.scheme,
@@ -307,6 +383,8 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
         "pool": [c.name for c in cfg.search.pool],
         "propagation": cfg.search.propagation,
         "seed": cfg.data.seed,
+        "device": str(ledger.device),
+        "dtype": str(outcome.source.dtype).removeprefix("torch."),
         "calibration": {"text": corpus.split_name, "text_sha256": corpus.sha256,
                         "windows": int(corpus.calibration.shape[0]), "seqlen": int(corpus.calibration.shape[1]),
                         "tokens": int(corpus.calibration.numel()),
@@ -314,28 +392,27 @@ def run(cfg: RunConfig, log: Progress | None = None) -> tuple[dict[str, Any], to
         "evaluation": {"text": corpus.split_name, "text_sha256": corpus.sha256, "seqlen": cfg.data.eval_seqlen,
                        "tokens": int(corpus.evaluation.numel()),
                        "available_tokens": corpus.evaluation_tokens_available},
-        "perplexity": ppl,
-        "window_nll": eval_nll,
-        "effective_bits": bits,
+        "perplexity": ledger.ppl,
+        "window_nll": ledger.window_nll,
+        "effective_bits": ledger.bits,
         "zero_shot": {},
         "blocks": [d.to_dict() for d in outcome.decisions],
         "final_check": check,
         "quantize_seconds": per_block_seconds,
         "versions": versions(),
-        "seconds": seconds,
+        "seconds": ledger.seconds,
+        "memory": ledger.memory,
         "config": cfg.to_dict(),
     }
-    atomic_write_json(out / "results.json", results)
-    tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
-    atomic_write_text(out / "tables.md", tables)
-    print("\n" + tables, flush=True)
-    log(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
-    return results, model
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(1 if args.verbose else -1 if args.quiet else 0)
     try:
+        if args.list_algorithms:
+            print(algorithms.describe())
+            return 0
         run(config_from_args(args))
     except CalmUsageError as exc:
         print(f"calm: error: {exc}", file=sys.stderr)

@@ -112,9 +112,8 @@ def test_final_check_saves_the_uniform_member_with_the_lower_scoring_nll(monkeyp
                                                                           text_file):
     import calm.run
 
-    def favour_rtn(model, models, windows, batch_windows):
+    def favour_rtn(source, models, windows, batch_windows):
         assert set(models) == {"calm", "rtn", "gptq"} and windows.shape[0] == 2
-        calm.search.install_blocks(model, models["rtn"])
         return {"calm": torch.tensor([2.0, 2.2]), "rtn": torch.tensor([1.5, 1.7]), "gptq": torch.tensor([3.0, 3.0])}
 
     monkeypatch.setattr(calm.run, "check_models", favour_rtn)

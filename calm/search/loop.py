@@ -38,8 +38,8 @@ class SearchOutcome:
 
     @property
     def chosen_blocks(self) -> list[nn.Module]:
-        """The hybrid's blocks, in memory (CPU)."""
-        return [self.candidate_blocks[d.chosen][d.index].module for d in self.decisions]
+        """The hybrid's blocks in CPU memory (read from the state folder where they are kept)."""
+        return [self.block(d.chosen, d.index) for d in self.decisions]
 
     @property
     def complete_candidates(self) -> list[str]:
@@ -154,8 +154,8 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
 
     With `score_windows` (m, T), candidates are fitted on `windows` and scored on `score_windows` only, so a
     candidate that fits the calibration tokens closely but generalizes worse is not preferred for it. Each
-    candidate's block is written to `state_dir` as it is made; then only the chosen one is kept in memory (the
-    others are read back from there when asked for; without a state folder they stay in memory). Progress
+    candidate's block is written to `state_dir` as it is made and dropped from memory once the block is decided
+    (read back from there when asked for); without a state folder the blocks stay in memory. Progress
     lines go to `log` (default: the `calm.search` logger at INFO); warnings to that logger."""
     log = log or logger.info
     source = as_source(model)
@@ -212,8 +212,8 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
                 stored = block.blocks[n]
                 if stored is not None and stored.module is not None:
                     release_caches(stored.module.to("cpu"))
-                    if stored is not chosen and stored.path is not None:
-                        stored.module = None  # on disk: read back when an evaluation asks for it
+                    if stored.path is not None:
+                        stored.module = None  # on disk: read back when an evaluation or the saving asks for it
                 candidate_blocks[n].append(stored)
             log(_block_line(block, n_blocks, config.score, time.perf_counter() - tb, time.perf_counter() - t0))
     return SearchOutcome(decisions, candidate_blocks, source)

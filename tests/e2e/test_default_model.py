@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import calm
+from calm.data import load_corpus
+from calm.evaluate import perplexity
 from calm.run import build_parser, config_from_args, run
 
 pytestmark = pytest.mark.slow
@@ -15,7 +17,8 @@ def test_search_evaluate_save_reload_on_default_model(tmp_path, capsys):
     args = build_parser().parse_args(["--output", str(out), "--scheme", "W3A16G64", "--pool", "rtn,gptq",
                                       "--calib-windows", "8", "--calib-seqlen", "256", "--eval-seqlen", "256",
                                       "--eval-tokens", "1024"])
-    _, hybrid = run(config_from_args(args))
+    cfg = config_from_args(args)
+    run(cfg)
     printed = capsys.readouterr().out
     assert "| block | chosen | CKA rtn | CKA gptq |" in printed and "CALM hybrid" in printed
     results = json.loads((out / "results.json").read_text())
@@ -27,10 +30,10 @@ def test_search_evaluate_save_reload_on_default_model(tmp_path, capsys):
         assert ppl["fp"] < ppl[name] < 10 * ppl["fp"], ppl
     assert 3.0 < results["effective_bits"]["calm"] < 3.5
 
+    # The saved model is the hybrid that was evaluated: the same perplexity on the same windows.
     reloaded, tokenizer = calm.load(out / "model")
+    corpus = load_corpus(tokenizer, cfg.data)
+    assert perplexity(reloaded, corpus.evaluation, batch_windows=4) == pytest.approx(ppl["calm"], rel=1e-5)
     ids = torch.tensor([tokenizer("The history of the city begins in the Roman era, when")["input_ids"]])
     with torch.no_grad():
-        a = hybrid(ids).logits
-        b = reloaded(ids).logits
-    assert torch.isfinite(a).all()
-    assert torch.equal(a, b)
+        assert torch.isfinite(reloaded(ids).logits).all()
