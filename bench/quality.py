@@ -57,7 +57,7 @@ def main() -> int:
             results = json.loads(done.read_text())  # this exact run finished before: reuse its figures
             print(f"[quality] {scheme}: reusing {done}", flush=True)
         else:
-            results, _ = run(cfg)
+            results = run(cfg)
         rows.append({k: results[k] for k in ("scheme", "pool", "propagation", "calibration", "evaluation",
                                               "perplexity", "effective_bits", "seconds")}
                     | {"chosen": [b["chosen"] for b in results["blocks"]]})

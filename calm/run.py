@@ -40,7 +40,7 @@ from calm.residual_rotation import RotationOnLoad
 from calm.search import SearchOutcome, calm_search, check_models, state_name
 from calm.search.loop import blocks_for, save_streamed
 from calm.search.state import StoredBlock
-from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype
+from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype, return_freed_memory
 
 RUN_CONFIG = "run_config.json"
 logger = get_logger("calm.run")
@@ -409,6 +409,7 @@ def results_record(cfg: RunConfig, spec: QuantSpec, corpus: Corpus, outcome: Sea
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(1 if args.verbose else -1 if args.quiet else 0)
+    return_freed_memory()
     try:
         if args.list_algorithms:
             print(algorithms.describe())

@@ -1,0 +1,155 @@
+"""The README's result tables, regenerated from bench/results/ so they cannot go stale.
+
+Each table sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` in README.md and is rendered from
+the `results.json` copies in bench/results/ (a run's results.json, or bench/quality.py's quality.json). The
+tables are declared below: adding a row is one line naming its file and model.
+
+    python bench/readme_figures.py           # rewrite the tables in README.md
+    python bench/readme_figures.py --check   # exit 1, with a diff, when README.md is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+AFFINE = "affine[batch_tokens=512,lr=0.01,steps=5]"
+
+
+def load(name: str) -> dict | list:
+    return json.loads((RESULTS / name).read_text())
+
+
+def fmt_ppl(x: float) -> str:
+    return f"{x:.0f}" if x >= 10000 else f"{x:.2f}"
+
+
+def paired(a: list[float], b: list[float]) -> str:
+    """Mean and standard error over windows of a - b (NLL), as `+0.046 ± 0.010`."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return f"{mean:+.3f} ± {(var / len(d)) ** 0.5:.3f}"
+
+
+def choices(chosen: list[str]) -> str:
+    return ", ".join(f"{n} {c}" for n, c in Counter(chosen).most_common())
+
+
+def default_schemes() -> str:
+    """bench/quality.py's runs: FP, RTN, GPTQ (each its own sequential pass) and the hybrid, per scheme."""
+    rows = load("quality.json")
+    lines = ["| scheme | FP | RTN | GPTQ | CALM hybrid | CALM choices | effective bits |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["perplexity"]
+        lines.append(f"| {r['scheme']} | {fmt_ppl(p['fp'])} | {fmt_ppl(p['rtn'])} | {fmt_ppl(p['gptq'])} | "
+                     f"{fmt_ppl(p['calm'])} | {choices(r['chosen'])} | {r['effective_bits']['calm']:.3f} |")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    label: str
+    file: str
+    model: str = "calm"
+
+
+W3_POOL = (
+    Row("RTN W3 G64 (uniform)", "quality.json:W3A16G64", "rtn"),
+    Row("GPTQ W3 G64 (uniform)", "quality.json:W3A16G64", "gptq"),
+    Row("AWQ W3 G64 (uniform)", "run-u-w3g64-awq.json"),
+    Row("CLAQ 3-bit, per-column codebooks (uniform)", "run-u-w3pc-claq.json"),
+    Row("SmoothQuant W4A8, alpha 0.5 (uniform)", "run-sq-w4a8.json", "smoothquant"),
+    Row("RTN W4A8 (uniform)", "run-sq-w4a8.json", "rtn"),
+    Row("SmoothQuant W8A8, alpha 0.5 (uniform)", "run-sq-w8a8.json"),
+    Row("CALM over {rtn, gptq, awq, claq}, `--score cka --score-windows 16`", "run-i6-cka-other.json"),
+    Row("CALM over {rtn, gptq, awq, claq}, `--score nll --score-windows 16`", "run-i6-nll.json"),
+)
+
+
+def _run(file: str) -> dict:
+    name, _, scheme = file.partition(":")
+    data = load(name)
+    return next(r for r in data if r["scheme"] == scheme) if scheme else data
+
+
+def w3_pool() -> str:
+    lines = ["| model | held-out PPL | effective bits | CALM choices |", "|---|---|---|---|"]
+    for row in W3_POOL:
+        r = _run(row.file)
+        chosen = r.get("chosen") or [b["chosen"] for b in r.get("blocks", [])]
+        lines.append(f"| {row.label} | {fmt_ppl(r['perplexity'][row.model])} | "
+                     f"{r['effective_bits'][row.model]:.3f} | {choices(chosen) if row.model == 'calm' else ''} |")
+    return "\n".join(lines)
+
+
+# (label, W4A4 (file, model), W3A3 (file, model)); NLL differences are paired with uniform affine's windows.
+ACTIVATION = (
+    ("RTN, no transform", ("run-i7-w4a4-full.json", "rtn"), ("run-i7-w3a3-full.json", "rtn")),
+    ("GPTQ, no transform", ("run-i7-w4a4-full.json", "gptq"), ("run-i7-w3a3-full.json", "gptq")),
+    ("rotation (Hadamard + GPTQ)", ("run-i7-w4a4-full.json", "rotation"), ("run-i7-w3a3-full.json", "rotation")),
+    ("affine (5 steps x 512 tokens, lr 0.01)", ("run-i7-w4a4-full.json", AFFINE), ("run-i7-w3a3-full.json", AFFINE)),
+    ("CALM over the four, `--score cka --score-windows 16`", ("run-i7-w4a4-full-cka.json", "calm"),
+     ("run-i7-w3a3-full.json", "calm-hybrid")),
+    ("CALM over the four, `--score nll --score-windows 16`", ("run-i7-w4a4-full.json", "calm"), None),
+)
+
+
+def activation() -> str:
+    lines = ["| model | W4A4 | NLL - affine's | W3A3 | NLL - affine's |", "|---|---|---|---|---|"]
+    refs = {s: load(f)["window_nll"][AFFINE] for s, f in (("w4", "run-i7-w4a4-full.json"),
+                                                          ("w3", "run-i7-w3a3-full.json"))}
+    for label, *cells in ACTIVATION:
+        out = [label]
+        for scheme, cell in zip(("w4", "w3"), cells):
+            if cell is None:
+                out += ["", ""]
+                continue
+            r = load(cell[0])
+            out.append(fmt_ppl(r["perplexity"][cell[1]]))
+            out.append("" if cell[1] == AFFINE else paired(r["window_nll"][cell[1]], refs[scheme]))
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"default-schemes": default_schemes, "w3-pool": w3_pool, "activation": activation}
+
+
+def render(text: str) -> str:
+    """README text with every marked table regenerated."""
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- figures:{name} --> ... <!-- /figures:{name} --> block")
+        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when README.md differs from its regeneration")
+    args = p.parse_args()
+    current = README.read_text(encoding="utf-8")
+    fresh = render(current)
+    if args.check:
+        if fresh != current:
+            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), fresh.splitlines(True),
+                                                       "README.md", "regenerated"))
+            print("README.md is out of date: run python bench/readme_figures.py")
+            return 1
+        return 0
+    README.write_text(fresh, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
