@@ -87,8 +87,9 @@ def w3_pool() -> str:
     for row in W3_POOL:
         r = _run(row.file)
         chosen = r.get("chosen") or [b["chosen"] for b in r.get("blocks", [])]
+        mix = choices(chosen) if row.label.startswith("CALM") else ""
         lines.append(f"| {row.label} | {fmt_ppl(r['perplexity'][row.model])} | "
-                     f"{r['effective_bits'][row.model]:.3f} | {choices(chosen) if row.model == 'calm' else ''} |")
+                     f"{r['effective_bits'][row.model]:.3f} | {mix} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""results.json (DESIGN.md's contract) and the two markdown tables a run prints and saves."""
+"""The two markdown tables a run prints and saves, from its results.json (contract in docs/results.md)."""
 from __future__ import annotations
 
 from typing import Any
