@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -418,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     except CalmUsageError as exc:
         print(f"calm: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written to a temporary name and renamed: what is in the folder is whole.
+        print(f"calm: error: {exc.strerror} while writing under {args.output}; free some space and rerun the same "
+              f"command to resume from the blocks already saved", file=sys.stderr)
+        return 1
     return 0
 
 
