@@ -247,6 +247,7 @@ def open_model(cfg: RunConfig, spec: QuantSpec, device: torch.device, dtype: tor
     source = CheckpointSource(folder, load_tokenizer(folder), device, dtype)
     if cfg.activation_budget_gb is not None:
         source.activation_budget = int(cfg.activation_budget_gb * 2 ** 30)
+    source.check_device_room()
     for block in decoder_blocks(source.model):  # shapes are known on the skeleton: check the groups now
         for linear in block_linears(block).values():
             spec.group_for(linear.in_features)

@@ -38,6 +38,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 # float block, the candidates being fitted (Hessians, copies) and evaluation logits.
 ACTIVATION_SHARE = 0.4
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Device memory one block's search needs, in blocks: the float block, a candidate's deep copy being quantized,
+# and room for Hessians and outputs.
+BLOCK_ROOM = 3
 SAFETENSORS_SINGLE = "model.safetensors"
 
 # Applied to a piece right after it is loaded: (kind, index or None, module) with kind in
@@ -160,6 +163,25 @@ class ModelSource:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * ACTIVATION_SHARE)
         return nbytes <= budget
+
+    def block_bytes(self) -> int:
+        """Bytes one float decoder block takes in the compute dtype (the largest block)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return max(sum(p.numel() for p in b.parameters()) for b in decoder_blocks(self.model)) * size
+
+    def check_device_room(self, free_bytes: int | None = None) -> None:
+        """Refuse a device without room for one float block and the candidate being fitted (a copy of it and
+        its Hessians): about BLOCK_ROOM times the block."""
+        if self.device.type != "cuda":
+            return
+        if free_bytes is None:
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        need = BLOCK_ROOM * self.block_bytes()
+        if free_bytes < need:
+            raise CalmUsageError(f"{self.device} has {free_bytes / 2 ** 30:.1f} GiB free, and one decoder block of "
+                                 f"this model needs about {need / 2 ** 30:.1f} GiB there (the block, the candidate "
+                                 f"being fitted, its Hessians): free the device, use a larger one, --dtype bfloat16, "
+                                 f"or --device cpu")
 
     # Pieces --------------------------------------------------------------------------------------------------
     def embeddings(self) -> nn.Module:

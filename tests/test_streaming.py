@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import calm.io
-from calm.config import QuantSpec, SearchConfig, parse_pool
+from calm.config import CalmUsageError, QuantSpec, SearchConfig, parse_pool
 from calm.evaluate import streamed_window_nll, window_nll
 from calm.io import WEIGHTS_INDEX, load_quantized
 from calm.residual_rotation import RotationOnLoad, rotate_residual
@@ -107,3 +107,27 @@ def test_rotation_applied_on_load_equals_the_rotated_model(tiny_model_dir, windo
     assert torch.allclose(got, window_nll(rotated, windows, batch_windows=2), rtol=0, atol=1e-5)
     assert torch.allclose(got, window_nll(_memory_model(tiny_model_dir), windows, batch_windows=2), rtol=0,
                           atol=1e-4)
+
+
+def test_a_device_without_room_for_one_block_is_refused(tiny_model_dir):
+    source = CheckpointSource(tiny_model_dir, None, "cpu", torch.float32)
+    block = source.block_bytes()
+    assert block == sum(p.numel() for p in source.model.model.layers[0].parameters()) * 4
+    source.device = torch.device("cuda")  # the check only reads sizes: no CUDA needed to test it
+    source.check_device_room(free_bytes=10 * block)
+    with pytest.raises(CalmUsageError, match="GiB free, and one decoder block"):
+        source.check_device_room(free_bytes=block)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_whole_search_on_cuda_matches_the_cpu(tiny_model_dir, windows, tmp_path):
+    spec = QuantSpec.from_scheme("W3A16G32")
+    cfg = SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        source = CheckpointSource(tiny_model_dir, None, device, torch.float32)
+        outcome = calm_search(source, windows, spec, cfg, state_dir=tmp_path / device)
+        runs[device] = (outcome, streamed_window_nll(source, windows, outcome.block_for_hybrid()))
+    assert [d.chosen for d in runs["cpu"][0].decisions] == [d.chosen for d in runs["cuda"][0].decisions]
+    assert torch.allclose(runs["cpu"][1], runs["cuda"][1], rtol=1e-3)

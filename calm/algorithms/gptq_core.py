@@ -147,9 +147,11 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     zeros = torch.zeros(n_out, n_groups, device=w.device)
     grid: list[torch.Tensor] = []  # the current group's (scale, zero)
 
+    perm_host = perm.tolist() if perm is not None else None  # indexed per column: no device sync each time
+
     def on_grid(col: int, i: int, w1: torch.Tensor) -> torch.Tensor:
         if static_scale is not None:
-            g = int(perm[col]) // group_size
+            g = perm_host[col] // group_size
             grid[:] = [static_scale[:, g], static_zero[:, g]]
         elif col % group_size == 0:
             grid[:] = fit_grid(w1[:, i:i + group_size], bits, symmetric)
