@@ -54,7 +54,7 @@ def test_windows_are_seeded_and_checked():
     ev = evaluation_windows(ids, 300, 0)
     assert ev.shape == (3, 300) and torch.equal(ev.flatten(), ids[:900])
     assert evaluation_windows(ids, 100, 250).shape == (2, 100)
-    with pytest.raises(CalmUsageError):
+    with pytest.raises(CalmUsageError, match="fewer than one window"):
         evaluation_windows(ids, 2000, 0)
 
 

@@ -109,3 +109,12 @@ def test_lazy_batched_column_loop_equals_the_unbatched_update(block_size):
 
     column_loop(w, hinv, block_size, on_grid)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+def test_list_algorithms_flag_prints_the_generated_help(capsys):
+    from calm.run import main
+
+    assert main(["--list-algorithms"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == algorithms.describe().strip()
+    assert "gptq: GPTQ" in out and "    damp (float, default 0.01, > 0.0)" in out
