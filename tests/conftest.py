@@ -100,3 +100,36 @@ def default_model():
     from calm.model import load_model
 
     return load_model(None)
+
+
+class RecordingBar:
+    """Stands in for calm.progress.progress: records the total and every update."""
+
+    def __init__(self, bars, iterable=None, total=None, desc="", unit="it"):
+        self.iterable, self.total, self.desc, self.unit, self.done = iterable, total, desc, unit, 0
+        bars.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            self.done += 1
+            yield item
+
+    def update(self, n=1):
+        self.done += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def recorded_bars(monkeypatch):
+    """Replace the progress bar of the given modules by a recorder; returns (install, bars)."""
+    bars: list[RecordingBar] = []
+
+    def install(module, attribute="progress"):
+        monkeypatch.setattr(module, attribute, lambda *args, **kw: RecordingBar(bars, *args, **kw))
+
+    return install, bars

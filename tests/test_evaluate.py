@@ -37,26 +37,11 @@ def test_token_nll_keeps_fp32_accuracy_with_a_large_vocabulary():
     assert float((token_nll(logits, ids) - oracle).abs().max()) < 2e-5
 
 
-def test_window_nll_shows_a_bar_over_the_windows(monkeypatch):
+def test_window_nll_shows_a_bar_over_the_windows(recorded_bars):
     import calm.evaluate
 
-    bars = []
-
-    class Bar:
-        def __init__(self, total=None, desc="", unit="it"):
-            self.total, self.unit, self.done = total, unit, 0
-            bars.append(self)
-
-        def update(self, n=1):
-            self.done += n
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(calm.evaluate, "progress_bar", Bar)
+    install, bars = recorded_bars
+    install(calm.evaluate, "progress_bar")
     lines = []
     windows = torch.randint(0, 256, (5, 9), generator=torch.Generator().manual_seed(0))
     window_nll(tiny_llama(), windows, 2, progress=lines.append)

@@ -345,27 +345,10 @@ def test_a_real_gptq_breakdown_leaves_rtn(tiny_model, monkeypatch):
                     SearchConfig(pool=parse_pool("gptq"), batch_windows=2), log=lambda _: None)
 
 
-class Bar:
-    """Stands in for calm.progress.progress: records the total and every update."""
-
-    def __init__(self, bars, total=None, desc="", unit="it"):
-        self.total, self.desc, self.done = total, desc, 0
-        bars.append(self)
-
-    def update(self, n=1):
-        self.done += n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_search_progress_bar_counts_blocks_times_candidates_and_logs_by_default(tiny_model, tmp_path, monkeypatch,
+def test_search_progress_bar_counts_blocks_times_candidates_and_logs_by_default(tiny_model, tmp_path, recorded_bars,
                                                                                caplog):
-    bars = []
-    monkeypatch.setattr(calm.search.loop, "progress", lambda **kw: Bar(bars, **kw))
+    install, bars = recorded_bars
+    install(calm.search.loop)
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     cfg = SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2)
     with caplog.at_level("INFO", logger="calm.search"):
