@@ -18,7 +18,9 @@ sys.path.insert(0, str(ROOT))
 
 from calm.config import RunConfig  # noqa: E402
 from calm.io import atomic_write_json, atomic_write_text  # noqa: E402
+from calm.progress import configure_logging  # noqa: E402
 from calm.run import build_parser, config_from_args, run  # noqa: E402
+from calm.streaming import return_freed_memory  # noqa: E402
 
 BEGIN, END = "<!-- bench/quality.py: begin -->", "<!-- bench/quality.py: end -->"
 
@@ -47,6 +49,8 @@ def main() -> int:
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="extra flags for calm.run after --")
     args = p.parse_args()
     extra = [a for a in args.run_args if a != "--"]
+    configure_logging(0)
+    return_freed_memory()
     rows = []
     for scheme in args.schemes:
         out = Path(args.outputs) / f"{scheme}-{args.pool.replace(',', '_').replace(';', '_').replace(':', '-')}"
