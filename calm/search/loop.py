@@ -66,12 +66,12 @@ class SearchOutcome:
         return blocks_for(self.source, self.hybrid())
 
 
-
 def blocks_for(source: ModelSource, blocks: list[StoredBlock | nn.Module]):
     """A `calm.evaluate.BlockFor` over `blocks` (stored or in memory): block i on the device while in use."""
+    if len(blocks) != source.num_blocks or any(b is None for b in blocks):
+        raise ValueError(f"need a block for each of the {source.num_blocks} layers (a candidate that failed on a "
+                         f"layer has none there)")
     stored = [b if isinstance(b, StoredBlock) else StoredBlock(b) for b in blocks]
-    if len(stored) != source.num_blocks or any(b is None for b in blocks):
-        raise ValueError(f"need a block for each of the {source.num_blocks} layers")
     return lambda i: _loaded(source, stored[i], i)
 
 
