@@ -135,18 +135,28 @@ def write_checkpoint(folder: Path, config: dict) -> Path:
     return folder
 
 
+# A child inherits its parent's resident high-water mark across fork and exec (Linux keeps ru_maxrss), so the
+# run is started by this small launcher: the run's own figure then starts from the launcher's few MB, not from
+# this script's (which may have held a checkpoint's tensors).
+LAUNCHER = """
+import json, os, subprocess, sys
+argv, log = json.loads(sys.argv[1]), sys.argv[2]
+with open(log, "w") as out:
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
+"""
+
+
 def run_measured(argv: list[str], log_path: Path) -> tuple[int, float, float]:
     """(exit code, peak resident memory in GB, wall seconds) of `python -m calm.run argv` as a child."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "calm.run", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=str(ROOT))
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 2 ** 20, time.perf_counter() - start
-
-
+    command = [sys.executable, "-m", "calm.run", *argv]
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, json.dumps(command), str(log_path)], env=env,
+                          cwd=str(ROOT), capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout)
+    return measured["code"], measured["maxrss_kib"] / 2 ** 20, time.perf_counter() - start
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
