@@ -67,3 +67,12 @@ def test_quantize_resumes_from_its_state_folder(tmp_path):
     model, second = calm.quantize(tiny_llama(), scheme="W3A16G32", calibration=_ids(), batch_windows=2,
                                   state_dir=tmp_path)
     assert [d.to_dict() for d in second.decisions] == [d.to_dict() for d in first.decisions]
+
+
+def test_import_calm_loads_neither_torch_nor_a_kernel():
+    import subprocess
+    import sys
+
+    code = "import sys, calm; print(sorted(m for m in ('torch', 'triton', 'calm_kernels') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
