@@ -208,6 +208,8 @@ def main() -> int:
     p.add_argument("--scenarios", default="default,llama7b" + (",default-gpu" if cuda else ""))
     p.add_argument("--quick", action="store_true", help="smoke run: small settings, 2-block 7B-shaped model")
     p.add_argument("--keep-checkpoint", default=None, help="write (or reuse) the 7B-shaped checkpoint here")
+    p.add_argument("--blocks", type=int, default=None, help="decoder blocks of the 7B-shaped checkpoint (default 32; "
+                   "peak memory does not depend on it when streaming, the time does)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"memory-{device_name()}.json"))
     args = p.parse_args()
     quick = ["--calib-windows", "2", "--eval-tokens", "1024"] if args.quick else []
@@ -220,7 +222,7 @@ def main() -> int:
             elif name == "default-gpu":
                 records.append(scenario(name, [*quick, "--device", "cuda"], work, {"search_s": 30.0}))
             elif name == "llama7b":
-                config = dict(LLAMA7B, num_hidden_layers=2 if args.quick else 32)
+                config = dict(LLAMA7B, num_hidden_layers=args.blocks or (2 if args.quick else 32))
                 folder = Path(args.keep_checkpoint) if args.keep_checkpoint else work / "llama7b-checkpoint"
                 need = 14e9 * config["num_hidden_layers"] / 32 + 1e9
                 free = shutil.disk_usage(folder.parent if folder.parent.exists() else work).free
@@ -232,7 +234,8 @@ def main() -> int:
                     write_checkpoint(folder, config)
                 try:
                     base = ["--model", str(folder), "--calib-windows", "4", "--eval-tokens", "2048", "--no-baselines"]
-                    records.append(scenario(name, [*base, "--pool", "rtn", "--device", "cpu"], work,
+                    label = name if config["num_hidden_layers"] == 32 else f"{name}-{config['num_hidden_layers']}blocks"
+                    records.append(scenario(label, [*base, "--pool", "rtn", "--device", "cpu"], work,
                                             {"peak_rss_gb": 6.0}))
                     if cuda:
                         records.append(scenario(name + "-gpu", [*base, "--pool", "rtn,gptq", "--device", "cuda"],
