@@ -227,27 +227,27 @@ class ModelSource:
                 yield b
 
     @contextlib.contextmanager
+    def _stage(self, kind: str, module: nn.Module, materialize=None) -> Iterator[nn.Module]:
+        """`module` loaded on the device (and its load hooks run) for the duration of the `with`."""
+        (materialize or self._materialize)(module)
+        self._run_hooks(kind, None, module)
+        try:
+            yield module
+        finally:
+            self._release(module)
+
+    @contextlib.contextmanager
     def embedding_stage(self) -> Iterator[nn.Module]:
         """The model with its embeddings on the device, to capture block-0 inputs (blocks stay unloaded)."""
-        embed = self.embeddings()
-        self._materialize(embed)
-        self._run_hooks("embed", None, embed)
-        try:
+        with self._stage("embed", self.embeddings()):
             yield self.model
-        finally:
-            self._release(embed)
 
     @contextlib.contextmanager
     def head_stage(self) -> Iterator[tuple[nn.Module, nn.Module]]:
         """(final norm, LM head) on the device."""
         norm, head = self.final_norm(), self.head()
-        self._materialize_head(norm, head)
-        self._run_hooks("head", None, nn.ModuleList([norm, head]))
-        try:
+        with self._stage("head", nn.ModuleList([norm, head]), lambda _: self._materialize_head(norm, head)):
             yield norm, head
-        finally:
-            self._release(norm)
-            self._release(head)
 
     def _materialize_head(self, norm: nn.Module, head: nn.Module) -> None:
         self._materialize(norm)
@@ -256,13 +256,8 @@ class ModelSource:
     @contextlib.contextmanager
     def norm_stage(self) -> Iterator[nn.Module]:
         """The final norm alone on the device."""
-        norm = self.final_norm()
-        self._materialize(norm)
-        self._run_hooks("norm", None, norm)
-        try:
+        with self._stage("norm", self.final_norm()) as norm:
             yield norm
-        finally:
-            self._release(norm)
 
     def consumer_norm(self, index: int) -> nn.Module:
         """A copy of the RMS norm that first reads block `index`'s output (the next block's input norm, or the
