@@ -61,6 +61,7 @@ def streamed_window_nll(source: ModelSource, windows: torch.Tensor, block_for: B
         state = capture_block_inputs(model, windows, batch_windows)
     for i in progress_bar(range(source.num_blocks), desc="perplexity", unit="block"):
         with block_for(i) as block:
+            state = state.at_layer(i)
             state = state.with_hidden(run_block(block, state))
     return source.window_nll(state.hidden, state, windows)
 

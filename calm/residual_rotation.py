@@ -21,14 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from calm import arch
+from calm.arch import decoder_blocks, layout_of
 from calm.config import CalmUsageError
-from calm.model import decoder_blocks
 from calm_kernels.rotated import hadamard_matrix
 
 KINDS = ("none", "hadamard", "random")
-READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -54,18 +52,26 @@ def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
 
 
 def _check_rms(norm: nn.Module, where: str) -> None:
-    if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is not None \
-            or "gemma" in type(norm).__name__.lower():
-        raise CalmUsageError(f"{where} ({type(norm).__name__}) is not a plain RMS norm y = w * x / rms(x): the "
-                             "residual rotation supports LLaMA/Qwen2/Mistral-style models; drop --residual-rotation")
+    if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is not None:
+        raise CalmUsageError(f"{where} ({type(norm).__name__}) is not an RMS norm y = g * x / rms(x): the residual "
+                             "rotation cannot fold it; drop --residual-rotation")
 
 
-def _float_linear(block: nn.Module, name: str) -> nn.Linear:
+def _float_linear(block: nn.Module, name: str) -> nn.Module:
     linear = block.get_submodule(name)
-    if type(linear) is not nn.Linear:
+    if type(linear) is not nn.Linear and not _is_router(block, name):
         raise CalmUsageError(f"{name} is a {type(linear).__name__}: rotate the residual stream of the float model, "
                              "before quantizing")
     return linear
+
+
+def _is_router(block: nn.Module, name: str) -> bool:
+    moe = layout_of(block).moe
+    return moe is not None and name == moe.router
+
+
+def _readers(block: nn.Module, site: arch.NormSite) -> tuple[str, ...]:
+    return arch.expand(block, site.readers + site.float_readers)
 
 
 def check_rotatable(model: nn.Module) -> None:
@@ -74,13 +80,19 @@ def check_rotatable(model: nn.Module) -> None:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise CalmUsageError("the residual rotation needs a bias-free lm_head; drop --residual-rotation")
-    _check_rms(model.model.norm, "model.norm")
+    _check_rms(arch.final_norm(model), "the final norm")
     for i, block in enumerate(decoder_blocks(model)):
-        for norm_name, readers in READERS.items():
-            _check_rms(block.get_submodule(norm_name), f"block {i} {norm_name}")
-            for r in readers:
+        layout = layout_of(block)
+        if layout.post_norms:
+            raise CalmUsageError(f"{layout.families[0]} normalizes what its blocks write to the residual stream "
+                                 f"({', '.join(layout.post_norms)}): a per-channel gain there does not commute with a "
+                                 f"rotation of the stream; drop --residual-rotation (the layer-local rotation and "
+                                 f"affine candidates still work)")
+        for site in layout.norm_sites:
+            _check_rms(block.get_submodule(site.norm), f"block {i} {site.norm}")
+            for r in _readers(block, site):
                 _float_linear(block, r)
-        for w in WRITERS:
+        for w in arch.expand(block, layout.writers):
             _float_linear(block, w)
 
 
@@ -99,14 +111,15 @@ def rotate_embedding(embed: nn.Module, q: torch.Tensor) -> None:
 def rotate_block(block: nn.Module, q: torch.Tensor) -> None:
     """Fold the block's norms into the linears that read them and rotate its reads and writes of the stream."""
     q = q.to(next(block.parameters()).device)
-    for norm_name, readers in READERS.items():
-        norm = block.get_submodule(norm_name)
-        g = _f64(norm.weight)
-        for name in readers:
+    layout = layout_of(block)
+    for site in layout.norm_sites:
+        norm = block.get_submodule(site.norm)
+        g = arch.norm_gain(block, norm)
+        for name in _readers(block, site):
             linear = _float_linear(block, name)
             _set(linear.weight, _f64(linear.weight) * g[None, :] @ q)
-        norm.weight.data.fill_(1.0)
-    for name in WRITERS:
+        arch.set_norm_gain(block, norm, torch.ones_like(g))
+    for name in arch.expand(block, layout.writers):
         linear = _float_linear(block, name)
         _set(linear.weight, q.T @ _f64(linear.weight))
         if linear.bias is not None:
@@ -114,7 +127,8 @@ def rotate_block(block: nn.Module, q: torch.Tensor) -> None:
 
 
 def rotate_head(final_norm: nn.Module, head: nn.Module, q: torch.Tensor) -> None:
-    """lm_head W <- W diag(g) Q with the final norm's weight g, which becomes 1."""
+    """lm_head W <- W diag(g) Q with the final norm's weight g, which becomes 1 (the families the rotation
+    takes have plain RMS norms: Gemma's 1 + w norms come with sandwich norms, which it refuses)."""
     g = _f64(final_norm.weight)
     _set(head.weight, _f64(head.weight) * g[None, :] @ q.to(head.weight.device))
     final_norm.weight.data.fill_(1.0)
@@ -130,7 +144,7 @@ def rotate_residual(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> 
     if head.weight is embed.weight:  # tied: the head gets its own copy with the final norm folded in
         head.weight = nn.Parameter(head.weight.detach().clone())
     model.config.tie_word_embeddings = False
-    rotate_head(model.model.norm, head, q)
+    rotate_head(arch.final_norm(model), head, q)
     rotate_embedding(embed, q)
     for block in decoder_blocks(model):
         rotate_block(block, q)

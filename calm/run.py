@@ -28,11 +28,12 @@ from typing import Any
 import torch
 
 from calm import __version__, algorithms
+from calm.arch import decoder_blocks, layout_of
 from calm.config import DTYPES, SCORES, CalmUsageError, DataConfig, QuantSpec, RunConfig, SearchConfig, parse_pool
 from calm.data import Corpus, load_corpus
 from calm.evaluate import BlockFor, paired_difference, streamed_window_nll
 from calm.io import atomic_write_json, atomic_write_text
-from calm.model import block_linears, checkpoint_folder, decoder_blocks, describe_source, load_tokenizer
+from calm.model import block_linears, checkpoint_folder, describe_source, load_tokenizer
 from calm.nn import weight_bits
 from calm.progress import configure_logging, get_logger
 from calm.report import block_table, perplexity_table
@@ -248,6 +249,9 @@ def open_model(cfg: RunConfig, spec: QuantSpec, device: torch.device, dtype: tor
     if cfg.activation_budget_gb is not None:
         source.activation_budget = int(cfg.activation_budget_gb * 2 ** 30)
     source.check_device_room()
+    layout = layout_of(decoder_blocks(source.model)[0])
+    for cand in cfg.search.pool:  # the family is known from the skeleton: refuse what it cannot take now
+        algorithms.validate_family(cand, layout, spec)
     for block in decoder_blocks(source.model):  # shapes are known on the skeleton: check the groups now
         for linear in block_linears(block).values():
             spec.group_for(linear.in_features)

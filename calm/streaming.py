@@ -30,8 +30,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from calm import arch
+from calm.arch import decoder_blocks
 from calm.config import CalmUsageError
-from calm.model import BlockInputs, decoder_blocks, run_block
+from calm.model import BlockInputs, run_block
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Default activation budget: this share of the device's free memory when the search starts; the rest is for the
@@ -188,7 +190,7 @@ class ModelSource:
         return self.model.get_input_embeddings()
 
     def final_norm(self) -> nn.Module:
-        return self.model.model.norm
+        return arch.final_norm(self.model)
 
     def head(self) -> nn.Module:
         return self.model.get_output_embeddings()
@@ -260,15 +262,12 @@ class ModelSource:
             yield norm
 
     def consumer_norm(self, index: int) -> nn.Module:
-        """A copy of the RMS norm that first reads block `index`'s output (the next block's input norm, or the
-        final norm), on the device."""
+        """A copy of the norm that first reads block `index`'s output (the next block's first pre-norm, or the
+        final norm), on the device; an identity where the next block reads the stream as it is (OLMo 2)."""
         if index + 1 < self.num_blocks:
             with self.block(index + 1) as nxt:
-                norm = getattr(nxt, "input_layernorm", None)
-                if norm is None or getattr(norm, "weight", None) is None:
-                    raise CalmUsageError(f"cannot find the RMS norm after block {index}: calm expects LLaMA/Qwen2-"
-                                         "style input_layernorm / model.norm; use --score cka")
-                return copy.deepcopy(norm)
+                sites = arch.layout_of(nxt).norm_sites
+                return copy.deepcopy(nxt.get_submodule(sites[0].norm)) if sites else nn.Identity()
         with self.norm_stage() as norm:
             return copy.deepcopy(norm)
 
@@ -278,6 +277,7 @@ class ModelSource:
         state = inputs.with_hidden(hidden)
         for j in range(index + 1, self.num_blocks):
             with self.block(j) as block:
+                state = state.at_layer(j)
                 state = state.with_hidden(run_block(block, state))
         return state.hidden
 
@@ -294,13 +294,14 @@ class ModelSource:
 
         state = inputs.with_hidden(hidden)
         nll = []
+        cap = arch.logit_softcap(self.model)
         with self.head_stage() as (norm, head), torch.no_grad():
             start = 0
             for i in range(len(state)):
                 h = state.batch(i)
                 for row in range(h.shape[0]):
                     ids = windows[start + row:start + row + 1]
-                    nll.append(token_nll(head(norm(h[row:row + 1])), ids).mean(1).cpu())
+                    nll.append(token_nll(arch.apply_softcap(head(norm(h[row:row + 1])), cap), ids).mean(1).cpu())
                 start += h.shape[0]
         return torch.cat(nll)
 
@@ -321,6 +322,7 @@ class MemorySource(ModelSource):
                                  f"dtype={ref.dtype}")
         if ref.dtype != dtype:
             model.to(dtype)
+        arch.unfuse_experts(model)
 
     def _materialize(self, module: nn.Module) -> None:
         module.to(self.device)
@@ -339,6 +341,7 @@ class CheckpointSource(ModelSource):
         config = AutoConfig.from_pretrained(str(folder))
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        arch.unfuse_experts(model)
         model.eval()
         model.config.use_cache = False
         super().__init__(model, tokenizer, torch.device(device), dtype)
@@ -354,7 +357,8 @@ class CheckpointSource(ModelSource):
 
     def _materialize(self, module: nn.Module, names: dict[str, str] | None = None) -> None:
         prefix = _module_prefix(self.model, module)
-        wanted = {key: (names or {}).get(key, prefix + key) for key in module.state_dict(keep_vars=True)}
+        wanted = {key: (names or {}).get(key, arch.checkpoint_name(self.model, prefix + key))
+                  for key in module.state_dict(keep_vars=True)}
         missing = [n for n in wanted.values() if n not in self.reader]
         if missing:
             raise CalmUsageError(f"{self.reader.folder} has no tensor {missing[0]!r}: the checkpoint does not match "

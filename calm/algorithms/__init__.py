@@ -20,11 +20,13 @@ from typing import Any, Callable
 from torch import nn
 
 from calm.algorithms.options import AlgorithmOptions
+from calm.arch import Layout
 from calm.config import CalmUsageError, CandidateSpec, QuantSpec
 from calm.model import BlockInputs
 
 QuantizeBlock = Callable[[nn.Module, BlockInputs, QuantSpec, Any, dict], nn.Module]
 SpecCheck = Callable[[QuantSpec], None]
+LayoutCheck = Callable[[Layout], None]
 # (float blocks of the whole model, spec, options) -> context handed to every quantize_block call
 Prepare = Callable[[list[nn.Module], QuantSpec, Any], dict]
 
@@ -41,6 +43,8 @@ class Algorithm:
         prepare: model-wide statistics computed once before the search (None: no context).
         calibration_free: the result does not depend on the calibration inputs (e.g. RTN): its blocks from a
             search are already its uniform baseline.
+        check_layout: refuses model families (calm.arch.Layout) the algorithm cannot quantize exactly, naming
+            the fix (None: every family).
     """
     name: str
     quantize: QuantizeBlock
@@ -48,6 +52,7 @@ class Algorithm:
     check_spec: SpecCheck | None = None
     prepare: Prepare | None = None
     calibration_free: bool = False
+    check_layout: LayoutCheck | None = None
 
     @property
     def summary(self) -> str:
@@ -60,13 +65,13 @@ _MODULES = ("rtn", "gptq", "awq", "smoothquant", "claq", "rotation", "affine", "
 
 
 def register(name: str, options: type[AlgorithmOptions], *, check_spec: SpecCheck | None = None,
-             prepare: Prepare | None = None, calibration_free: bool = False):
+             prepare: Prepare | None = None, calibration_free: bool = False, check_layout: LayoutCheck | None = None):
     """Register `quantize_block` under `name` with its options class (which learns the name for its errors)."""
     def wrap(fn: QuantizeBlock) -> QuantizeBlock:
         if name in _REGISTRY:
             raise ValueError(f"algorithm {name!r} registered twice")
         options.algorithm = name
-        _REGISTRY[name] = Algorithm(name, fn, options, check_spec, prepare, calibration_free)
+        _REGISTRY[name] = Algorithm(name, fn, options, check_spec, prepare, calibration_free, check_layout)
         return fn
     return wrap
 
@@ -100,6 +105,18 @@ def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> AlgorithmOp
     if algorithm.check_spec is not None:
         algorithm.check_spec(spec)
     return options
+
+
+def validate_family(candidate: CandidateSpec, layout: Layout, spec: QuantSpec) -> None:
+    """Fail before any work if the candidate cannot quantize this model family exactly (e.g. no norm to fold
+    SmoothQuant's scales into, KV-cache quantization of a fused q/k/v projection)."""
+    if (spec.k_bits != 16 or spec.v_bits != 16) and (layout.k_proj is None or layout.v_proj is None):
+        raise CalmUsageError(f"{candidate.name}: {layout.families[0]} computes K and V inside one fused projection "
+                             f"and calm's KV-cache quantization needs separate k/v projections; drop K/V from the "
+                             f"scheme")
+    algorithm = get(candidate.algorithm)
+    if algorithm.check_layout is not None:
+        algorithm.check_layout(layout)
 
 
 def options_of(candidate: CandidateSpec) -> dict[str, Any]:

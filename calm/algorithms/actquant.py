@@ -13,11 +13,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from calm import arch
 from calm.config import CalmUsageError, QuantSpec
 from calm.nn import KVQuantLinear, RotatedQuantLinear
 from calm_kernels import rotated
 
-KV_PROJECTIONS = {"self_attn.k_proj": "k_bits", "self_attn.v_proj": "v_bits"}
+
+def kv_field(block: nn.Module, name: str) -> str | None:
+    """"k_bits" / "v_bits" when `name` is the block's K / V projection (calm.arch), else None."""
+    layout = arch.layout_of(block)
+    return "k_bits" if name == layout.k_proj else "v_bits" if name == layout.v_proj else None
+
+
+def check_kv_layout(block: nn.Module, spec: QuantSpec) -> None:
+    layout = arch.layout_of(block)
+    if (spec.k_bits != 16 or spec.v_bits != 16) and (layout.k_proj is None or layout.v_proj is None):
+        raise CalmUsageError(f"{layout.families[0]} computes K and V inside a fused projection; calm's KV-cache "
+                             f"quantization needs separate k/v projections: drop K/V from the scheme")
 
 
 def check_activation_spec(spec: QuantSpec, algorithm: str) -> None:
@@ -97,16 +109,13 @@ def activation_linear(linear: nn.Linear, spec: QuantSpec, transform, clip_ratio:
 
 
 def head_dim_of(block: nn.Module) -> int:
-    attn = getattr(block, "self_attn", None)
-    head_dim = getattr(attn, "head_dim", None)
-    if head_dim is None:
-        raise CalmUsageError("KV-cache quantization needs a LLaMA/Qwen2-style block with self_attn.head_dim")
-    return int(head_dim)
+    return arch.head_dim_of(block)
 
 
 def with_kv_quantization(block: nn.Module, name: str, module: nn.Module, spec: QuantSpec) -> nn.Module:
     """`module` wrapped in a KVQuantLinear when `name` is k_proj/v_proj and the scheme quantizes K/V."""
-    field = KV_PROJECTIONS.get(name)
+    check_kv_layout(block, spec)
+    field = kv_field(block, name)
     if field is None or getattr(spec, field) == 16:
         return module
     head_dim = head_dim_of(block)

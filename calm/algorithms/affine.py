@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from calm import arch
 from calm.algorithms import actquant, register, replace_module
 from calm.algorithms.gptq_core import single_thread
 from calm.algorithms.options import AlgorithmOptions, option
@@ -42,8 +43,6 @@ from calm.nn import fake_quantize_kv
 from calm_kernels import rotated
 
 MODES = ("learned", "hadamard", "none")
-NORM_SITES = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 CLIP_INIT = 4.0  # sigmoid(4) = 0.982: start just below no clipping, with a usable gradient
 
 ModeChoice = Callable[[str, nn.Module], str]
@@ -123,6 +122,11 @@ class _TrainableLinear(nn.Module):
         return y
 
 
+def norm_sites(block: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Each pre-norm of the block (calm.arch) and the quantized linears that read it."""
+    return {site.norm: arch.expand(block, site.readers) for site in arch.layout_of(block).norm_sites}
+
+
 def _crop(inputs: BlockInputs, batch: int, row: int, tokens: int) -> tuple[torch.Tensor, dict]:
     """`tokens` tokens of calibration batch `batch` from window `row` on: the window's prefix when tokens < T,
     else tokens // T whole windows; keyword arguments cropped to match (causal attention: a prefix is a
@@ -162,15 +166,16 @@ def train_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, mod
     linears = block_linears(work)
     modes = {n: mode_for(n, m) for n, m in linears.items()}
     scales: dict[str, nn.Parameter] = {}
-    for norm, names in NORM_SITES.items():
-        if hasattr(work, norm) and any(modes.get(n) == "learned" for n in names):
+    sites = norm_sites(work)
+    for norm, names in sites.items():
+        if any(modes.get(n) == "learned" for n in names):
             scales[norm] = nn.Parameter(torch.zeros(linears[names[0]].in_features,
-                                                             device=linears[names[0]].weight.device))
-    site_of = {n: norm for norm, names in NORM_SITES.items() for n in names if norm in scales}
+                                                    device=linears[names[0]].weight.device))
+    site_of = {n: norm for norm, names in sites.items() for n in names if norm in scales}
     head_dim = actquant.head_dim_of(work) if spec.k_bits != 16 or spec.v_bits != 16 else 0
     for name, linear in linears.items():
         kv = None
-        field = actquant.KV_PROJECTIONS.get(name)
+        field = actquant.kv_field(work, name)
         if field is not None and getattr(spec, field) != 16:
             kv = (getattr(spec, field), head_dim, spec.kv_group_size or head_dim)
         replace_module(work, name, _TrainableLinear(linear, spec, modes[name], scales.get(site_of.get(name)), kv,
@@ -203,11 +208,13 @@ def _optimize(block: nn.Module, work: nn.Module, inputs: BlockInputs, params: li
 def fold_into_block(block: nn.Module, scales: dict[str, nn.Parameter]) -> None:
     """Fold the learned per-channel scales into `block` in place (norm weight / s, linear weight * s): the
     float block computes the same function afterwards."""
+    float_readers = {site.norm: arch.expand(block, site.float_readers) for site in arch.layout_of(block).norm_sites}
     with torch.no_grad():
         for norm, s in scales.items():
             factor = s.detach().exp()
-            getattr(block, norm).weight.div_(factor.to(getattr(block, norm).weight.dtype))
-            for name in NORM_SITES[norm]:
+            module = block.get_submodule(norm)
+            arch.set_norm_gain(block, module, arch.norm_gain(block, module) / factor.to(torch.float64))
+            for name in norm_sites(block)[norm] + float_readers[norm]:
                 lin = block.get_submodule(name)
                 lin.weight.mul_(factor.to(lin.weight.dtype))
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from calm.algorithms import register, replace_module, weight_only_spec
+from calm.algorithms.gptq_core import MIN_EXPERT_TOKENS, record_fallback
 from calm.algorithms.options import AlgorithmOptions, option
 from calm.algorithms.scaling import (
     ScaleGroup,
@@ -35,12 +36,11 @@ from calm.algorithms.scaling import (
     spaced_rows,
     windows_for,
 )
+from calm.arch import is_expert_linear, layout_of
 from calm.config import QuantSpec
 from calm.grid import quantize_groups
 from calm.model import BlockInputs, block_linears
 from calm.nn import UniformQuantLinear
-
-NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # AWQ skips them: q.k products are too sensitive to clipping
 
 
 def awq_scale(s_x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -139,13 +139,14 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, optio
     for lin in linears.values():
         spec.group_for(lin.in_features)
 
-    # 1. Activation statistics on every calibration token; the loss modules' inputs on the grid subset.
-    first = {g.linears[0]: g for g in groups}
-    stats_in = capture(block, inputs, tuple(first))
-    s_x = {first[n].name: stats_in[n].tokens().abs().mean(dim=0) for n in first}
+    # 1. Activation statistics on every calibration token (at the loss module's input, which every linear of the
+    # group reads: an MoE expert alone sees only its routed tokens); the loss modules' inputs on the grid subset.
+    loss_modules = tuple(dict.fromkeys(g.loss_module for g in groups))
+    stats_in = capture(block, inputs, loss_modules)
+    s_x = {g.name: stats_in[g.loss_module].tokens().abs().mean(dim=0) for g in groups}
     del stats_in
     windows = windows_for(inputs, grid_tokens)
-    loss_in = capture(block, inputs, tuple(dict.fromkeys(g.loss_module for g in groups)), max_windows=windows)
+    loss_in = capture(block, inputs, loss_modules, max_windows=windows)
 
     chosen: dict[str, torch.Tensor] = {}
     for g in groups:
@@ -158,12 +159,16 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, optio
         fold_scales(block, g, chosen[g.name])
 
     # 3-4. Clip search on the scaled weights with their new inputs, then round-to-nearest.
-    clip_names = tuple(n for n in linears if n not in NO_CLIP) if clip else ()
+    # AWQ does not clip q and k: q.k products are too sensitive to clipping.
+    clip_names = tuple(n for n in linears if n not in layout_of(block).no_clip) if clip else ()
     clip_in = capture(block, inputs, clip_names, max_windows=windows) if clip_names else {}
     for name, lin in block_linears(block).items():
         w = lin.weight.detach().to(torch.float32)
         g = spec.group_for(lin.in_features)
-        if name in clip_in:
+        routed = sum(x.reshape(-1, x.shape[-1]).shape[0] for x in clip_in[name].x) if name in clip_in else 0
+        if name in clip_in and routed < MIN_EXPERT_TOKENS and is_expert_linear(block, name):
+            record_fallback(block, name, routed)  # too few routed tokens to choose a clip: scaled RTN
+        elif name in clip_in:
             x = spaced_rows(clip_in[name].tokens(), clip_tokens)
             bound = search_clip(w, x, spec, n_grid, max_shrink).repeat_interleave(g, dim=1)
             w = torch.clamp(w, -bound, bound)

@@ -29,10 +29,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from calm import arch
 from calm.algorithms import replace_module
 from calm.config import QuantSpec
 from calm.grid import fit_grid, quantize_groups, quantize_to_codes
-from calm.model import SEQUENTIAL_GROUPS, BlockInputs, block_linears, linear_inputs
+from calm.model import BlockInputs, block_linears, linear_inputs
 from calm.nn import UniformQuantLinear
 
 ACT_ORDERS = ("none", "static", "full")
@@ -181,22 +182,46 @@ def gptq_linear(linear: nn.Module, hessian: torch.Tensor, spec: QuantSpec, act_o
 
 
 def sequential_groups(block: nn.Module, true_sequential: bool) -> list[tuple[str, ...]]:
-    """The block's linears in the order they are quantized: true-sequential groups, or one group of all of
-    them (`true_sequential=False`, or a block layout the groups do not cover)."""
+    """The block's linears in the order they are quantized: true-sequential groups (calm.arch), or one group of
+    all of them (`true_sequential=False`, or a block layout the groups do not cover)."""
     names = list(block_linears(block))
-    groups = [tuple(n for n in g if n in names) for g in SEQUENTIAL_GROUPS]
+    groups = [tuple(n for n in g if n in names) for g in arch.sequential_groups(block)]
     groups = [g for g in groups if g]
     if not true_sequential or {n for g in groups for n in g} != set(names):
         return [tuple(names)]
     return groups
 
 
+# An MoE expert that receives fewer routed calibration tokens than this is quantized as without calibration:
+# H = I, which turns GPTQ's column loop into round-to-nearest (no error feedback) and CLAQ's K-means into an
+# unweighted fit. A Hessian from a handful of tokens has a rank far below the expert's width, and GPTQ would fit
+# those few tokens at the expense of every other input (GPTQModel and llm-compressor also fall back for
+# experts the calibration set does not reach).
+MIN_EXPERT_TOKENS = 32
+
+
+def record_fallback(block: nn.Module, name: str, tokens: int) -> None:
+    """Note on the block that linear `name` got the no-calibration fallback with `tokens` routed tokens (the
+    search reports these per candidate and block in results.json)."""
+    if not hasattr(block, "calm_fallbacks"):
+        block.calm_fallbacks = {}
+    block.calm_fallbacks[name] = tokens
+
+
 def group_hessians(block: nn.Module, inputs: BlockInputs, group: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """H of each named linear's inputs when the block (as it stands) runs on the calibration inputs."""
+    """H of each named linear's inputs when the block (as it stands) runs on the calibration inputs; an MoE
+    expert's linear reached by fewer than MIN_EXPERT_TOKENS tokens gets H = I (recorded on the block)."""
     linears = block_linears(block)
     accs = {n: HessianAccumulator(linears[n].in_features, linears[n].weight.device) for n in group}
     linear_inputs(block, inputs, group, lambda name, x: accs[name].add(x))
-    return {n: acc.hessian() for n, acc in accs.items()}
+    hessians = {}
+    for n, acc in accs.items():
+        if acc.n < MIN_EXPERT_TOKENS and arch.is_expert_linear(block, n):
+            record_fallback(block, n, acc.n)
+            hessians[n] = torch.eye(acc.h.shape[0], dtype=torch.float64, device=acc.h.device)
+        else:
+            hessians[n] = acc.hessian()
+    return hessians
 
 
 # (name inside the block, the float linear, H of its inputs) -> its quantized replacement

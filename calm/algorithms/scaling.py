@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from calm.arch import ATTENTION, MLP, expand, fold_rows, layout_of, norm_gain, set_norm_gain
 from calm.config import CalmUsageError
 from calm.grid import dequantize_codes, quantize_groups
 from calm.model import BlockInputs, run_with_input_hooks
@@ -25,49 +26,46 @@ class ScaleGroup:
 
     Args:
         name: label in logs and results.
-        prev: the op whose output is the linears' input and absorbs 1/s (an RMSNorm or a Linear).
-        linears: the linears whose input columns are multiplied by s.
-        loss_module: the module whose output AWQ's grid search compares (whole attention for q/k/v, whole
-            MLP for gate/up, the linear itself otherwise).
+        prev: the op whose output is the linears' input and absorbs 1/s (a norm or a linear).
+        linears: the linears whose input columns are multiplied by s (quantized afterwards).
+        loss_module: the module whose input is the linears' input and whose output AWQ's grid search compares
+            (whole attention for q/k/v, whole MLP for gate/up, the linear itself otherwise).
+        float_readers: modules that also read the input and stay float (an MoE router): s folds into them too.
+        prev_rows: the rows of a linear `prev` that feed the linears (a fused producer's part), else None.
     """
     name: str
     prev: str
     linears: tuple[str, ...]
     loss_module: str
+    float_readers: tuple[str, ...] = ()
+    prev_rows: slice | None = None
 
 
-# LLaMA/Qwen2/Mistral decoder blocks.
-LLAMA_SCALE_GROUPS = (
-    ScaleGroup("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-               "self_attn"),
-    ScaleGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
-    ScaleGroup("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-    ScaleGroup("down", "mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-)
+SITE_NAMES = {ATTENTION: "qkv", MLP: "gate_up"}
 
 
 def scale_groups(block: nn.Module, norms_only: bool = False) -> list[ScaleGroup]:
-    """The groups of LLAMA_SCALE_GROUPS this block can take.
+    """The block's scale groups (calm.arch): one per pre-norm, and linear -> linear folds unless `norms_only`.
 
     A linear -> linear fold needs the previous linear's outputs to be exactly the next one's inputs: v_proj ->
     o_proj only when v_proj has as many outputs as o_proj has inputs (no grouped-query attention; with GQA a
     kv head feeds several query heads and the scale could not differ between them), as AutoAWQ also does.
     """
+    layout = layout_of(block)
+    groups = [ScaleGroup(SITE_NAMES.get(site.loss_module, site.norm), site.norm, expand(block, site.readers),
+                         site.loss_module, expand(block, site.float_readers)) for site in layout.norm_sites]
+    if norms_only:
+        return groups
     modules = dict(block.named_modules())
-    missing = [n for g in LLAMA_SCALE_GROUPS if g.prev.endswith("layernorm")
-               for n in (g.prev, *g.linears, g.loss_module) if n not in modules]
-    if missing:
-        raise CalmUsageError(f"this decoder block has no {sorted(set(missing))}: scale folding knows LLaMA/Qwen2/"
-                             f"Mistral-style blocks only")
-    groups = []
-    for g in LLAMA_SCALE_GROUPS:
-        prev = modules.get(g.prev)
-        if isinstance(prev, nn.Linear):
-            if norms_only or any(n not in modules for n in g.linears):
-                continue
-            if prev.out_features != modules[g.linears[0]].in_features:
-                continue
-        groups.append(g)
+    for fold in layout.linear_folds:
+        prev = modules.get(fold.prev)
+        if not isinstance(prev, nn.Linear) or any(not isinstance(modules.get(n), nn.Linear) for n in fold.linears):
+            continue
+        rows = fold_rows(block, fold)
+        if rows.stop - rows.start != modules[fold.linears[0]].in_features:
+            continue
+        groups.append(ScaleGroup(fold.name, fold.prev, fold.linears, fold.linears[0],
+                                 prev_rows=None if fold.prev_rows == "all" else rows))
     return groups
 
 
@@ -78,18 +76,19 @@ def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
     prev = modules[group.prev]
     s = s.to(torch.float32)
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.to(prev.weight.dtype).unsqueeze(1))
+        rows = group.prev_rows or slice(0, prev.out_features)
+        prev.weight[rows].div_(s.to(prev.weight.dtype).unsqueeze(1))
         if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
+            prev.bias[rows].div_(s.to(prev.bias.dtype))
     else:
         weight = getattr(prev, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.shape != s.shape or getattr(prev, "bias", None) is not None:
             raise CalmUsageError(f"cannot fold a scale into {group.prev} ({type(prev).__name__}): expected an "
                                  f"RMSNorm with a weight of shape {tuple(s.shape)} and no bias")
-        weight.div_(s.to(weight.dtype))
-    for name in group.linears:
+        set_norm_gain(block, prev, norm_gain(block, prev) / s.to(torch.float64))
+    for name in group.linears + group.float_readers:
         lin = modules[name]
-        if not isinstance(lin, nn.Linear):
+        if name in group.linears and not isinstance(lin, nn.Linear):
             raise CalmUsageError(f"{name} is already quantized; scales fold into float linears only")
         lin.weight.mul_(s.to(lin.weight.dtype).unsqueeze(0))
 

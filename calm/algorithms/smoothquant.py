@@ -24,6 +24,7 @@ from torch import nn
 from calm.algorithms import register, replace_module
 from calm.algorithms.options import AlgorithmOptions, option
 from calm.algorithms.scaling import capture, fold_scales, scale_groups
+from calm.arch import Layout
 from calm.config import CalmUsageError, QuantSpec
 from calm.model import BlockInputs, block_linears
 from calm.nn import ActQuantLinear, RotatedQuantLinear, UniformQuantLinear
@@ -38,11 +39,15 @@ def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torc
 def smooth_block(block: nn.Module, inputs: BlockInputs, alpha: float) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant's scales into the block's norms and linears in place; returns them by group."""
     groups = scale_groups(block, norms_only=True)
+    if not groups:
+        raise CalmUsageError(f"smoothquant folds its scales into the norms in front of the linears, and "
+                             f"{type(block).__name__} has none (it normalizes after attention and MLP); use "
+                             f"rotation or affine for activation quantization")
     modules = dict(block.named_modules())
-    got = capture(block, inputs, tuple(g.linears[0] for g in groups))
+    got = capture(block, inputs, tuple(g.loss_module for g in groups))
     scales = {}
     for g in groups:
-        x_max = torch.stack([x.reshape(-1, x.shape[-1]).abs().amax(dim=0) for x in got[g.linears[0]].x]).amax(dim=0)
+        x_max = torch.stack([x.reshape(-1, x.shape[-1]).abs().amax(dim=0) for x in got[g.loss_module].x]).amax(dim=0)
         w_max = torch.cat([modules[n].weight.detach().abs() for n in g.linears]).amax(dim=0)
         scales[g.name] = smooth_scale(x_max.to(torch.float32), w_max.to(torch.float32), alpha)
     for g in groups:
@@ -70,7 +75,14 @@ class SmoothQuantOptions(AlgorithmOptions):
     clip_ratio: float = option(1.0, "activation clip ratio", low=0.0, high=1.0, low_open=True)
 
 
-@register("smoothquant", SmoothQuantOptions, check_spec=_check_spec)
+def _check_layout(layout: Layout) -> None:
+    if not layout.norm_sites:
+        raise CalmUsageError(f"smoothquant folds its scales into the norms in front of q/k/v and gate/up, and "
+                             f"{layout.families[0]} has none (it normalizes after attention and MLP); use rotation "
+                             f"or affine for activation quantization")
+
+
+@register("smoothquant", SmoothQuantOptions, check_spec=_check_spec, check_layout=_check_layout)
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: SmoothQuantOptions,
                    context: dict) -> nn.Module:
     alpha, clip_ratio = options.alpha, options.clip_ratio

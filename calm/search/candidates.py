@@ -8,12 +8,17 @@ from typing import Any
 from torch import nn
 
 from calm import algorithms
+from calm.arch import Layout
 from calm.config import CandidateSpec, QuantSpec, SearchConfig
 from calm.model import BlockInputs
 
 
 def validate(candidate: CandidateSpec, spec: QuantSpec) -> None:
     algorithms.validate_candidate(candidate, spec)
+
+
+def validate_family(candidate: CandidateSpec, layout: Layout, spec: QuantSpec) -> None:
+    algorithms.validate_family(candidate, layout, spec)
 
 
 def prepare(candidate: CandidateSpec, float_blocks: list[nn.Module], spec: QuantSpec) -> dict[str, Any]:

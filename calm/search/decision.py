@@ -18,6 +18,8 @@ class CandidateScore:
     score_seconds: float  # running the quantized block and scoring it
     nll: float | None = None  # next-token NLL on the scoring windows (score "nll" only)
     failed: str | None = None  # why the candidate cannot be chosen (its quantization broke down, or its score)
+    # MoE experts quantized without calibration (too few routed tokens): linear name -> routed tokens
+    fallbacks: dict[str, int] | None = None
 
     @classmethod
     def failure(cls, reason: str, seconds: float, by: str = "cka") -> CandidateScore:
@@ -41,7 +43,7 @@ class CandidateScore:
 
     def to_dict(self) -> dict[str, float | str]:
         d = dataclasses.asdict(self)
-        for optional in ("nll", "failed"):
+        for optional in ("nll", "failed", "fallbacks"):
             if d[optional] is None:
                 del d[optional]
         return d

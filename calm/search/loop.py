@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calm.arch import decoder_blocks, layout_of
 from calm.config import QuantSpec, SearchConfig
 from calm.evaluate import streamed_window_nll
 from calm.io import FORMAT, load_block_state, quantized_manifest, save_model_files
-from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, run_block
+from calm.model import BlockInputs, capture_block_inputs, run_block
 from calm.nn import release_caches
 from calm.progress import get_logger, progress
 from calm.search import candidates
@@ -121,7 +122,8 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
         outs = run_block(qblock, score_inputs)
         scored = scorer.score(outs)
         scores[cand.name] = dataclasses.replace(scored, seconds=quantize_seconds,
-                                                score_seconds=time.perf_counter() - ts)
+                                                score_seconds=time.perf_counter() - ts,
+                                                fallbacks=getattr(qblock, "calm_fallbacks", None))
         store.save_block(index, cand.name, qblock)
         outputs[cand.name] = outs
         blocks[cand.name] = StoredBlock(qblock, store.path_or_none(index, cand.name))
@@ -159,8 +161,10 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
     lines go to `log` (default: the `calm.search` logger at INFO); warnings to that logger."""
     log = log or logger.info
     source = as_source(model)
+    layout = layout_of(decoder_blocks(source.model)[0])
     for cand in config.pool:
         candidates.validate(cand, spec)
+        candidates.validate_family(cand, layout, spec)
     names = [c.name for c in config.pool]
     n_blocks = source.num_blocks
     contexts = {c.name: candidates.prepare(c, source.iter_blocks(), spec) for c in config.pool}
@@ -183,6 +187,8 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
     with progress(total=n_blocks * len(names), desc="CALM search", unit="candidate") as bar:
         for index in range(n_blocks):
             tb = time.perf_counter()
+            inputs = inputs.at_layer(index)
+            score_inputs = score_inputs.at_layer(index) if separate else inputs
             with source.block(index) as fp_block:
                 reference = run_block(fp_block, score_inputs)
                 saved = store.load(index)
