@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from calm.arch import unfuse_experts
 from calm.nn import build_quantized_linear, is_quantized_linear
 
 FORMAT = "calm-v1"
@@ -207,6 +208,7 @@ def load_quantized(path: str | os.PathLike, device: str = "cpu", dtype: torch.dt
     config = AutoConfig.from_pretrained(str(src))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # calm quantizes and saves MoE experts one by one (calm.arch)
     install_quantized_modules(model, manifest["modules"], device=device)
     # Assigned tensors keep their dtype: give each the model's (float weights in `dtype`, an older format's
     # int64 permutation as today's int16/int32).
