@@ -132,9 +132,11 @@ LAYOUTS: tuple[Layout, ...] = (
 BY_FAMILY = {f: layout for layout in LAYOUTS for f in layout.families}
 BY_CLASS = {c: layout for layout in LAYOUTS for c in layout.layer_classes}
 SUPPORTED_FAMILIES = tuple(BY_FAMILY)
-# GGUF `general.architecture` names of the families transformers can read from GGUF.
-GGUF_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-                 "gemma3": "gemma3", "phi3": "phi3", "qwen3moe": "qwen3_moe", "olmo2": "olmo2"}
+# GGUF `general.architecture` names of the families above that transformers reads from GGUF.
+GGUF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
+# Multimodal families whose language model calm quantizes alone: the config field holding its config, and the
+# prefix the checkpoint gives its tensors. The saved model is that language model (gemma3 -> gemma3_text).
+LANGUAGE_MODELS = {"gemma3": ("text_config", "language_model.")}
 
 
 def check_family(model_type: str, where: str) -> None:
@@ -155,6 +157,17 @@ def layout_of(block: nn.Module) -> Layout:
         raise CalmUsageError(f"{type(block).__name__} is not a decoder block calm knows; calm walks these "
                              f"families: {', '.join(SUPPORTED_FAMILIES)}")
     return layout
+
+
+def language_config(config):
+    """The config calm builds the model from: a multimodal family's language model's own config."""
+    field = LANGUAGE_MODELS.get(getattr(config, "model_type", ""), (None,))[0]
+    return getattr(config, field) if field else config
+
+
+def checkpoint_prefix(config) -> str:
+    """The prefix a multimodal checkpoint gives its language model's tensors ('' for a plain causal LM)."""
+    return LANGUAGE_MODELS.get(getattr(config, "model_type", ""), (None, ""))[1]
 
 
 def text_model(model: nn.Module) -> nn.Module:
@@ -340,3 +353,40 @@ def checkpoint_name(model: nn.Module, name: str) -> str:
     if inner.startswith(MLP + "."):
         inner = moe.checkpoint_prefix + inner[len(MLP):]
     return f"{head}.layers.{index}.{inner}"
+
+
+# The family matrix of the README (`python -m calm.arch`; tests/test_arch.py checks the README holds it) ------
+ALWAYS = "rtn, gptq, claq, rotation, affine, kurtosis"
+
+
+def family_row(layout: Layout) -> list[str]:
+    awq_groups = [{"self_attn": "qkv", "mlp": "gate_up"}[s.loss_module] for s in layout.norm_sites]
+    awq_groups += [f.name for f in layout.linear_folds if layout.moe is None or f.prev != layout.moe.experts]
+    notes = []
+    if layout.norm_offset:
+        notes.append("norms scale by 1 + w")
+    if layout.post_norms:
+        notes.append("norms after attention and MLP" + (" (sandwich)" if layout.norm_sites else ""))
+    if any(f.prev_rows != "all" for f in layout.linear_folds):
+        notes.append("fused qkv_proj, gate_up_proj")
+    if layout.moe is not None:
+        notes.append("MoE: experts on their routed tokens, router float")
+    if layout.logit_softcap:
+        notes.append("final logit soft-cap when the config sets one")
+    yes, no = "yes", "no"
+    return [", ".join(f"`{f}`" for f in layout.families), ALWAYS,
+            ("awq (" + ", ".join(awq_groups) + ")") if awq_groups else "awq (none)",
+            yes if layout.norm_sites else no, no if layout.post_norms else yes,
+            yes if layout.k_proj and layout.v_proj else no, "; ".join(notes) or "-"]
+
+
+def family_matrix() -> str:
+    header = ["family (`model_type`)", "candidates", "AWQ scale groups (o: without GQA)", "smoothquant", "--residual-rotation",
+              "K/V quantization", "notes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(family_row(layout)) + " |" for layout in LAYOUTS]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(family_matrix())

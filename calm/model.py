@@ -73,7 +73,7 @@ def check_gguf_family(path: Path) -> None:
     from calm.arch import GGUF_FAMILIES, SUPPORTED_FAMILIES
 
     arch = gguf_architecture(path)
-    if arch not in GGUF_FAMILIES:
+    if arch not in GGUF_FAMILIES:  # checked from the metadata only, before any conversion
         raise CalmUsageError(f"{path}: GGUF architecture {arch!r} is not supported; calm walks these families: "
                              f"{', '.join(SUPPORTED_FAMILIES)}")
 

@@ -90,8 +90,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class CheckpointReader:
     """Lazy access to the tensors of a Hugging Face checkpoint folder by name."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, prefix: str = "") -> None:
         self.folder = Path(folder)
+        self.prefix = prefix  # a multimodal checkpoint's prefix of the language model's tensors
         index = self.folder / SAFETENSORS_INDEX
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -107,7 +108,7 @@ class CheckpointReader:
                                  f"safetensors checkpoints (convert .bin weights with save_pretrained first)")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return self.prefix + name in self.files
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, each file opened once for them and closed after: safetensors maps the file, and
@@ -116,11 +117,11 @@ class CheckpointReader:
 
         by_file: dict[Path, list[str]] = {}
         for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
+            by_file.setdefault(self.files[self.prefix + name], []).append(name)
         out = {}
         for path, group in by_file.items():
             with safe_open(str(path), framework="pt") as f:
-                out.update({name: f.get_tensor(name).clone() for name in group})
+                out.update({name: f.get_tensor(self.prefix + name).clone() for name in group})
         return out
 
 
@@ -345,14 +346,15 @@ class CheckpointSource(ModelSource):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(str(folder))
+        stored_config = AutoConfig.from_pretrained(str(folder))
+        config = arch.language_config(stored_config)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         arch.unfuse_experts(model)
         model.eval()
         model.config.use_cache = False
         super().__init__(model, tokenizer, torch.device(device), dtype)
-        self.reader = CheckpointReader(folder)
+        self.reader = CheckpointReader(folder, arch.checkpoint_prefix(stored_config))
         for module in model.modules():  # the real buffers (rotary tables) are small: they live on the device
             for name, buf in module._buffers.items():
                 if buf is not None and buf.device.type != "meta":
@@ -377,7 +379,7 @@ class CheckpointSource(ModelSource):
     def _materialize_head(self, norm: nn.Module, head: nn.Module) -> None:
         self._materialize(norm)
         head_prefix = _module_prefix(self.model, head)
-        if self.tied and head_prefix + "weight" not in self.reader:
+        if head_prefix + "weight" not in self.reader:  # tied: the checkpoint stores the embedding only
             embed_prefix = _module_prefix(self.model, self.embeddings())
             self._materialize(head, {"weight": embed_prefix + "weight"})
         else:

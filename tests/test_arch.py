@@ -309,3 +309,53 @@ def test_the_command_line_runs_on_a_checkpoint_of_every_family(family, tmp_path)
     assert perplexity(reference, corpus.evaluation) == pytest.approx(results["perplexity"]["fp"], rel=1e-4)
     assert perplexity(loaded, corpus.evaluation) == pytest.approx(results["perplexity"]["calm"], rel=1e-4)
     assert all(math.isfinite(v) for v in results["perplexity"].values())
+
+
+@pytest.mark.slow
+def test_gemma3_multimodal_checkpoint_quantizes_its_language_model(tmp_path):
+    """A gemma3 (image-text) checkpoint: calm streams its language model from the `language_model.` tensors and
+    saves that model (gemma3_text); the float perplexity is the multimodal model's own on text."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from calm.config import RunConfig
+    from calm.data import load_corpus
+    from calm.evaluate import perplexity
+    from calm.run import main
+
+    save_family("gemma3_text", tmp_path / "text-only")  # for its tokenizer and text config
+    text_config = AutoConfig.from_pretrained(str(tmp_path / "text-only")).to_dict()
+    torch.manual_seed(0)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 16}
+    config = AutoConfig.for_model("gemma3", text_config=text_config, vision_config=vision, mm_tokens_per_image=4)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(str(ckpt))
+    for f in (tmp_path / "text-only").glob("tokenizer*"):
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    text = tmp_path / "text.txt"
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex a jumbo vortex".split()
+    text.write_text("\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(50)) for i in range(50)))
+    out = tmp_path / "out"
+    assert main(["--model", str(ckpt), "--text", str(text), "--output", str(out), "--scheme", "W4A16G16",
+                 "--pool", "rtn,gptq", "--calib-windows", "4", "--calib-seqlen", "32", "--eval-seqlen", "32",
+                 "--eval-tokens", "256", "--batch-windows", "2", "-q"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    loaded, tokenizer = load_quantized(out / "model")
+    assert loaded.config.model_type == "gemma3_text"
+    corpus = load_corpus(tokenizer, RunConfig.from_dict(results["config"]).data)
+    assert perplexity(model, corpus.evaluation) == pytest.approx(results["perplexity"]["fp"], rel=1e-4)
+    assert perplexity(loaded, corpus.evaluation) == pytest.approx(results["perplexity"]["calm"], rel=1e-4)
+
+
+def test_readme_holds_the_family_matrix():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert arch.family_matrix() in readme, "README's family table is stale: paste `python -m calm.arch`'s output"
