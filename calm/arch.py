@@ -381,8 +381,8 @@ def family_row(layout: Layout) -> list[str]:
 
 
 def family_matrix() -> str:
-    header = ["family (`model_type`)", "candidates", "AWQ scale groups (o: without GQA)", "smoothquant", "--residual-rotation",
-              "K/V quantization", "notes"]
+    header = ["family (`model_type`)", "candidates", "AWQ scale groups (o: without GQA)", "smoothquant",
+              "--residual-rotation", "K/V quantization", "notes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(family_row(layout)) + " |" for layout in LAYOUTS]
     return "\n".join(lines)
