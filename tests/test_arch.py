@@ -190,6 +190,9 @@ def test_every_candidate_runs_and_a_hybrid_saves_and_reloads(family, tmp_path):
     if family not in NO_SMOOTHQUANT:
         sq = search(copy.deepcopy(model), "smoothquant", "W4A8")
         assert all(b is not None for b in sq.candidate_blocks["smoothquant"])
+    if family != "phi3":  # K/V-cache quantization wraps the separate k/v projections
+        kv = search(copy.deepcopy(model), "rtn;gptq", "W4A16K4V4G16")
+        assert all(b is not None for b in kv.candidate_blocks["gptq"])
 
 
 @pytest.mark.parametrize("family", ["phi3", "olmo2"])
@@ -299,9 +302,11 @@ def test_the_command_line_runs_on_a_checkpoint_of_every_family(family, tmp_path)
     words = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex a jumbo vortex".split()
     text.write_text("\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(50)) for i in range(50)))
     out = tmp_path / "out"
+    # With the residual rotation where the family takes it: applied to each piece as it is streamed.
+    rotation = [] if family in NO_RESIDUAL_ROTATION else ["--residual-rotation", "hadamard"]
     assert main(["--model", str(tmp_path / "ckpt"), "--text", str(text), "--output", str(out), "--scheme",
                  "W4A16G16", "--pool", "rtn,gptq", "--calib-windows", "4", "--calib-seqlen", "32", "--eval-seqlen",
-                 "32", "--eval-tokens", "256", "--batch-windows", "2", "-q"]) == 0
+                 "32", "--eval-tokens", "256", "--batch-windows", "2", "-q", *rotation]) == 0
     results = json.loads((out / "results.json").read_text())
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32).eval()
     loaded, tokenizer = load_quantized(out / "model")
