@@ -207,6 +207,7 @@ class DataConfig:
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL_MODES = ("auto", "data", "candidates")  # calm.distributed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,8 +239,13 @@ class RunConfig:
     # GiB of calibration activations the search keeps on the device (beyond, they live in pinned CPU memory);
     # None: a share of the device's free memory when the search starts (calm.streaming.ACTIVATION_SHARE).
     activation_budget_gb: float | None = None
+    # How a torchrun job splits the search (calm.distributed): "auto", "data" or "candidates"; one process
+    # alone ignores it.
+    parallel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.parallel not in PARALLEL_MODES:
+            raise CalmUsageError(f"unknown --parallel {self.parallel!r}: use one of {', '.join(PARALLEL_MODES)}")
         if not DEVICE_PATTERN.match(self.device):
             raise CalmUsageError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.dtype not in DTYPES:

@@ -8,6 +8,7 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
+from calm import distributed
 from calm.model import capture_block_inputs, run_block
 from calm.progress import progress as progress_bar
 from calm.streaming import ModelSource
@@ -56,6 +57,14 @@ def streamed_window_nll(source: ModelSource, windows: torch.Tensor, block_for: B
     than the device is evaluated holding one block at a time (plus the windows' activations)."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"evaluation windows must be (n, T>=2), got {tuple(windows.shape)}")
+    world = distributed.current()
+    if world.data:  # each process evaluates its shard of the windows; the per-window NLLs are gathered
+        return world.unshard(_streamed_window_nll(source, world.shard(windows), block_for, batch_windows))
+    return _streamed_window_nll(source, windows, block_for, batch_windows)
+
+
+def _streamed_window_nll(source: ModelSource, windows: torch.Tensor, block_for: BlockFor | None,
+                         batch_windows: int) -> torch.Tensor:
     block_for = block_for or source.block
     with source.embedding_stage() as model:
         state = capture_block_inputs(model, windows, batch_windows)

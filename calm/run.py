@@ -21,15 +21,25 @@ import platform
 import resource
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from calm import __version__, algorithms
+from calm import __version__, algorithms, distributed
 from calm.arch import decoder_blocks, layout_of
-from calm.config import DTYPES, SCORES, CalmUsageError, DataConfig, QuantSpec, RunConfig, SearchConfig, parse_pool
+from calm.config import (
+    DTYPES,
+    PARALLEL_MODES,
+    SCORES,
+    CalmUsageError,
+    DataConfig,
+    QuantSpec,
+    RunConfig,
+    SearchConfig,
+    parse_pool,
+)
 from calm.data import Corpus, load_corpus
 from calm.evaluate import BlockFor, paired_difference, streamed_window_nll
 from calm.io import atomic_write_json, atomic_write_text
@@ -41,7 +51,7 @@ from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
 from calm.residual_rotation import RotationOnLoad
 from calm.search import SearchOutcome, calm_search, check_models, state_name
 from calm.search.loop import blocks_for, save_streamed
-from calm.search.state import StoredBlock
+from calm.search.state import BlockStateStore, StoredBlock
 from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype, return_freed_memory
 
 RUN_CONFIG = "run_config.json"
@@ -102,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-budget", type=float, default=None, metavar="GIB",
                    help="GiB of calibration activations kept on the device; beyond, they live in pinned CPU memory "
                    "(default: a share of the device's free memory)")
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
+                   help="under torchrun: spread the pool's candidates over the processes (candidates), shard the "
+                   "calibration windows and all-reduce every statistic (data), or auto (candidates when the pool "
+                   "has at least one member per process); ignored by a single process")
     p.add_argument("--list-algorithms", action="store_true", help="print every algorithm and its options, and exit")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also log debugging detail")
@@ -120,12 +134,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed,
                         score_windows=args.score_windows),
         baselines=args.baselines, exact_baselines=args.exact_baselines, final_check=args.final_check,
-        output=args.output, device=args.device, dtype=args.dtype, activation_budget_gb=args.activation_budget)
+        output=args.output, device=args.device, dtype=args.dtype, activation_budget_gb=args.activation_budget,
+        parallel=args.parallel)
 
 
 # Settings that only choose which baselines are evaluated, or where the work runs: a resumed run may change
 # them (the search state stays valid; results.json and run_config.json are rewritten).
-_REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device", "activation_budget_gb")
+_REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device", "activation_budget_gb",
+                "parallel")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +234,19 @@ class Ledger:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     memory: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
+    def figures(self, name: str) -> dict[str, Any]:
+        """What evaluating model `name` measured (to hand to another process)."""
+        stage = f"eval_{name}"
+        return {"ppl": self.ppl[name], "bits": self.bits[name], "window_nll": self.window_nll[name],
+                "seconds": self.seconds.get(stage), "memory": self.memory.get(stage)}
+
+    def set_figures(self, name: str, figures: dict[str, Any]) -> None:
+        self.ppl[name], self.bits[name], self.window_nll[name] = (figures["ppl"], figures["bits"],
+                                                                  figures["window_nll"])
+        if figures["seconds"] is not None:
+            self.seconds[f"eval_{name}"] = figures["seconds"]
+            self.memory[f"eval_{name}"] = figures["memory"]
+
     @contextmanager
     def stage(self, name: str):
         if self.device.type == "cuda":
@@ -265,6 +294,26 @@ def open_model(cfg: RunConfig, spec: QuantSpec, device: torch.device, dtype: tor
     return source, digest
 
 
+def evaluate_all(ledger: Ledger, models: dict[str, BlockFor | None], source: ModelSource, corpus: Corpus,
+                 batch_windows: int, world: distributed.World) -> None:
+    """Evaluate every model of `models` (name -> its blocks; None: the float model). Spread over the processes of
+    a candidate-parallel run (each evaluates some models whole, then they exchange the figures); in a
+    data-parallel run every process evaluates every model on its shard of the windows."""
+    names = list(models)
+    mine = world.mine(names) if world.candidates else names
+    with distributed.alone() if world.candidates else nullcontext():
+        for name in mine:
+            evaluate(ledger, name, source, corpus, models[name], batch_windows)
+    if world.candidates:
+        for part in world.gather({n: ledger.figures(n) for n in mine}):
+            for name, figures in part.items():
+                ledger.set_figures(name, figures)
+    for store in (ledger.ppl, ledger.bits, ledger.window_nll):  # in the order of `models`
+        ordered = {n: store[n] for n in names if n in store}
+        store.clear()
+        store.update(ordered)
+
+
 def evaluate(ledger: Ledger, name: str, source: ModelSource, corpus: Corpus, block_for: BlockFor | None,
              batch_windows: int) -> None:
     """Held-out perplexity of the model whose blocks `block_for` gives (None: the float model), streamed, with
@@ -297,29 +346,54 @@ def uniform_baselines(cfg: RunConfig, spec: QuantSpec, source: ModelSource, outc
     uniform = {n: outcome.uniform(n) for n in outcome.complete_candidates}
     if not (cfg.exact_baselines and len(cfg.search.pool) > 1):
         return uniform
-    for cand in cfg.search.pool:
-        chose_it_everywhere = (cfg.search.propagation == "greedy"
-                               and all(d.chosen == cand.name for d in outcome.decisions))
-        if chose_it_everywhere or not algorithms.uses_calibration(cand):
-            continue  # the hybrid is this member's own sequential pass already, or its blocks ignore the inputs
+    todo = [cand for cand in cfg.search.pool if algorithms.uses_calibration(cand) and not (
+        cfg.search.propagation == "greedy" and all(d.chosen == cand.name for d in outcome.decisions))]
+    # (the others' hybrid is their own sequential pass already, or their blocks ignore the inputs)
+    world = distributed.current()
+    mine = world.mine(todo) if world.candidates else todo  # candidate-parallel: one member's pass per process
+    for cand in todo:
+        state_dir = out / "state" / f"uniform-{state_name(cand.name)}"
+        if cand not in mine:
+            continue
         logger.info(f"uniform baseline {cand.name}: its own sequential pass")
         # One candidate: nothing to choose, so the cheapest score and no scoring windows.
         solo = dataclasses.replace(cfg.search, pool=(cand,), propagation="greedy", score="cka")
-        with ledger.stage(f"uniform_{cand.name}"):
-            uniform[cand.name] = calm_search(source, corpus.calibration, spec, solo,
-                                             state_dir=out / "state" / f"uniform-{state_name(cand.name)}").hybrid()
+        with ledger.stage(f"uniform_{cand.name}"), distributed.alone() if world.candidates else nullcontext():
+            uniform[cand.name] = calm_search(source, corpus.calibration, spec, solo, state_dir=state_dir).hybrid()
+    if world.candidates:  # the other processes' passes: their blocks are in the shared state folder
+        world.barrier()
+        for cand in todo:
+            if cand not in mine:
+                uniform[cand.name] = saved_hybrid(out / "state" / f"uniform-{state_name(cand.name)}", cand.name,
+                                                  source.num_blocks)
     return uniform
+
+
+def saved_hybrid(state_dir: Path, name: str, blocks: int) -> list[StoredBlock]:
+    """The blocks of a finished one-candidate search, from its state folder."""
+    store = BlockStateStore(state_dir, {name: {}})
+    paths = [store.block_path(i, name) for i in range(blocks)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise CalmUsageError(f"{missing[0]} is missing: the process that made this baseline did not finish; rerun")
+    return [StoredBlock(path=p) for p in paths]
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run the whole job; returns results.json's content."""
     spec = validated_spec(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(distributed.local_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
+    world = distributed.start(cfg.parallel, len(cfg.search.pool), device, cfg.to_json())
+    if world.data and cfg.data.calib_windows < world.size:
+        raise CalmUsageError(f"--parallel data shards {cfg.data.calib_windows} calibration windows over {world.size} "
+                             f"processes: give at least one window per process (--calib-windows)")
     resume = check_output_folder(cfg)
+    world.barrier()  # every process has looked at the folder before the first one writes to it
     logger.info(f"calm {__version__}: scheme {spec.scheme}{' symmetric' if spec.symmetric else ''}, pool "
                 f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}, {device} "
-                f"{str(dtype).removeprefix('torch.')}, output {cfg.output}{' (resuming)' if resume else ''}")
+                f"{str(dtype).removeprefix('torch.')}, output {cfg.output}{' (resuming)' if resume else ''}"
+                + (f", process {world.rank + 1}/{world.size} ({world.mode} parallel)" if world.active else ""))
     ledger = Ledger(device)
     with ledger.stage("load_model"):
         source, digest = open_model(cfg, spec, device, dtype)
@@ -332,21 +406,22 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 f"evaluation {tuple(corpus.evaluation.shape)} of {corpus.evaluation_tokens_available}")
 
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    check_residual_rotation(out / "state" / ROTATION_RECORD, digest)
-    atomic_write_text(out / RUN_CONFIG, cfg.to_json() + "\n")
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        check_residual_rotation(out / "state" / ROTATION_RECORD, digest)
+        atomic_write_text(out / RUN_CONFIG, cfg.to_json() + "\n")
+    world.barrier()
     logger.debug(cfg.to_json())
 
     eval_batch = max(1, cfg.search.batch_windows // 2)
-    evaluate(ledger, "fp", source, corpus, None, eval_batch)
     with ledger.stage("search"):
         outcome = calm_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
                               log=logger.info, score_windows=corpus.scoring)
     uniform = uniform_baselines(cfg, spec, source, outcome, corpus, out, ledger) if cfg.baselines else {}
-    for name, blocks in uniform.items():
-        evaluate(ledger, name, source, corpus, blocks_for(source, blocks), eval_batch)
     hybrid = outcome.hybrid()
-    evaluate(ledger, "calm", source, corpus, blocks_for(source, hybrid), eval_batch)
+    models = {"fp": None, **{name: blocks_for(source, blocks) for name, blocks in uniform.items()},
+              "calm": blocks_for(source, hybrid)}
+    evaluate_all(ledger, models, source, corpus, eval_batch, world)
 
     chosen = [d.chosen for d in outcome.decisions]
     saved_blocks = hybrid
@@ -365,14 +440,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 chosen = [kept] * len(chosen)
                 saved_blocks = uniform[kept]
 
-    with ledger.stage("save"):
-        save_streamed(source, saved_blocks, out / "model", extra={"scheme": spec.scheme, "chosen": chosen})
     results = results_record(cfg, spec, corpus, outcome, ledger, check)
-    atomic_write_json(out / "results.json", results)
-    tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
-    atomic_write_text(out / "tables.md", tables)
-    print("\n" + tables, flush=True)
-    logger.info(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
+    if world.active:  # per process: its share of the work's time, and what it sent to the collectives
+        per_rank = world.gather({"seconds": dict(ledger.seconds), "communication": dict(distributed.TRAFFIC)})
+        results["parallel"] = {"mode": world.mode, "processes": world.size, "per_process": per_rank}
+    if world.main:  # only rank 0 writes the model, results.json and the tables
+        with ledger.stage("save"):
+            save_streamed(source, saved_blocks, out / "model", extra={"scheme": spec.scheme, "chosen": chosen})
+        results["seconds"], results["memory"] = ledger.seconds, ledger.memory
+        atomic_write_json(out / "results.json", results)
+        tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
+        atomic_write_text(out / "tables.md", tables)
+        print("\n" + tables, flush=True)
+        logger.info(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
+    world.barrier()
     return results
 
 
@@ -431,6 +512,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calm: error: {exc.strerror} while writing under {args.output}; free some space and rerun the same "
               f"command to resume from the blocks already saved", file=sys.stderr)
         return 1
+    except RuntimeError as exc:  # a collective of a torchrun job whose other process died or stalled
+        line = distributed.failure_line(exc)
+        if line is None:
+            raise
+        print(f"calm: error: {line}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.stop()
     return 0
 
 

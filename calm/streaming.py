@@ -275,9 +275,9 @@ class ModelSource:
         if index + 1 < self.num_blocks:
             with self.block(index + 1) as nxt:
                 sites = arch.layout_of(nxt).norm_sites
-                return copy.deepcopy(nxt.get_submodule(sites[0].norm)) if sites else nn.Identity()
+                return _with_gain(nxt, nxt.get_submodule(sites[0].norm)) if sites else nn.Identity()
         with self.norm_stage() as norm:
-            return copy.deepcopy(norm)
+            return _with_gain(decoder_blocks(self.model)[0], norm)
 
     # Passes over the rest of the model ------------------------------------------------------------------------
     def run_tail(self, index: int, hidden: list[torch.Tensor], inputs: BlockInputs) -> list[torch.Tensor]:
@@ -315,6 +315,13 @@ class ModelSource:
 
     def close(self) -> None:
         pass
+
+
+def _with_gain(block: nn.Module, norm: nn.Module) -> nn.Module:
+    """A copy of `norm` carrying the gain it multiplies by (`calm_gain`: w, or 1 + w in Gemma's norms)."""
+    out = copy.deepcopy(norm)
+    out.calm_gain = arch.norm_gain(block, norm)
+    return out
 
 
 class MemorySource(ModelSource):

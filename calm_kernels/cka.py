@@ -40,6 +40,7 @@ to 2.4e-4 and swapped the order of two candidates whose exact CKAs differ by 1.8
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -259,6 +260,32 @@ class ShiftedCoMoment:
         return None if self.state is None else self.centered()
 
 
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes, in place
+
+
+def _global_centered(m: "CoMoment | ShiftedCoMoment", all_reduce: AllReduce) -> tuple[torch.Tensor, int]:
+    """The centered co-moment over the tokens of every process: each process's one is turned into raw sums
+    (count, sum x, sum y, sum x y^T about zero), the sums are all-reduced, and centered again."""
+    if isinstance(m, ShiftedCoMoment):
+        s_x, s_y = m.shift_x.to(torch.float64), m.shift_y.to(torch.float64)
+        sum_x, sum_y = m.sum_x + m.n * s_x, m.sum_y + m.n * s_y
+        raw = m.state + torch.outer(m.sum_x, s_y) + torch.outer(s_x, m.sum_y) + m.n * torch.outer(s_x, s_y)
+    else:
+        sum_x, sum_y = m.mean_x * m.n, m.mean_y * m.n
+        raw = m.matrix + torch.outer(sum_x, sum_y) / m.n
+    count = torch.tensor([float(m.n)], dtype=torch.float64, device=raw.device)
+    for t in (count, sum_x, sum_y, raw):
+        all_reduce(t)
+    return raw - torch.outer(sum_x, sum_y) / count, int(count)
+
+
+class _Combined:
+    """A co-moment already combined over processes (what `CKAAccumulator.compute` reads)."""
+
+    def __init__(self, matrix: torch.Tensor, n: int) -> None:
+        self.matrix, self.n = matrix, n
+
+
 class CKAAccumulator:
     """Streaming linear CKA in the feature-space form.
 
@@ -282,8 +309,9 @@ class CKAAccumulator:
             self._xx = CoMoment() if self._xx_known is None else None
 
     @staticmethod
-    def reference(batches) -> float:
-        """||Xc^T Xc||_F^2 of the full-precision outputs, streamed over `batches`."""
+    def reference(batches, all_reduce: AllReduce | None = None) -> float:
+        """||Xc^T Xc||_F^2 of the full-precision outputs, streamed over `batches` (with `all_reduce`: over the
+        batches of every process)."""
         m = None
         for x in batches:
             if m is None:
@@ -295,7 +323,7 @@ class CKAAccumulator:
                 m.update(x, x)
         if m is None or m.matrix is None:
             raise ValueError("no calibration batches were given")
-        return frobenius_sq(m.matrix)
+        return frobenius_sq(m.matrix if all_reduce is None else _global_centered(m, all_reduce)[0])
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = _check_pair(x, y)
@@ -319,6 +347,16 @@ class CKAAccumulator:
     @property
     def tokens(self) -> int:
         return self._xy.n
+
+    def combine(self, all_reduce: AllReduce) -> None:
+        """Combine the accumulators of every process (data-parallel: each saw a shard of the tokens), so that
+        `compute` gives the CKA of all tokens. Every process must call it."""
+        if self._xy.matrix is None:
+            raise ValueError("CKAAccumulator.combine() before any update()")
+        for name in ("_xy", "_yy", "_xx"):
+            m = getattr(self, name)
+            if m is not None:
+                setattr(self, name, _Combined(*_global_centered(m, all_reduce)))
 
     def compute(self) -> CKAResult:
         if self._xy.matrix is None:

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calm import arch
+from calm import arch, distributed
 from calm.algorithms import actquant, register, replace_module
 from calm.algorithms.gptq_core import single_thread
 from calm.algorithms.options import AlgorithmOptions, option
@@ -189,6 +189,7 @@ def train_transforms(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, mod
 def _optimize(block: nn.Module, work: nn.Module, inputs: BlockInputs, params: list[nn.Parameter], steps: int,
               lr: float, batch_tokens: int, seed: int) -> None:
     if steps > 0 and params:
+        world = distributed.current()
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         gen = torch.Generator().manual_seed(seed)
@@ -201,6 +202,9 @@ def _optimize(block: nn.Module, work: nn.Module, inputs: BlockInputs, params: li
             loss = nn.functional.mse_loss(_block_out(work, h, kw), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world.data:  # each process drew its batch from its shard: average the gradients (as DDP does)
+                for p in params:
+                    world.sum_(p.grad if p.grad is not None else p.new_zeros(p.shape)).div_(world.size)
             opt.step()
             sched.step()
 

@@ -24,6 +24,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from calm import distributed
 from calm.algorithms import register, replace_module, weight_only_spec
 from calm.algorithms.gptq_core import MIN_EXPERT_TOKENS, record_fallback
 from calm.algorithms.options import AlgorithmOptions, option
@@ -59,7 +60,15 @@ def _run_loss_module(module: nn.Module, x: list[torch.Tensor], kwargs: list[dict
 
 def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     se = sum(float((u.to(torch.float64) - v.to(torch.float64)).square().sum()) for u, v in zip(a, b))
-    return se / sum(u.numel() for u in a)
+    se, count = distributed.current().sum_data(se, sum(u.numel() for u in a))  # over every process's shard
+    return se / count
+
+
+def mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """mean |x| per input channel over the tokens (of every process's shard in a data-parallel run)."""
+    world = distributed.current()
+    total = world.sum_data_(x.abs().sum(dim=0, dtype=torch.float64))
+    return (total / world.sum_data(x.shape[0])[0]).to(x.dtype)
 
 
 @torch.no_grad()
@@ -106,12 +115,14 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int, 
     reference = torch.einsum("tgk,ogk->tog", xg, wg)
     org_max = wg.abs().amax(dim=-1, keepdim=True)
     best_err = torch.full((n_out, groups), float("inf"), device=w.device)
+    world = distributed.current()
+    tokens = world.sum_data(xg.shape[0])[0]
     best_max = org_max.squeeze(-1).clone()
     for i in range(int(max_shrink * n_grid)):
         bound = org_max * (1 - i / n_grid)
         cur = torch.clamp(wg, -bound, bound)
         q = fake_quantize(cur.reshape(n_out, k), spec.w_bits, g, spec.symmetric).reshape(n_out, groups, g)
-        err = (torch.einsum("tgk,ogk->tog", xg, q) - reference).square().mean(dim=0)
+        err = world.sum_data_((torch.einsum("tgk,ogk->tog", xg, q) - reference).square().sum(dim=0)) / tokens
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, bound.squeeze(-1), best_max)
@@ -143,7 +154,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, optio
     # group reads: an MoE expert alone sees only its routed tokens); the loss modules' inputs on the grid subset.
     loss_modules = tuple(dict.fromkeys(g.loss_module for g in groups))
     stats_in = capture(block, inputs, loss_modules)
-    s_x = {g.name: stats_in[g.loss_module].tokens().abs().mean(dim=0) for g in groups}
+    s_x = {g.name: mean_abs(stats_in[g.loss_module].tokens()) for g in groups}
     del stats_in
     windows = windows_for(inputs, grid_tokens)
     loss_in = capture(block, inputs, loss_modules, max_windows=windows)
@@ -166,6 +177,7 @@ def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, optio
         w = lin.weight.detach().to(torch.float32)
         g = spec.group_for(lin.in_features)
         routed = sum(x.reshape(-1, x.shape[-1]).shape[0] for x in clip_in[name].x) if name in clip_in else 0
+        routed = int(distributed.current().sum_data(routed)[0])
         if name in clip_in and routed < MIN_EXPERT_TOKENS and is_expert_linear(block, name):
             record_fallback(block, name, routed)  # too few routed tokens to choose a clip: scaled RTN
         elif name in clip_in:

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calm import arch
+from calm import arch, distributed
 from calm.algorithms import replace_module
 from calm.config import QuantSpec
 from calm.grid import fit_grid, quantize_groups, quantize_to_codes
@@ -54,6 +54,14 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         self.h += (x.T @ x).to(torch.float64)
         self.n += x.shape[0]
+
+    def reduce(self) -> None:
+        """Sum over the processes of a data-parallel run (calm.distributed; nothing alone): every process then
+        holds the H of all calibration tokens."""
+        world = distributed.current()
+        if world.data:
+            world.sum_(self.h)
+            self.n = int(world.sum_data(self.n)[0])
 
     def hessian(self) -> torch.Tensor:
         if self.n == 0:
@@ -216,6 +224,7 @@ def group_hessians(block: nn.Module, inputs: BlockInputs, group: tuple[str, ...]
     linear_inputs(block, inputs, group, lambda name, x: accs[name].add(x))
     hessians = {}
     for n, acc in accs.items():
+        acc.reduce()
         if acc.n < MIN_EXPERT_TOKENS and arch.is_expert_linear(block, n):
             record_fallback(block, n, acc.n)
             hessians[n] = torch.eye(acc.h.shape[0], dtype=torch.float64, device=acc.h.device)

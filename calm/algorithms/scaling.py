@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from calm import distributed
 from calm.arch import ATTENTION, MLP, expand, fold_rows, layout_of, norm_gain, set_norm_gain
 from calm.config import CalmUsageError
 from calm.grid import dequantize_codes, quantize_groups
@@ -129,7 +130,8 @@ def windows_for(inputs: BlockInputs, tokens: int) -> int:
     """How many calibration windows hold at least `tokens` tokens (all of them when tokens is 0)."""
     seqlen = inputs.hidden[0].shape[1]
     total = sum(h.shape[0] for h in inputs.hidden)
-    return total if tokens <= 0 else min(total, -(-tokens // seqlen))
+    processes = distributed.current().size if distributed.current().data else 1  # each holds a shard
+    return total if tokens <= 0 else min(total, -(-tokens // (seqlen * processes)))
 
 
 def spaced_rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from calm import distributed
 from calm.algorithms import register, replace_module
 from calm.algorithms.options import AlgorithmOptions, option
 from calm.algorithms.scaling import capture, fold_scales, scale_groups
@@ -48,6 +49,7 @@ def smooth_block(block: nn.Module, inputs: BlockInputs, alpha: float) -> dict[st
     scales = {}
     for g in groups:
         x_max = torch.stack([x.reshape(-1, x.shape[-1]).abs().amax(dim=0) for x in got[g.loss_module].x]).amax(dim=0)
+        x_max = distributed.current().max_data_(x_max)  # over every process's shard
         w_max = torch.cat([modules[n].weight.detach().abs() for n in g.linears]).amax(dim=0)
         scales[g.name] = smooth_scale(x_max.to(torch.float32), w_max.to(torch.float32), alpha)
     for g in groups:

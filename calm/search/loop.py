@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calm import distributed
 from calm.arch import decoder_blocks, layout_of
-from calm.config import QuantSpec, SearchConfig
+from calm.config import CalmUsageError, QuantSpec, SearchConfig
 from calm.evaluate import streamed_window_nll
 from calm.io import FORMAT, load_block_state, quantized_manifest, save_model_files
 from calm.model import BlockInputs, capture_block_inputs, run_block
@@ -105,7 +106,8 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
     scores: dict[str, CandidateScore] = {}
     blocks: dict[str, StoredBlock | None] = {}
     outputs: dict[str, list[torch.Tensor]] = {}
-    for cand in config.pool:
+    world = distributed.current()
+    for cand in world.mine(config.pool) if world.candidates else config.pool:
         tq = time.perf_counter()
         try:
             qblock = candidates.quantize(cand, copy.deepcopy(fp_block), inputs, spec, contexts[cand.name])
@@ -128,8 +130,16 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
         outputs[cand.name] = outs
         blocks[cand.name] = StoredBlock(qblock, store.path_or_none(index, cand.name))
         bar.update(1)
+    if world.candidates:  # every process gets every score; the others' blocks are in the shared state folder
+        gathered = {name: score for part in world.gather(scores) for name, score in part.items()}
+        scores = {c.name: gathered[c.name] for c in config.pool}
+        for name, score in scores.items():
+            if name not in blocks:
+                blocks[name] = None if score.failed else StoredBlock(path=store.block_path(index, name))
+                bar.update(1)
     decision = BlockDecision(index, choose(scores, config.tie_tolerance, scorer.by), scores)
-    store.save_decision(decision)
+    if world.main:
+        store.save_decision(decision)
     return _Block(decision, blocks, outputs)
 
 
@@ -170,6 +180,11 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
     contexts = {c.name: candidates.prepare(c, source.iter_blocks(), spec) for c in config.pool}
     t0 = time.perf_counter()
     separate = score_windows is not None
+    world = distributed.current()
+    if world.candidates and state_dir is None:
+        raise CalmUsageError("--parallel candidates exchanges the candidates' blocks through the state folder: "
+                             "give the search a state folder (the command line always does)")
+    windows, score_windows = world.shard(windows), world.shard(score_windows)
     with source.embedding_stage() as embedder:
         inputs = capture_block_inputs(embedder, windows, config.batch_windows)
         score_inputs = capture_block_inputs(embedder, score_windows, config.batch_windows) if separate else inputs

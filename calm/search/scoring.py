@@ -10,7 +10,8 @@ import math
 import torch
 from torch import nn
 
-from calm.config import SearchConfig
+from calm import distributed
+from calm.config import CalmUsageError, SearchConfig
 from calm.model import BlockInputs
 from calm.search.decision import CandidateScore
 from calm.streaming import ModelSource
@@ -26,7 +27,7 @@ def score_features(y: torch.Tensor, score: str, norm: nn.Module | None) -> torch
     token equal weight. On the default model this did not rank candidates by their effect on perplexity any
     better than raw CKA (bench/QUALITY.md, "What the search's score sees")."""
     y2 = y.reshape(-1, y.shape[-1])
-    if score == "cka":
+    if score == "cka" or isinstance(norm, nn.Identity):  # Identity: the next block reads the stream as it is
         return y2
     if norm is None:
         raise ValueError(f"score {score!r} needs the norm that reads the block's output")
@@ -34,7 +35,7 @@ def score_features(y: torch.Tensor, score: str, norm: nn.Module | None) -> torch
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
     z = y64 * torch.rsqrt(y64.square().mean(-1, keepdim=True) + eps)
     if score == "cka-normed":
-        z = z * norm.weight.detach().to(torch.float64)
+        z = z * getattr(norm, "calm_gain", norm.weight).detach().to(z.device, torch.float64)
     return z.to(torch.float32)
 
 
@@ -59,10 +60,17 @@ def block_scores(reference: list[torch.Tensor], outputs: list[torch.Tensor], sco
         sq_err += float(diff.square().sum())
         sq_ref += float(y.to(torch.float64).square().sum())
         count += diff.numel()
+    world = distributed.current()
     if debiased:
+        if world.data:
+            raise CalmUsageError("the debiased CKA needs every token in one process: drop --debiased-cka or use "
+                                 "--parallel candidates")
         cka = linear_cka_reference(torch.cat(ref_features), torch.cat(out_features), debiased=True).cka
     else:
+        if world.data:  # each process scored its shard of the windows: combine into the CKA of all tokens
+            acc.combine(world.sum_)
         cka = acc.compute().cka
+    sq_err, sq_ref, count = world.sum_data(sq_err, sq_ref, count)
     if not torch.isfinite(torch.tensor(cka)) or math.isnan(sq_err):
         return float("-inf"), float("inf"), float("inf")
     return cka, sq_err / count, (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else float("inf")
@@ -92,8 +100,9 @@ class Scorer:
         self.norm = None if self.features == "cka" else self.source.consumer_norm(index)
         self.reference = self.compared(reference)
         # The reference's self term is shared by every candidate of the block.
-        self.self_term = CKAAccumulator.reference(score_features(y, self.features, self.norm)
-                                                  for y in self.reference)
+        world = distributed.current()
+        self.self_term = CKAAccumulator.reference((score_features(y, self.features, self.norm)
+                                                   for y in self.reference), world.sum_ if world.data else None)
 
     def compared(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """What CKA, MSE and relative error compare for a block's outputs (the outputs themselves)."""
@@ -135,8 +144,11 @@ class NLLScorer(Scorer):
 
     def nll(self, outputs: list[torch.Tensor]) -> float:
         last = self.source.run_tail(self.index, outputs, self.inputs)
-        # Every window has T - 1 predictions: the mean of the window means is the mean over all tokens.
-        return float(self.source.window_nll(last, self.inputs, self.windows).mean())
+        # Every window has T - 1 predictions: the mean of the window means is the mean over all tokens (over
+        # every process's shard of the windows in a data-parallel run).
+        nll = self.source.window_nll(last, self.inputs, self.windows)
+        total, count = distributed.current().sum_data(float(nll.sum()), nll.numel())
+        return total / count
 
 
 SCORERS: dict[str, type[Scorer]] = {"cka": Scorer, "cka-normed": NormedScorer, "cka-rms": RMSScorer,
