@@ -4,13 +4,16 @@ Two ways to split the search (`--parallel`):
 - `candidates`: the pool's candidates are spread over the processes; every process holds all calibration
   windows, quantizes and scores its own candidates, the scores are exchanged, every process makes the same
   choice and reads the winner's block from the shared state folder. The result is the single-process one
-  exactly. The evaluations after the search (float, uniform members, hybrid) and the exact baselines' own
-  sequential passes are spread over the processes too.
+  exactly. With independent propagation (every block calibrated on float inputs) the blocks themselves are
+  spread too: each process decides its blocks with the whole pool, and the decisions are exchanged at the end.
+  The evaluations after the search (float, uniform members, hybrid) and the exact baselines' own sequential
+  passes are spread over the processes as well.
 - `data`: the calibration windows (and the scoring and evaluation windows) are sharded over the processes;
   every statistic an algorithm sums over tokens (GPTQ/CLAQ/rotation Hessians, AWQ's activation means, losses
   and clip errors, SmoothQuant's maxima, the affine candidate's gradients, CKA's co-moments, MSE and NLL sums)
   is all-reduced, so every process fits the same quantized block on 1/N of the activations each.
-- `auto`: `candidates` when the pool has at least as many members as there are processes, else `data`.
+- `auto`: `candidates` when the pool has at least as many members as there are processes (or the blocks can be
+  spread), else `data`.
 One process alone (no torchrun) is the plain single-process run. Only rank 0 writes results.json, the model
 and the tables; block state goes to the output folder's `state/`, which every process must see (one machine,
 or a shared filesystem), so a killed job resumes at the first undecided block on any number of processes.
@@ -184,9 +187,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def start(parallel: str, pool_size: int, device: torch.device, settings: str) -> World:
+def start(parallel: str, pool_size: int, device: torch.device, settings: str, spreads_blocks: bool = False
+          ) -> World:
     """Join the process group torchrun set up (nothing when launched alone), choose the mode and check that
-    every process runs the same settings. `device`: this process's compute device (cuda:LOCAL_RANK on GPUs)."""
+    every process runs the same settings. `device`: this process's compute device (cuda:LOCAL_RANK on GPUs);
+    `spreads_blocks`: the search can spread blocks over the processes (independent propagation), so a pool
+    smaller than the number of processes still keeps them all busy in candidates mode."""
     global _current
     if parallel not in MODES:
         raise CalmUsageError(f"--parallel {parallel!r}: choose one of {', '.join(MODES)}")
@@ -198,14 +204,14 @@ def start(parallel: str, pool_size: int, device: torch.device, settings: str) ->
         timeout = datetime.timedelta(seconds=int(os.environ.get("CALM_DIST_TIMEOUT", DEFAULT_TIMEOUT)))
         torch.distributed.init_process_group(backend, timeout=timeout)
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    mode = parallel if parallel != "auto" else ("candidates" if pool_size >= size else "data")
+    mode = parallel if parallel != "auto" else ("candidates" if pool_size >= size or spreads_blocks else "data")
     world = World(rank, size, mode)
     digests = world.gather(hashlib.sha256(settings.encode()).hexdigest())
     if len(set(digests)) > 1:
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         raise CalmUsageError(f"processes {differ} run other settings than process 0: give every process the same "
                              f"command line")
-    if mode == "candidates" and pool_size < size:
+    if mode == "candidates" and pool_size < size and not spreads_blocks:
         raise CalmUsageError(f"--parallel candidates spreads {pool_size} candidates over {size} processes, so "
                              f"{size - pool_size} would idle: use --parallel data (or auto), or fewer processes")
     _current = world

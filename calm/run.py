@@ -384,7 +384,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     spec = validated_spec(cfg)
     device = resolve_device(distributed.local_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    world = distributed.start(cfg.parallel, len(cfg.search.pool), device, cfg.to_json())
+    world = distributed.start(cfg.parallel, len(cfg.search.pool), device, cfg.to_json(),
+                              spreads_blocks=cfg.search.propagation == "independent")
     if world.data and cfg.data.calib_windows < world.size:
         raise CalmUsageError(f"--parallel data shards {cfg.data.calib_windows} calibration windows over {world.size} "
                              f"processes: give at least one window per process (--calib-windows)")

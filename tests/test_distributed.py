@@ -138,3 +138,17 @@ def test_a_dead_process_stops_the_others_with_one_line(job, tmp_path):
     assert time.time() - start < 60  # no hang
     err = [line for line in (tmp_path / "rank0.log").read_text().splitlines() if line.startswith("calm: error")]
     assert len(err) == 1 and "another process of this job stopped" in err[0] and "resume" in err[0]
+
+
+@pytest.mark.slow
+def test_independent_propagation_spreads_the_blocks(job):
+    """Candidate-parallel with independent propagation: each process decides every other block with the whole
+    pool; the decisions and the model are the single-process ones."""
+    folder, args = job
+    assert main([*args, "--propagation", "independent", "--output", str(folder / "ind-one")]) == 0
+    done = torchrun([*args, "--propagation", "independent", "--output", str(folder / "ind-two"), "--parallel",
+                     "candidates"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = results(folder / "ind-one"), results(folder / "ind-two")
+    assert [b["chosen"] for b in two["blocks"]] == [b["chosen"] for b in one["blocks"]]
+    assert two["perplexity"] == one["perplexity"]

@@ -199,6 +199,10 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
     decisions: list[BlockDecision] = []
     candidate_blocks: dict[str, list[StoredBlock | None]] = {n: [] for n in names}
 
+    # Candidate-parallel with independent propagation: every block's inputs are float outputs, known without
+    # the decisions before it, so the blocks themselves are spread over the processes (each decides its blocks
+    # with the whole pool, alone) and the decisions are exchanged at the end.
+    spread = world.candidates and config.propagation == "independent"
     with progress(total=n_blocks * len(names), desc="CALM search", unit="candidate") as bar:
         for index in range(n_blocks):
             tb = time.perf_counter()
@@ -206,14 +210,25 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
             score_inputs = score_inputs.at_layer(index) if separate else inputs
             with source.block(index) as fp_block:
                 reference = run_block(fp_block, score_inputs)
+                if spread and world.owner(index) != world.rank:  # another process decides this block
+                    inputs, score_inputs = propagate("independent", inputs, score_inputs, chosen=None,
+                                                     chosen_outputs=None, float_block=fp_block, reference=reference)
+                    decisions.append(None)
+                    for n in names:
+                        candidate_blocks[n].append(None)
+                    bar.update(len(names))
+                    continue
                 saved = store.load(index)
+                if world.active and not spread and not all(world.gather(saved is not None)):
+                    saved = None  # decide it again together: a process that does not see the state would wait
                 if saved is not None:
                     block = _Block(*saved, outputs={}, resumed=True)
                     bar.update(len(names))
                 else:
                     try:
-                        block = _decide(index, fp_block, inputs, score_inputs, reference, spec, config, contexts,
-                                        scorer, store, bar)
+                        with distributed.alone() if spread else contextlib.nullcontext():
+                            block = _decide(index, fp_block, inputs, score_inputs, reference, spec, config,
+                                            contexts, scorer, store, bar)
                     except AllCandidatesFailed as exc:  # name the block; the blocks before it stay saved
                         raise AllCandidatesFailed(exc.reasons, index, n_blocks,
                                                   None if state_dir is None else str(state_dir)) from None
@@ -237,7 +252,24 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
                         stored.module = None  # on disk: read back when an evaluation or the saving asks for it
                 candidate_blocks[n].append(stored)
             log(_block_line(block, n_blocks, config.score, time.perf_counter() - tb, time.perf_counter() - t0))
+    if spread:
+        decisions, candidate_blocks = _exchange_blocks(world, decisions, candidate_blocks, store, names)
     return SearchOutcome(decisions, candidate_blocks, source)
+
+
+def _exchange_blocks(world: distributed.World, decisions: list[BlockDecision | None],
+                     candidate_blocks: dict[str, list[StoredBlock | None]], store: BlockStateStore,
+                     names: list[str]) -> tuple[list[BlockDecision], dict[str, list[StoredBlock | None]]]:
+    """Every process's decisions, and the blocks the others made (read from the shared state folder)."""
+    mine = {d.index: d for d in decisions if d is not None}
+    every = {i: d for part in world.gather(mine) for i, d in part.items()}
+    decisions = [every[i] for i in range(len(decisions))]
+    for i, d in enumerate(decisions):
+        if i in mine:
+            continue
+        for n in names:
+            candidate_blocks[n][i] = None if n in d.failed else StoredBlock(path=store.block_path(i, n))
+    return decisions, candidate_blocks
 
 
 def check_models(model: nn.Module | ModelSource, models: dict[str, list[StoredBlock | nn.Module]],
