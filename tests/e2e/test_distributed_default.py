@@ -13,8 +13,8 @@ from calm.run import main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--scheme", "W3A16G64", "--pool", "rtn,gptq", "--calib-windows", "4", "--calib-seqlen", "256",
-        "--eval-seqlen", "256", "--eval-tokens", "2048", "--no-baselines", "-q"]
+ARGS = ["--scheme", "W3A16G64", "--pool", "rtn,gptq", "--calib-windows", "4", "--calib-seqlen", "512",
+        "--eval-seqlen", "512", "--eval-tokens", "2048", "--no-baselines", "-q"]
 
 
 def test_two_processes_match_one_on_the_default_model(tmp_path):
