@@ -487,6 +487,9 @@ def results_record(cfg: RunConfig, spec: QuantSpec, corpus: Corpus, outcome: Sea
         "blocks": [d.to_dict() for d in outcome.decisions],
         "final_check": check,
         "quantize_seconds": per_block_seconds,
+        # MoE expert linears quantized without calibration (too few routed tokens), per candidate, all blocks
+        "expert_fallbacks": {c.name: sum(len(d.scores[c.name].fallbacks or {}) for d in outcome.decisions)
+                             for c in cfg.search.pool},
         "versions": versions(),
         "seconds": ledger.seconds,
         "memory": ledger.memory,

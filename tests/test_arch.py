@@ -314,6 +314,7 @@ def test_the_command_line_runs_on_a_checkpoint_of_every_family(family, tmp_path)
     assert perplexity(reference, corpus.evaluation) == pytest.approx(results["perplexity"]["fp"], rel=1e-4)
     assert perplexity(loaded, corpus.evaluation) == pytest.approx(results["perplexity"]["calm"], rel=1e-4)
     assert all(math.isfinite(v) for v in results["perplexity"].values())
+    assert set(results["expert_fallbacks"]) == {"rtn", "gptq"} and results["expert_fallbacks"]["rtn"] == 0
 
 
 @pytest.mark.slow
