@@ -44,16 +44,29 @@ QuantizeColumn = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 class HessianAccumulator:
-    """Running H = 2/n sum x x^T of a linear's inputs (float64 sum, float32 per-batch products)."""
+    """Running H = 2/n sum x x^T of a linear's inputs, products and sum in float64.
+
+    float64 products make H independent of how the tokens are batched (to rounding of 1e-16): with float32
+    products, GPTQ on the default model at 4 x 512 calibration tokens changed its codes with --batch-windows
+    and a data-parallel run's shards (H differed by ~1e-7 relative, enough to flip codes near a rounding
+    boundary; those changes then grew through greedy propagation into different per-block choices)."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.h = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.n = 0
 
+    @staticmethod
+    def product(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(x^T x in float64, tokens) of a batch of inputs."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        return x.T @ x, x.shape[0]
+
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.h += (x.T @ x).to(torch.float64)
-        self.n += x.shape[0]
+        self.add_product(*self.product(x))
+
+    def add_product(self, xtx: torch.Tensor, tokens: int) -> None:
+        self.h += xtx
+        self.n += tokens
 
     def reduce(self) -> None:
         """Sum over the processes of a data-parallel run (calm.distributed; nothing alone): every process then
@@ -221,7 +234,17 @@ def group_hessians(block: nn.Module, inputs: BlockInputs, group: tuple[str, ...]
     expert's linear reached by fewer than MIN_EXPERT_TOKENS tokens gets H = I (recorded on the block)."""
     linears = block_linears(block)
     accs = {n: HessianAccumulator(linears[n].in_features, linears[n].weight.device) for n in group}
-    linear_inputs(block, inputs, group, lambda name, x: accs[name].add(x))
+    # The previous input (held, so that its memory is not reused while cached) and its product: q/k/v (and
+    # gate/up) read the same tensor, whose product is then computed once.
+    last: list = [None, None]
+
+    def add(name: str, x: torch.Tensor) -> None:
+        held = last[0]
+        if held is None or (held.data_ptr(), held.shape, held.stride()) != (x.data_ptr(), x.shape, x.stride()):
+            last[0], last[1] = x, HessianAccumulator.product(x)
+        accs[name].add_product(*last[1])
+
+    linear_inputs(block, inputs, group, add)
     hessians = {}
     for n, acc in accs.items():
         acc.reduce()
