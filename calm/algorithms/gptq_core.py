@@ -236,18 +236,30 @@ def group_hessians(block: nn.Module, inputs: BlockInputs, group: tuple[str, ...]
     accs = {n: HessianAccumulator(linears[n].in_features, linears[n].weight.device) for n in group}
     # The previous input (held, so that its memory is not reused while cached) and its product: q/k/v (and
     # gate/up) read the same tensor, whose product is then computed once.
-    last: list = [None, None]
+    last: list = [None, None, 0]  # input, its product, the product's serial number
+    seen: dict[str, list[int]] = {n: [] for n in group}  # per linear, the serial numbers of the products it took
 
     def add(name: str, x: torch.Tensor) -> None:
         held = last[0]
         if held is None or (held.data_ptr(), held.shape, held.stride()) != (x.data_ptr(), x.shape, x.stride()):
-            last[0], last[1] = x, HessianAccumulator.product(x)
+            last[0], last[1], last[2] = x, HessianAccumulator.product(x), last[2] + 1
         accs[name].add_product(*last[1])
+        seen[name].append(last[2])
 
     linear_inputs(block, inputs, group, add)
+    # Linears that took the same products (dense q/k/v, gate/up: the same input tensor in every batch on every
+    # process) share one H, combined over the processes once. MoE experts never share: their tokens differ
+    # between processes, and every process must make the same collectives.
+    first_of: dict[tuple[int, ...], str] = {}
+    for n in group:
+        key = tuple(seen[n])
+        if key and not arch.is_expert_linear(block, n) and key in first_of:
+            accs[n] = accs[first_of[key]]
+        else:
+            first_of.setdefault(key, n)
+            accs[n].reduce()
     hessians = {}
     for n, acc in accs.items():
-        acc.reduce()
         if acc.n < MIN_EXPERT_TOKENS and arch.is_expert_linear(block, n):
             record_fallback(block, n, acc.n)
             hessians[n] = torch.eye(acc.h.shape[0], dtype=torch.float64, device=acc.h.device)
