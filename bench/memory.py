@@ -164,6 +164,9 @@ def commit() -> str:
         return "unknown"
 
 
+START_COMMIT = commit()  # the code the runs use (HEAD may move while a long scenario runs)
+
+
 def record(name: str, argv: list[str], code: int, rss_gb: float, wall: float, results: dict | None,
            targets: dict[str, float]) -> dict:
     import transformers
@@ -178,7 +181,7 @@ def record(name: str, argv: list[str], code: int, rss_gb: float, wall: float, re
     met = {k: (measured.get(k) is not None and measured[k] <= v) for k, v in targets.items()}
     return {"scenario": name, "command": "python -m calm.run " + " ".join(argv), "exit_code": code,
             "device": device_description(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "commit": commit(), "wall_s": wall, **measured,
+            "commit": START_COMMIT, "wall_s": wall, **measured,
             "stage_seconds": None if results is None else results.get("seconds"),
             "stage_memory": None if results is None else results.get("memory"),
             "perplexity": None if results is None else results.get("perplexity"),
