@@ -14,8 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from calm.arch import check_family, decoder_blocks, family_of_folder, unfuse_experts
-from calm.arch import sequential_groups as layout_groups
+from calm.arch import GGUF_FAMILIES, SUPPORTED_FAMILIES, check_family, decoder_blocks, family_of_folder, unfuse_experts
 from calm.config import CalmUsageError
 from calm.progress import get_logger
 
@@ -70,10 +69,8 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
 
 def check_gguf_family(path: Path) -> None:
     """Refuse a GGUF file of a family calm does not walk, from its metadata only (before any conversion)."""
-    from calm.arch import GGUF_FAMILIES, SUPPORTED_FAMILIES
-
     arch = gguf_architecture(path)
-    if arch not in GGUF_FAMILIES:  # checked from the metadata only, before any conversion
+    if arch not in GGUF_FAMILIES:
         raise CalmUsageError(f"{path}: GGUF architecture {arch!r} is not supported; calm walks these families: "
                              f"{', '.join(SUPPORTED_FAMILIES)}")
 
@@ -165,12 +162,6 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     from calm.nn import top_level_linears
 
     return top_level_linears(block)
-
-
-def sequential_groups(block: nn.Module) -> list[tuple[str, ...]]:
-    """The order GPTQ's "true-sequential" mode quantizes the block's linears (calm.arch): each group sees the
-    outputs of the already-quantized groups before it."""
-    return layout_groups(block)
 
 
 def offload(t: torch.Tensor) -> torch.Tensor:

@@ -135,13 +135,11 @@ def _module_prefix(model: nn.Module, module: nn.Module) -> str:
 def release_to_meta(module: nn.Module) -> None:
     """Drop a module's parameters and persistent buffers (they are re-read from the checkpoint when needed).
     Non-persistent buffers stay: the checkpoint does not hold them (Gemma's embedding scale, rotary tables)."""
-    for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                m._parameters[name] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-        for name, b in m._buffers.items():
-            if b is not None and name not in m._non_persistent_buffers_set:
-                m._buffers[name] = b.to("meta")
+    kept = [(m, name, b) for m in module.modules() for name, b in m._buffers.items()
+            if b is not None and name in m._non_persistent_buffers_set]
+    module.to("meta")
+    for m, name, b in kept:
+        m._buffers[name] = b
 
 
 class ModelSource:
