@@ -114,8 +114,9 @@ class ShardedWriter:
     (a tensor larger than that gets a shard of its own) in a staging folder; `finish` names them in Hugging
     Face's layout, writes the index and moves everything into `out`. Only the current shard is held."""
 
-    def __init__(self, out: Path, max_shard_bytes: int | None = None) -> None:
+    def __init__(self, out: Path, max_shard_bytes: int | None = None, file_format: str = FORMAT) -> None:
         self.out = Path(out)
+        self.file_format = file_format  # the safetensors metadata "format": calm-v1, or "pt" for other readers
         self.out.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(dir=self.out, prefix=".staging-"))
         self.max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
@@ -134,7 +135,8 @@ class ShardedWriter:
             self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        save_file(self.pending, str(self.staging / f"shard-{len(self.shards):05d}"), metadata={"format": FORMAT})
+        save_file(self.pending, str(self.staging / f"shard-{len(self.shards):05d}"),
+                  metadata={"format": self.file_format})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -146,7 +148,7 @@ class ShardedWriter:
         for old in list(self.out.glob("model*.safetensors")) + [self.out / WEIGHTS_INDEX]:
             old.unlink(missing_ok=True)  # a previous save with another sharding
         if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes, "format": FORMAT},
+            index = {"metadata": {"total_size": self.total_bytes, "format": self.file_format},
                      "weight_map": {k: names[i] for i, keys in enumerate(self.shards) for k in keys}}
             atomic_write_json(self.staging / WEIGHTS_INDEX, index)
         for i, name in enumerate(names):

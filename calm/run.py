@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import resource
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: spread the pool's candidates over the processes (candidates), shard the "
                    "calibration windows and all-reduce every statistic (data), or auto (candidates when the pool "
                    "has at least one member per process); ignored by a single process")
+    p.add_argument("--export", default=None, metavar="FORMAT", help="also export the saved model to OUTPUT/"
+                   "export-FORMAT: compressed-tensors (weight-only rtn/gptq/awq; checked before the search)")
     p.add_argument("--list-algorithms", action="store_true", help="print every algorithm and its options, and exit")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also log debugging detail")
@@ -379,11 +382,16 @@ def saved_hybrid(state_dir: Path, name: str, blocks: int) -> list[StoredBlock]:
     return [StoredBlock(path=p) for p in paths]
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Run the whole job; returns results.json's content."""
+def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
+    """Run the whole job (and export the saved model to `export_format`, when given); returns results.json's
+    content."""
     spec = validated_spec(cfg)
     device = resolve_device(distributed.local_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
+    if export_format is not None:
+        from calm.export import check_run_exportable
+
+        check_run_exportable(export_format, spec, cfg.search.pool)
     world = distributed.start(cfg.parallel, len(cfg.search.pool), device, cfg.to_json(),
                               spreads_blocks=cfg.search.propagation == "independent")
     if world.data and cfg.data.calib_windows < world.size:
@@ -448,6 +456,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if world.main:  # only rank 0 writes the model, results.json and the tables
         with ledger.stage("save"):
             save_streamed(source, saved_blocks, out / "model", extra={"scheme": spec.scheme, "chosen": chosen})
+        if export_format is not None:
+            from calm.export import export_compressed_tensors
+
+            with ledger.stage("export"):
+                target = out / f"export-{export_format}"
+                shutil.rmtree(target, ignore_errors=True)  # a rerun exports the model it saved again
+                export_compressed_tensors(out / "model", target)
         results["seconds"], results["memory"] = ledger.seconds, ledger.memory
         atomic_write_json(out / "results.json", results)
         tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
@@ -505,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_algorithms:
             print(algorithms.describe())
             return 0
-        run(config_from_args(args))
+        run(config_from_args(args), export_format=args.export)
     except CalmUsageError as exc:
         print(f"calm: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,108 @@
+"""python -m calm.export --format compressed-tensors: transformers loads the export with the same logits as
+calm.load, compressed-tensors' own decompressor gives calm's weights, and what the format cannot hold is refused
+with one line."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from calm.config import QuantSpec, SearchConfig, parse_pool
+from calm.export import export_compressed_tensors, main, module_tensors
+from calm.io import QUANT_CONFIG, load_quantized, save_quantized
+from calm.nn import UniformQuantLinear
+from calm.search import calm_search, install_blocks
+
+pytest.importorskip("compressed_tensors")
+
+
+def hybrid(model, scheme: str, symmetric: bool, pool: str = "rtn;gptq", order=("rtn", "gptq")):
+    """`model` with blocks of two algorithms alternating (whatever the scores chose), and its block names."""
+    spec = QuantSpec.from_scheme(scheme, symmetric=symmetric)
+    ids = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    outcome = calm_search(copy.deepcopy(model), ids, spec, SearchConfig(pool=parse_pool(pool)), log=lambda s: None)
+    names = [order[i % len(order)] for i in range(len(model.model.layers))]
+    install_blocks(model, [outcome.block(n, i) for i, n in enumerate(names)])
+    return model, names
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("scheme", ["W4A16G16", "W3A16G16"])
+def test_transformers_loads_a_symmetric_hybrid_with_calms_logits(tiny_model, tmp_path, scheme):
+    from transformers import AutoModelForCausalLM
+
+    model, chosen = hybrid(tiny_model, scheme, symmetric=True)
+    save_quantized(model, None, tmp_path / "calm", extra={"chosen": chosen})
+    export_compressed_tensors(tmp_path / "calm", tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    ours, _ = load_quantized(tmp_path / "calm")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_asymmetric_export_decompresses_to_calms_weights(tiny_model, tmp_path):
+    """Asymmetric grids: compressed-tensors' own config model validates the config and its own decompressor
+    gives back calm's dequantized weights exactly. (transformers 5.25 with compressed-tensors 0.20 cannot load
+    asymmetric pack-quantized checkpoints at all: it allocates the zero points unpacked; vLLM reads them.)"""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    model, chosen = hybrid(tiny_model, "W4A16G16", symmetric=False)
+    save_quantized(model, None, tmp_path / "calm", extra={"chosen": chosen})
+    report = export_compressed_tensors(tmp_path / "calm", tmp_path / "ct")
+    qc = QuantizationConfig.model_validate(json.loads((tmp_path / "ct" / "config.json").read_text())
+                                           ["quantization_config"])
+    scheme = next(iter(qc.config_groups.values()))
+    state = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    ours, _ = load_quantized(tmp_path / "calm")
+    checked = 0
+    for name, module in ours.named_modules():
+        if isinstance(module, UniformQuantLinear):
+            local = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".weight")}
+            weight = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            # In the scales' float16: (q - zp) * scale rounds once either way.
+            assert torch.equal(weight, module.dequantized_weight(torch.float32).to(weight.dtype))
+            checked += 1
+    assert checked == 7 * len(ours.model.layers) and report["warnings"]  # K = 64, 96 is not a Marlin shape: warned
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_pack_bit_for_bit_as_compressed_tensors_unpacks_them(bits, symmetric):
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from calm_kernels.packing import unpack_codes
+
+    torch.manual_seed(bits)
+    m = UniformQuantLinear.from_float(torch.nn.Linear(96, 40), bits, 32, symmetric)
+    cfg = m.quant_config()
+    tensors = module_tensors("m", cfg, {f"m.{k}": v for k, v in m.state_dict().items()})
+    offset = 1 << (bits - 1)
+    codes = unpack_from_int32(tensors["m.weight_packed"], bits, torch.Size([40, 96])).to(torch.int16) + offset
+    assert torch.equal(codes, unpack_codes(m.qweight, bits, 96).to(torch.int16))
+    if not symmetric:
+        zp = unpack_from_int32(tensors["m.weight_zero_point"], bits, torch.Size([40, 3]), packed_dim=0)
+        assert torch.equal(zp.to(torch.int16) + offset, m.zeros.to(torch.int16))
+    assert torch.equal(tensors["m.weight_scale"], m.scales)
+
+
+def test_refusals_name_the_blocks_candidates_and_the_fix(tiny_model, tmp_path, capsys):
+    model, chosen = hybrid(tiny_model, "W3A16G16", symmetric=False, pool="rtn;claq:fit_columns=64,kmeans_iters=3",
+                           order=("rtn", "claq[fit_columns=64,kmeans_iters=3]"))
+    save_quantized(model, None, tmp_path / "calm", extra={"chosen": chosen})
+    assert main([str(tmp_path / "calm"), str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "codebook linears in blocks [1]" in err[0] and "candidates claq" in err[0]
+    assert "rtn, gptq and awq" in err[0] and not (tmp_path / "ct").exists()
+
+    assert main([str(tmp_path), str(tmp_path / "ct")]) == 2
+    assert f"holds no {QUANT_CONFIG}" in capsys.readouterr().err
