@@ -126,7 +126,8 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
         scores[cand.name] = dataclasses.replace(scored, seconds=quantize_seconds,
                                                 score_seconds=time.perf_counter() - ts,
                                                 fallbacks=getattr(qblock, "calm_fallbacks", None))
-        store.save_block(index, cand.name, qblock)
+        if world.main or not world.data:  # data-parallel: every process holds the same block; rank 0 saves it
+            store.save_block(index, cand.name, qblock)
         outputs[cand.name] = outs
         blocks[cand.name] = StoredBlock(qblock, store.path_or_none(index, cand.name))
         bar.update(1)
