@@ -365,3 +365,22 @@ def test_readme_holds_the_family_matrix():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert arch.family_matrix() in readme, "README's family table is stale: paste `python -m calm.arch`'s output"
+
+
+def test_unsupported_gguf_is_refused_from_its_metadata_before_any_conversion(tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+
+    from calm.model import checkpoint_folder
+
+    monkeypatch.setenv("CALM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")  # writes general.architecture = gpt2
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CalmUsageError, match="GGUF architecture 'gpt2' is not supported; calm walks these families"):
+        checkpoint_folder(path)
+    assert not (tmp_path / "cache").exists()  # nothing converted
