@@ -179,6 +179,10 @@ class DataConfig:
 
     Args:
         text: None for the embedded Wikipedia extract (gensim wheel), or a local UTF-8 text file.
+        dataset: instead of `text`, a dataset read with the `datasets` package: a local .json/.jsonl/.parquet/
+            .csv/.txt file or a folder of them, a hub name with `dataset_config`, or a preset (`wikitext`,
+            `c4`, `pile-val`; online). `text_column` holds the text; with `calib_split` and `eval_split` the
+            two sides come from those splits, otherwise the records of one split alternate between them.
         calib_windows, calib_seqlen: calibration windows drawn with `seed` from the calibration half.
         score_windows: further windows of the calibration half, drawn after those (same seed) where they share
             no token with them or each other, on which the search scores candidates instead of on the windows
@@ -187,6 +191,11 @@ class DataConfig:
         eval_tokens: held-out tokens evaluated (rounded down to whole windows); 0 means the whole held-out half.
     """
     text: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    text_column: str = "text"
+    calib_split: str | None = None
+    eval_split: str | None = None
     calib_windows: int = 16
     calib_seqlen: int = 512
     eval_seqlen: int = 512
@@ -203,6 +212,12 @@ class DataConfig:
                 raise CalmUsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.eval_tokens < 0:
             raise CalmUsageError("eval_tokens must be >= 0 (0 = the whole held-out half)")
+        if self.text is not None and self.dataset is not None:
+            raise CalmUsageError("--text and --dataset both name the text: pass one of them")
+        if self.calib_split is not None and self.calib_split == self.eval_split:
+            raise CalmUsageError(f"--calib-split and --eval-split are both {self.calib_split!r}: calibration and "
+                                 f"evaluation would share text; name two splits, or neither (the records of one "
+                                 f"split then alternate between them)")
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -152,6 +152,88 @@ def load_split(text: str | None) -> TextSplit:
     return load_wikipedia_split() if text is None else load_text_file_split(text)
 
 
+def load_data_split(cfg: DataConfig) -> TextSplit:
+    """The calibration and held-out text `cfg` names: a dataset (`cfg.dataset`), a text file, or the default."""
+    return load_dataset_split(cfg) if cfg.dataset is not None else load_split(cfg.text)
+
+
+# Hub datasets by short name (online only): (path, config, data_files, calibration split, evaluation split).
+DATASET_PRESETS = {
+    "wikitext": ("wikitext", "wikitext-2-raw-v1", None, "train", "test"),
+    "c4": ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
+                                "validation": "en/c4-validation.00000-of-00008.json.gz"}, "train", "validation"),
+    "pile-val": ("mit-han-lab/pile-val-backup", None, None, "validation", None),
+}
+DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def _local_dataset(path: Path):
+    """A local file, or a folder of files of one kind, through `datasets`' packaged builders (a .txt file is
+    read paragraph by paragraph)."""
+    from datasets import load_dataset
+
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in DATASET_SUFFIXES)
+    kinds = {DATASET_SUFFIXES.get(f.suffix) for f in files}
+    if not files or None in kinds:
+        raise CalmUsageError(f"--dataset {path}: give a .json, .jsonl, .parquet, .csv or .txt file, or a folder of "
+                             f"them")
+    if len(kinds) > 1:
+        raise CalmUsageError(f"--dataset {path} mixes file kinds {sorted(kinds)}: keep one kind per folder")
+    kind = kinds.pop()
+    extra = {"sample_by": "paragraph"} if kind == "text" else {}
+    return load_dataset(kind, data_files=[str(f) for f in files], **extra)
+
+
+def load_dataset_split(cfg: DataConfig) -> TextSplit:
+    """Calibration and held-out text from a dataset (calm.config.DataConfig's `dataset` fields). With two splits
+    named (or a preset's), each side is its split's records; otherwise the records of one split alternate
+    between calibration and evaluation, as the default text's articles do. The text is hashed like any other."""
+    from datasets import DatasetDict, load_dataset
+
+    name, config, data_files = cfg.dataset, cfg.dataset_config, None
+    calib_split, eval_split = cfg.calib_split, cfg.eval_split
+    path = Path(name).expanduser()
+    try:
+        if path.exists():
+            loaded = _local_dataset(path)
+        else:
+            if name in DATASET_PRESETS:
+                name, preset_config, data_files, preset_calib, preset_eval = DATASET_PRESETS[name]
+                config = config or preset_config
+                calib_split, eval_split = calib_split or preset_calib, eval_split or preset_eval
+            loaded = load_dataset(name, config, data_files=data_files)
+    except CalmUsageError:
+        raise
+    except (ConnectionError, OSError, ValueError) as exc:
+        raise CalmUsageError(f"--dataset {cfg.dataset}: {' '.join(str(exc).split())[:200]} (a hub dataset needs "
+                             f"the network; offline, pass a local file or folder)") from exc
+    splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    for split in (calib_split, eval_split):
+        if split is not None and split not in splits:
+            raise CalmUsageError(f"--dataset {cfg.dataset} has splits {sorted(splits)}, not {split!r}")
+
+    def documents(split: str) -> list[str]:
+        data = splits[split]
+        if cfg.text_column not in data.column_names:
+            raise CalmUsageError(f"--dataset {cfg.dataset} split {split!r} has columns {data.column_names}, not "
+                                 f"{cfg.text_column!r}: name the text column with --text-column")
+        return [t.strip() for t in data[cfg.text_column] if isinstance(t, str) and t.strip()]
+
+    if calib_split is not None and eval_split is not None:
+        calib, held = documents(calib_split), documents(eval_split)
+        where = f"{calib_split} / {eval_split}"
+    else:
+        split = calib_split or eval_split or next(iter(splits))
+        docs = documents(split)
+        calib, held = docs[0::2], docs[1::2]
+        where = f"{split}, records alternating"
+    if not calib or not held:
+        raise CalmUsageError(f"--dataset {cfg.dataset}: too few records with text for both calibration and "
+                             f"evaluation (at least two)")
+    label = f"dataset {cfg.dataset}" + (f" ({config})" if config else "") + f" [{where}]"
+    return TextSplit(label, "\n\n".join(calib), "\n\n".join(held))
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D LongTensor of token ids (no special tokens added)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -234,7 +316,7 @@ class Corpus:
 
 
 def load_corpus(tokenizer, cfg: DataConfig) -> Corpus:
-    split = load_split(cfg.text)
+    split = load_data_split(cfg)
     calib_ids = tokenize(tokenizer, split.calibration)
     eval_ids = tokenize(tokenizer, split.evaluation)
     # The fitting windows are the same whether or not scoring windows follow them; those share no token with them.

