@@ -16,7 +16,7 @@ from calm.config import QuantSpec, SearchConfig
 from calm.evaluate import streamed_window_nll
 from calm.io import FORMAT, load_block_state, quantized_manifest, save_model_files
 from calm.model import BlockInputs, capture_block_inputs, decoder_blocks, run_block
-from calm.nn import release_caches
+from calm.nn import block_stored_bits, release_caches
 from calm.progress import get_logger, progress
 from calm.search import candidates
 from calm.search.decision import AllCandidatesFailed, BlockDecision, CandidateScore, choose, numerical_failure
@@ -120,8 +120,10 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
         ts = time.perf_counter()
         outs = run_block(qblock, score_inputs)
         scored = scorer.score(outs)
+        stored, weights = block_stored_bits(qblock)
         scores[cand.name] = dataclasses.replace(scored, seconds=quantize_seconds,
-                                                score_seconds=time.perf_counter() - ts)
+                                                score_seconds=time.perf_counter() - ts,
+                                                stored_bits=stored, weights=weights)
         store.save_block(index, cand.name, qblock)
         outputs[cand.name] = outs
         blocks[cand.name] = StoredBlock(qblock, store.path_or_none(index, cand.name))
