@@ -179,6 +179,9 @@ class SearchConfig:
             after this one run on its output (costs a pass through the rest of the model per candidate); `nll`
             the same pass through the LM head: the next-token NLL on the scoring windows, lowest wins (not CKA:
             the quantity perplexity measures; use it with `DataConfig.score_windows`).
+        bits_budget: effective bits per weight (every stored bit of the decoder linears over their weights) the
+            model may use at most: each block gets the pool candidate (algorithm and bits) a Lagrangian
+            allocation picks (`calm.search.budget`); None: the usual per-block best at the candidates' bits.
     """
     pool: tuple[CandidateSpec, ...] = (CandidateSpec("rtn"), CandidateSpec("gptq"))
     propagation: str = "greedy"
@@ -186,8 +189,12 @@ class SearchConfig:
     batch_windows: int = 8
     debiased_cka: bool = False
     score: str = "cka"
+    bits_budget: float | None = None
 
     def __post_init__(self) -> None:
+        if self.bits_budget is not None and not 0 < self.bits_budget <= 16:
+            raise CalmUsageError(f"the bit budget is in effective bits per weight, above 0 and at most 16, got "
+                                 f"{self.bits_budget}")
         if self.score not in SCORES:
             raise CalmUsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.propagation not in ("greedy", "independent"):

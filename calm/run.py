@@ -35,10 +35,11 @@ from calm.io import atomic_write_json, atomic_write_text
 from calm.model import block_linears, checkpoint_folder, decoder_blocks, describe_source, load_tokenizer
 from calm.nn import weight_bits
 from calm.progress import configure_logging, get_logger
-from calm.report import block_table, perplexity_table
+from calm.report import block_table, budget_table, perplexity_table
 from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
 from calm.residual_rotation import RotationOnLoad
 from calm.search import SearchOutcome, calm_search, check_models, state_name
+from calm.search.budget import BudgetOutcome, budget_search, check_budget
 from calm.search.loop import blocks_for, save_streamed
 from calm.search.state import StoredBlock
 from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype, return_freed_memory
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="rtn,gptq", help="candidates: comma-separated algorithm names, or "
                    "';'-separated with options like 'rtn;gptq:act_order=static'")
     p.add_argument("--propagation", choices=("greedy", "independent"), default=s.propagation)
+    p.add_argument("--bits-budget", type=float, default=None, metavar="B",
+                   help="effective bits per weight (every stored bit of the decoder linears) the model may use at "
+                   "most: each block gets the pool candidate (algorithm@bits, e.g. --pool "
+                   "'gptq@2;gptq@3;gptq@4;awq@3;claq@3') that a Lagrangian allocation picks; with baselines, GPTQ "
+                   "mixed precision at the same budget too (docs/architecture.md)")
     p.add_argument("--calib-windows", type=int, default=d.calib_windows)
     p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     p.add_argument("--eval-seqlen", type=int, default=d.eval_seqlen, help="T of the perplexity protocol")
@@ -114,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         residual_rotation=args.residual_rotation,
         search=SearchConfig(pool=parse_pool(args.pool), propagation=args.propagation,
                             batch_windows=args.batch_windows, debiased_cka=args.debiased_cka,
-                            score=args.score),
+                            score=args.score, bits_budget=args.bits_budget),
         data=DataConfig(text=args.text, calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
                         eval_seqlen=args.eval_seqlen, eval_tokens=args.eval_tokens, seed=args.seed,
                         score_windows=args.score_windows),
@@ -236,6 +242,7 @@ def validated_spec(cfg: RunConfig) -> QuantSpec:
     spec = cfg.spec
     for cand in cfg.search.pool:
         algorithms.validate_candidate(cand, spec)
+    check_budget(cfg.search, spec)
     return spec
 
 
@@ -314,7 +321,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     resume = check_output_folder(cfg)
     logger.info(f"calm {__version__}: scheme {spec.scheme}{' symmetric' if spec.symmetric else ''}, pool "
-                f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}, {device} "
+                f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}"
+                f"{'' if cfg.search.bits_budget is None else f', bit budget {cfg.search.bits_budget}'}, {device} "
                 f"{str(dtype).removeprefix('torch.')}, output {cfg.output}{' (resuming)' if resume else ''}")
     ledger = Ledger(device)
     with ledger.stage("load_model"):
@@ -336,9 +344,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     eval_batch = max(1, cfg.search.batch_windows // 2)
     evaluate(ledger, "fp", source, corpus, None, eval_batch)
     with ledger.stage("search"):
-        outcome = calm_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
-                              log=logger.info, score_windows=corpus.scoring)
+        if cfg.search.bits_budget is None:
+            outcome = calm_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
+                                  log=logger.info, score_windows=corpus.scoring)
+        else:
+            outcome = budget_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
+                                    log=logger.info, score_windows=corpus.scoring, baselines=cfg.baselines)
     uniform = uniform_baselines(cfg, spec, source, outcome, corpus, out, ledger) if cfg.baselines else {}
+    if isinstance(outcome, BudgetOutcome):  # the mixed-precision GPTQ models at the same budget
+        uniform.update(outcome.baselines())
     for name, blocks in uniform.items():
         evaluate(ledger, name, source, corpus, blocks_for(source, blocks), eval_batch)
     hybrid = outcome.hybrid()
@@ -348,7 +362,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     saved_blocks = hybrid
     check: dict[str, Any] = {"done": False}
     if cfg.final_check and len(cfg.search.pool) > 1:
-        if corpus.scoring is None or not cfg.baselines:  # nothing held out, or nothing to compare with
+        if cfg.search.bits_budget is not None:  # uniform members may be over the budget
+            logger.info("final check skipped: not with --bits-budget")
+        elif corpus.scoring is None or not cfg.baselines:  # nothing held out, or nothing to compare with
             logger.info("final check skipped: it needs --score-windows and the uniform baselines")
         else:
             with ledger.stage("final_check"):
@@ -366,6 +382,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     results = results_record(cfg, spec, corpus, outcome, ledger, check)
     atomic_write_json(out / "results.json", results)
     tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
+    if results["budget"] is not None:
+        tables += f"\n## Bit budget\n\n{budget_table(results)}\n"
     atomic_write_text(out / "tables.md", tables)
     print("\n" + tables, flush=True)
     logger.info(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
@@ -399,6 +417,7 @@ def results_record(cfg: RunConfig, spec: QuantSpec, corpus: Corpus, outcome: Sea
         "effective_bits": ledger.bits,
         "zero_shot": {},
         "blocks": [d.to_dict() for d in outcome.decisions],
+        "budget": outcome.record() if isinstance(outcome, BudgetOutcome) else None,
         "final_check": check,
         "quantize_seconds": per_block_seconds,
         "versions": versions(),
