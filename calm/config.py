@@ -16,6 +16,7 @@ class NumericalError(ArithmeticError):
     In a search the candidate that raised it is recorded as failed and the others still compete."""
 
 
+WEIGHT_BITS = (2, 3, 4, 8)
 SCHEME_PATTERN = re.compile(r"^W(?P<w>\d+)(?:A(?P<a>\d+))?(?:K(?P<k>\d+)V(?P<v>\d+))?(?:G(?P<g>\d+))?$")
 
 
@@ -40,7 +41,7 @@ class QuantSpec:
     kv_group_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.w_bits not in (2, 3, 4, 8):
+        if self.w_bits not in WEIGHT_BITS:
             raise CalmUsageError(f"weight bits must be 2, 3, 4 or 8, got {self.w_bits}")
         if self.group_size < 0:
             raise CalmUsageError(f"group size must be positive (or 0 for per-channel), got {self.group_size}")
@@ -86,24 +87,46 @@ class QuantSpec:
 
 @dataclasses.dataclass(frozen=True)
 class CandidateSpec:
-    """One member of the search pool: a registered algorithm and its options. `name` labels it in results."""
+    """One member of the search pool: a registered algorithm, its weight bits and its options. `name` labels it
+    in results.
+
+    `bits` None: the scheme's weight bits; else this candidate's (`gptq@2`), the rest of the scheme unchanged."""
     algorithm: str
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     label: str = ""
+    bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits is not None and self.bits not in WEIGHT_BITS:
+            raise CalmUsageError(f"candidate {self.algorithm}@{self.bits}: weight bits after '@' must be one of "
+                                 f"{', '.join(map(str, WEIGHT_BITS))}, e.g. {self.algorithm}@3")
 
     @property
     def name(self) -> str:
         if self.label:
             return self.label
+        base = self.algorithm if self.bits is None else f"{self.algorithm}@{self.bits}"
         if not self.options:
-            return self.algorithm
+            return base
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.algorithm}[{opts}]"
+        return f"{base}[{opts}]"
+
+    def spec_for(self, spec: "QuantSpec") -> "QuantSpec":
+        """The scheme this candidate quantizes to: `spec` with its own weight bits when it names some."""
+        return spec if self.bits is None or self.bits == spec.w_bits else dataclasses.replace(spec, w_bits=self.bits)
 
     @classmethod
     def parse(cls, text: str) -> "CandidateSpec":
-        """`gptq` or `gptq:act_order=static,damp=0.02` (values parsed as JSON where they can be)."""
-        algo, _, rest = text.strip().partition(":")
+        """`gptq`, `gptq@3` (3-bit weights whatever the scheme says) or `gptq@4:act_order=static,damp=0.02`
+        (values parsed as JSON where they can be)."""
+        head, _, rest = text.strip().partition(":")
+        algo, at, bits_text = head.partition("@")
+        bits = None
+        if at:
+            if not bits_text.strip().isdigit():
+                raise CalmUsageError(f"candidate {text.strip()!r}: write the weight bits after '@' as a number, "
+                                     f"one of {', '.join(map(str, WEIGHT_BITS))} (e.g. {algo.strip() or 'gptq'}@3)")
+            bits = int(bits_text)
         options: dict[str, Any] = {}
         for item in filter(None, (p.strip() for p in rest.split(","))):
             key, eq, value = item.partition("=")
@@ -113,7 +136,7 @@ class CandidateSpec:
                 options[key.strip()] = json.loads(value)
             except json.JSONDecodeError:
                 options[key.strip()] = value.strip()
-        return cls(algorithm=algo.strip().lower(), options=options)
+        return cls(algorithm=algo.strip().lower(), options=options, bits=bits)
 
 
 def parse_pool(text: str) -> tuple[CandidateSpec, ...]:
@@ -156,6 +179,9 @@ class SearchConfig:
             after this one run on its output (costs a pass through the rest of the model per candidate); `nll`
             the same pass through the LM head: the next-token NLL on the scoring windows, lowest wins (not CKA:
             the quantity perplexity measures; use it with `DataConfig.score_windows`).
+        bits_budget: effective bits per weight (every stored bit of the decoder linears over their weights) the
+            model may use at most: each block gets the pool candidate (algorithm and bits) a Lagrangian
+            allocation picks (`calm.search.budget`); None: the usual per-block best at the candidates' bits.
     """
     pool: tuple[CandidateSpec, ...] = (CandidateSpec("rtn"), CandidateSpec("gptq"))
     propagation: str = "greedy"
@@ -163,8 +189,12 @@ class SearchConfig:
     batch_windows: int = 8
     debiased_cka: bool = False
     score: str = "cka"
+    bits_budget: float | None = None
 
     def __post_init__(self) -> None:
+        if self.bits_budget is not None and not 0 < self.bits_budget <= 16:
+            raise CalmUsageError(f"the bit budget is in effective bits per weight, above 0 and at most 16, got "
+                                 f"{self.bits_budget}")
         if self.score not in SCORES:
             raise CalmUsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.propagation not in ("greedy", "independent"):

@@ -60,3 +60,26 @@ def perplexity_table(results: dict[str, Any]) -> str:
             row += " |"
         rows.append(row)
     return "\n".join(rows)
+
+
+def budget_table(results: dict[str, Any]) -> str:
+    """With a bit budget: per block the candidate (algorithm@bits) each model under the budget chose, with its
+    effective bits and loss, then each model's exact effective bits and Lagrange multiplier."""
+    models = results["budget"]["models"]
+    names = list(models)
+    head = "| block | " + " | ".join(f"{n} | bits | loss" for n in names) + " |"
+    rows = [head, "|" + "---|" * (1 + 3 * len(names))]
+    for i in range(len(models[names[0]]["blocks"])):
+        cells = []
+        for n in names:
+            b = models[n]["blocks"][i]
+            cells += [b["chosen"] + (" (repaired)" if b["repaired"] else ""), f"{b['effective_bits']:.4f}",
+                      f"{b['loss']:.3e}"]
+        rows.append(f"| {i} | " + " | ".join(cells) + " |")
+    rows.append("")
+    rows.append(f"budget {results['budget']['bits_budget']} bits per weight; loss: {results['budget']['loss']}")
+    for n in names:
+        m = models[n]
+        rows.append(f"- {n} ({m['allocation']} allocation): {m['effective_bits']:.4f} effective bits, "
+                    f"lambda {m['lambda']:.4g}, summed loss {m['loss']:.4e}")
+    return "\n".join(rows)

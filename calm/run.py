@@ -47,10 +47,11 @@ from calm.io import atomic_write_json, atomic_write_text
 from calm.model import block_linears, checkpoint_folder, describe_source, load_tokenizer
 from calm.nn import weight_bits
 from calm.progress import configure_logging, get_logger
-from calm.report import block_table, perplexity_table
+from calm.report import block_table, budget_table, perplexity_table
 from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
 from calm.residual_rotation import RotationOnLoad
 from calm.search import SearchOutcome, calm_search, check_models, state_name
+from calm.search.budget import BudgetOutcome, budget_search, check_budget
 from calm.search.loop import blocks_for, save_streamed
 from calm.search.state import BlockStateStore, StoredBlock
 from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype, return_freed_memory
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="rtn,gptq", help="candidates: comma-separated algorithm names, or "
                    "';'-separated with options like 'rtn;gptq:act_order=static'")
     p.add_argument("--propagation", choices=("greedy", "independent"), default=s.propagation)
+    p.add_argument("--bits-budget", type=float, default=None, metavar="B",
+                   help="effective bits per weight (every stored bit of the decoder linears) the model may use at "
+                   "most: each block gets the pool candidate (algorithm@bits, e.g. --pool "
+                   "'gptq@2;gptq@3;gptq@4;awq@3;claq@3') that a Lagrangian allocation picks; with baselines, GPTQ "
+                   "mixed precision at the same budget too (docs/architecture.md)")
     p.add_argument("--calib-windows", type=int, default=d.calib_windows)
     p.add_argument("--calib-seqlen", type=int, default=d.calib_seqlen)
     p.add_argument("--eval-seqlen", type=int, default=d.eval_seqlen, help="T of the perplexity protocol")
@@ -141,7 +147,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         residual_rotation=args.residual_rotation,
         search=SearchConfig(pool=parse_pool(args.pool), propagation=args.propagation,
                             batch_windows=args.batch_windows, debiased_cka=args.debiased_cka,
-                            score=args.score),
+                            score=args.score, bits_budget=args.bits_budget),
         data=DataConfig(text=args.text, dataset=args.dataset, dataset_config=args.dataset_config,
                         text_column=args.text_column, calib_split=args.calib_split, eval_split=args.eval_split,
                         calib_windows=args.calib_windows, calib_seqlen=args.calib_seqlen,
@@ -280,6 +286,7 @@ def validated_spec(cfg: RunConfig) -> QuantSpec:
     spec = cfg.spec
     for cand in cfg.search.pool:
         algorithms.validate_candidate(cand, spec)
+    check_budget(cfg.search, spec)
     return spec
 
 
@@ -405,13 +412,16 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
         check_run_exportable(export_format, spec, cfg.search.pool)
     world = distributed.start(cfg.parallel, len(cfg.search.pool), device, cfg.to_json(),
                               spreads_blocks=cfg.search.propagation == "independent")
+    if world.active and cfg.search.bits_budget is not None:
+        raise CalmUsageError("--bits-budget runs in one process for now: launch it without torchrun")
     if world.data and cfg.data.calib_windows < world.size:
         raise CalmUsageError(f"--parallel data shards {cfg.data.calib_windows} calibration windows over {world.size} "
                              f"processes: give at least one window per process (--calib-windows)")
     resume = check_output_folder(cfg)
     world.barrier()  # every process has looked at the folder before the first one writes to it
     logger.info(f"calm {__version__}: scheme {spec.scheme}{' symmetric' if spec.symmetric else ''}, pool "
-                f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}, {device} "
+                f"{[c.name for c in cfg.search.pool]}, propagation {cfg.search.propagation}"
+                f"{'' if cfg.search.bits_budget is None else f', bit budget {cfg.search.bits_budget}'}, {device} "
                 f"{str(dtype).removeprefix('torch.')}, output {cfg.output}{' (resuming)' if resume else ''}"
                 + (f", process {world.rank + 1}/{world.size} ({world.mode} parallel)" if world.active else ""))
     ledger = Ledger(device)
@@ -435,9 +445,15 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
 
     eval_batch = max(1, cfg.search.batch_windows // 2)
     with ledger.stage("search"):
-        outcome = calm_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
-                              log=logger.info, score_windows=corpus.scoring)
+        if cfg.search.bits_budget is None:
+            outcome = calm_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
+                                  log=logger.info, score_windows=corpus.scoring)
+        else:
+            outcome = budget_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
+                                    log=logger.info, score_windows=corpus.scoring, baselines=cfg.baselines)
     uniform = uniform_baselines(cfg, spec, source, outcome, corpus, out, ledger) if cfg.baselines else {}
+    if isinstance(outcome, BudgetOutcome):  # the mixed-precision GPTQ models at the same budget
+        uniform.update(outcome.baselines())
     hybrid = outcome.hybrid()
     models = {"fp": None, **{name: blocks_for(source, blocks) for name, blocks in uniform.items()},
               "calm": blocks_for(source, hybrid)}
@@ -447,7 +463,9 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
     saved_blocks = hybrid
     check: dict[str, Any] = {"done": False}
     if cfg.final_check and len(cfg.search.pool) > 1:
-        if corpus.scoring is None or not cfg.baselines:  # nothing held out, or nothing to compare with
+        if cfg.search.bits_budget is not None:  # uniform members may be over the budget
+            logger.info("final check skipped: not with --bits-budget")
+        elif corpus.scoring is None or not cfg.baselines:  # nothing held out, or nothing to compare with
             logger.info("final check skipped: it needs --score-windows and the uniform baselines")
         else:
             with ledger.stage("final_check"):
@@ -477,6 +495,8 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
         results["seconds"], results["memory"] = ledger.seconds, ledger.memory
         atomic_write_json(out / "results.json", results)
         tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
+        if results["budget"] is not None:
+            tables += f"\n## Bit budget\n\n{budget_table(results)}\n"
         atomic_write_text(out / "tables.md", tables)
         print("\n" + tables, flush=True)
         logger.info(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
@@ -511,6 +531,7 @@ def results_record(cfg: RunConfig, spec: QuantSpec, corpus: Corpus, outcome: Sea
         "effective_bits": ledger.bits,
         "zero_shot": {},
         "blocks": [d.to_dict() for d in outcome.decisions],
+        "budget": outcome.record() if isinstance(outcome, BudgetOutcome) else None,
         "final_check": check,
         "quantize_seconds": per_block_seconds,
         # MoE expert linears quantized without calibration (too few routed tokens), per candidate, all blocks

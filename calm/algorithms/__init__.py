@@ -8,7 +8,8 @@ An algorithm is registered by name with its typed options class (`calm.algorithm
 It receives a private deep copy of the float block (it may modify it in place and return it), the block's
 calibration inputs (`calm.model.BlockInputs`), the `QuantSpec`, its validated options and the model-wide
 context its `prepare` hook computed (empty for most); its Linear layers come back as `calm.nn` modules holding
-packed weights. A candidate of the search pool (`CandidateSpec`) names an algorithm and raw option values;
+packed weights. A candidate of the search pool (`CandidateSpec`) names an algorithm, optionally its own weight bits
+(`gptq@2`: the scheme with 2-bit weights) and raw option values;
 `parse_options` turns them into the typed options, so every bad value fails before the model loads.
 """
 from __future__ import annotations
@@ -99,11 +100,12 @@ def parse_options(candidate: CandidateSpec) -> AlgorithmOptions:
 
 
 def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> AlgorithmOptions:
-    """Fail before any work if the candidate's name, options or scheme are wrong; returns its options."""
+    """Fail before any work if the candidate's name, options or scheme (with its own bits) are wrong; returns its
+    options."""
     options = parse_options(candidate)
     algorithm = get(candidate.algorithm)
     if algorithm.check_spec is not None:
-        algorithm.check_spec(spec)
+        algorithm.check_spec(candidate.spec_for(spec))
     return options
 
 
@@ -129,13 +131,15 @@ def prepare(candidate: CandidateSpec, float_blocks: list[nn.Module], spec: Quant
     """Model-wide context an algorithm needs before it sees blocks one at a time (the kurtosis rule's
     statistics over every linear of the model)."""
     algorithm = get(candidate.algorithm)
-    return {} if algorithm.prepare is None else algorithm.prepare(float_blocks, spec, parse_options(candidate))
+    return ({} if algorithm.prepare is None
+            else algorithm.prepare(float_blocks, candidate.spec_for(spec), parse_options(candidate)))
 
 
 def quantize_block(candidate: CandidateSpec, block: nn.Module, inputs: BlockInputs, spec: QuantSpec,
                    context: dict[str, Any] | None = None) -> nn.Module:
+    """The candidate's quantized block, at its own weight bits (`CandidateSpec.bits`) when it names some."""
     algorithm = get(candidate.algorithm)
-    return algorithm.quantize(block, inputs, spec, parse_options(candidate), context or {})
+    return algorithm.quantize(block, inputs, candidate.spec_for(spec), parse_options(candidate), context or {})
 
 
 def uses_calibration(candidate: CandidateSpec) -> bool:
@@ -158,7 +162,8 @@ def describe() -> str:
         algorithm = _REGISTRY[name]
         parts.append(f"{name}: {algorithm.summary}\n{algorithm.options.help_text() or '    (no options)'}")
     example = "--pool \"rtn;gptq:act_order=none,damp=0.02\""
-    return "\n\n".join(parts) + f"\n\nPass options as name:key=value,key=value, e.g. {example}"
+    return "\n\n".join(parts) + (f"\n\nPass options as name:key=value,key=value, e.g. {example}; weight bits other "
+                                 f"than the scheme's as name@bits, e.g. --pool \"gptq@2;gptq@4;awq@3\"")
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Drop-in quantized Linear modules holding packed integer weights (formats in calm_kernels/packing.py).
 
 - `base`: the registry (`QUANTIZED_LINEARS`, `register`, `build_quantized_linear`, `is_quantized_linear`), the
-  exact bit accounting (`stored_bits`, `effective_bits`, `weight_bits`, `model_effective_bits`), the CPU
+  exact bit accounting (`stored_bits`, `effective_bits`, `weight_bits`, `block_stored_bits`,
+  `model_effective_bits`), the CPU
   dense-cache forward, `top_level_linears` and `release_caches`;
 - `uniform`: `UniformQuantLinear`, b-bit codes on a per-group grid (RTN, GPTQ, AWQ);
 - `codebook`: `CodebookQuantLinear`, per-column lookup tables of mixed widths with outliers (CLAQ);
@@ -15,6 +16,7 @@ from __future__ import annotations
 from calm.nn.base import (
     QUANTIZED_LINEARS,
     QuantizedLinear,
+    block_stored_bits,
     build_quantized_linear,
     is_quantized_linear,
     model_effective_bits,
@@ -37,6 +39,7 @@ __all__ = [
     "QuantizedLinear",
     "RotatedQuantLinear",
     "UniformQuantLinear",
+    "block_stored_bits",
     "build_quantized_linear",
     "fake_quantize_kv",
     "is_quantized_linear",

@@ -131,6 +131,20 @@ def weight_bits(module: nn.Module) -> tuple[float, int]:
     return 16.0 * n, n
 
 
+def block_stored_bits(block: nn.Module) -> tuple[int, int]:
+    """(stored bits, weights) of every linear of a decoder block, as exact integers: what `model_effective_bits`
+    sums for it (a bit budget is checked on these, never on a rounded ratio)."""
+    bits = weights = 0
+    for m in top_level_linears(block).values():
+        if is_quantized_linear(m):
+            bits += m.stored_bits()
+            weights += m.in_features * m.out_features
+        else:
+            bits += 16 * m.weight.numel()
+            weights += m.weight.numel()
+    return bits, weights
+
+
 def model_effective_bits(blocks: list[nn.Module]) -> float:
     """Stored bits per weight over every linear of the given decoder blocks (embeddings and head are not
     counted): total stored bits of the linears / their total weights, float linears at 16 bits."""

@@ -20,6 +20,13 @@ class CandidateScore:
     failed: str | None = None  # why the candidate cannot be chosen (its quantization broke down, or its score)
     # MoE experts quantized without calibration (too few routed tokens): linear name -> routed tokens
     fallbacks: dict[str, int] | None = None
+    # Exact size of the candidate's block: stored bits of its linears (calm.nn.block_stored_bits) and their weights
+    stored_bits: int | None = None
+    weights: int | None = None
+
+    @property
+    def effective_bits(self) -> float | None:
+        return None if self.stored_bits is None or not self.weights else self.stored_bits / self.weights
 
     @classmethod
     def failure(cls, reason: str, seconds: float, by: str = "cka") -> CandidateScore:
@@ -43,7 +50,7 @@ class CandidateScore:
 
     def to_dict(self) -> dict[str, float | str]:
         d = dataclasses.asdict(self)
-        for optional in ("nll", "failed", "fallbacks"):
+        for optional in ("nll", "failed", "fallbacks", "stored_bits", "weights"):
             if d[optional] is None:
                 del d[optional]
         return d

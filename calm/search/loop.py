@@ -18,7 +18,7 @@ from calm.config import CalmUsageError, QuantSpec, SearchConfig
 from calm.evaluate import streamed_window_nll
 from calm.io import FORMAT, load_block_state, quantized_manifest, save_model_files
 from calm.model import BlockInputs, capture_block_inputs, run_block
-from calm.nn import release_caches
+from calm.nn import block_stored_bits, release_caches
 from calm.progress import get_logger, progress
 from calm.search import candidates
 from calm.search.decision import AllCandidatesFailed, BlockDecision, CandidateScore, choose, numerical_failure
@@ -123,9 +123,11 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
         ts = time.perf_counter()
         outs = run_block(qblock, score_inputs)
         scored = scorer.score(outs)
+        stored, weights = block_stored_bits(qblock)
         scores[cand.name] = dataclasses.replace(scored, seconds=quantize_seconds,
                                                 score_seconds=time.perf_counter() - ts,
-                                                fallbacks=getattr(qblock, "calm_fallbacks", None))
+                                                fallbacks=getattr(qblock, "calm_fallbacks", None),
+                                                stored_bits=stored, weights=weights)
         if world.main or not world.data:  # data-parallel: every process holds the same block; rank 0 saves it
             store.save_block(index, cand.name, qblock)
         outputs[cand.name] = outs
