@@ -80,7 +80,10 @@ def brute_force(points, limit):
     return best
 
 
-def test_allocation_never_exceeds_the_limit_and_is_near_the_optimum():
+@pytest.mark.parametrize("max_states", [200_000, 1])
+def test_allocation_never_exceeds_the_limit_and_is_optimal(max_states):
+    """The Pareto dynamic program is exact; the Lagrangian + greedy fill (its fallback, forced by max_states=1)
+    never exceeds the limit either and is exact on most instances."""
     gen = random.Random(0)
     gaps = []
     for _ in range(300):
@@ -90,21 +93,25 @@ def test_allocation_never_exceeds_the_limit_and_is_near_the_optimum():
         cheapest = sum(min(p.stored_bits for p in b.values()) for b in points)
         most = sum(max(p.stored_bits for p in b.values()) for b in points)
         limit = gen.randint(cheapest, most)
-        a = allocate(points, limit)
+        a = allocate(points, limit, max_states=max_states)
         assert a.stored_bits == sum(b[n].stored_bits for b, n in zip(points, a.choice)) <= limit
         assert a.loss == pytest.approx(sum(b[n].loss for b, n in zip(points, a.choice)))
         optimum = brute_force(points, limit)
         assert a.loss >= optimum - 1e-12
         gaps.append(a.loss - optimum)
-    # Lagrangian + greedy fill is exact on most instances and never far off.
-    assert sum(g < 1e-12 for g in gaps) >= 0.8 * len(gaps)
+    exact = sum(g < 1e-12 for g in gaps)
+    if max_states > 1:
+        assert exact == len(gaps)
+    else:
+        assert exact >= 0.9 * len(gaps)
 
 
 def test_allocation_trades_loss_for_bits_where_it_is_cheapest():
     # Block 0 suffers much more from 2 bits than block 1: at a budget for one 4-bit block, block 0 gets it.
     points = points_of([{"a@2": (200, 1.0), "a@4": (400, 0.0)}, {"a@2": (200, 0.1), "a@4": (400, 0.0)}])
     a = allocate(points, 600)
-    assert a.choice == ["a@4", "a@2"] and a.stored_bits == 600
+    assert a.choice == ["a@4", "a@2"] and a.stored_bits == 600 and a.method == "pareto"
+    assert allocate(points, 600, max_states=1).choice == ["a@4", "a@2"]
     assert allocate(points, 800).choice == ["a@4", "a@4"]
     assert allocate(points, 400).choice == ["a@2", "a@2"]
     with pytest.raises(BudgetInfeasible, match="raise --bits-budget"):
