@@ -13,10 +13,13 @@ permutations, outliers, transforms; `calm.nn.block_stored_bits`) over their weig
    Float inputs make the points independent of the choices, so they are computed once (and resume as any
    search does).
 2. **Allocation** (`allocate`), a multiple-choice knapsack: minimize sum_l loss_l(c_l) subject to
-   sum_l bits_l(c_l) <= limit. The Lagrangian relaxation picks, per block, argmin loss + lambda * bits; lambda
-   is bisected to the smallest value whose choice fits. The Lagrangian only reaches the convex hull of each
-   block's points, so the budget it leaves is then spent greedily: the move (any block, any candidate) with the
-   largest loss decrease per extra bit that still fits, until none does.
+   sum_l bits_l(c_l) <= limit. Solved exactly by a Pareto-frontier dynamic program over the blocks (partial
+   choices that no other beats in both bits and loss; a few thousand states when the blocks share their
+   shapes). The Lagrangian relaxation, per block argmin loss + lambda * bits with lambda bisected to the
+   smallest value whose choice fits, gives the multiplier recorded beside it (the loss per bit at the margin),
+   and is the fallback when the frontier grows too large: its choice only reaches each block's convex hull, so
+   the bits it leaves are then spent greedily (the move with the largest loss decrease per extra bit that
+   still fits, until none does).
 3. **Sequential pass** (`sequential_pass`). The choices interact through propagation: block l's allocated
    candidate is fitted again on the outputs of the already-chosen quantized blocks (greedy propagation;
    `independent` keeps the step-1 blocks). Only one candidate per block is fitted, so this costs one uniform
@@ -124,9 +127,10 @@ def rate_points(decisions: list[BlockDecision], losses: list[dict[str, float]]) 
 @dataclasses.dataclass
 class Allocation:
     choice: list[str]
-    lam: float  # the Lagrange multiplier (loss per stored bit) whose choice the greedy fill started from
+    lam: float  # the Lagrange multiplier (loss per stored bit): the smallest whose per-block choice fits
     stored_bits: int  # predicted from the rate points
     loss: float
+    method: str  # "pareto" (exact) or "lagrangian" (Lagrangian choice + greedy fill)
 
 
 def _total(points: list[dict[str, RatePoint]], choice: list[str]) -> int:
@@ -138,10 +142,12 @@ def _lagrangian_choice(points: list[dict[str, RatePoint]], lam: float) -> list[s
             for block in points]
 
 
-def allocate(points: list[dict[str, RatePoint]], limit: int, weights: int | None = None) -> Allocation:
-    """Per block one candidate, total stored bits <= `limit`, least summed loss: the Lagrangian choice at the
-    smallest multiplier that fits, then greedy moves that lower the loss and still fit (module docstring).
-    `weights` (of all the blocks) only words the error when nothing fits in bits per weight."""
+def allocate(points: list[dict[str, RatePoint]], limit: int, weights: int | None = None,
+             max_states: int = 200_000) -> Allocation:
+    """Per block one candidate, total stored bits <= `limit`, least summed loss (module docstring): the exact
+    optimum by the Pareto-frontier dynamic program while its frontier stays within `max_states`, else the
+    Lagrangian choice at the smallest multiplier that fits followed by the greedy fill. The multiplier is
+    returned either way. `weights` (of all the blocks) only words the error when nothing fits."""
     if any(not block for block in points):
         raise ValueError("a block without a viable candidate")
     cheapest = sum(min(p.stored_bits for p in block.values()) for block in points)
@@ -164,8 +170,40 @@ def allocate(points: list[dict[str, RatePoint]], limit: int, weights: int | None
             else:
                 hi = mid
         lam, choice = hi, _lagrangian_choice(points, hi)
-    choice = _greedy_fill(points, choice, limit)
-    return Allocation(choice, lam, _total(points, choice), sum(b[n].loss for b, n in zip(points, choice)))
+    exact = pareto_choice(points, limit, max_states)
+    method = "pareto" if exact is not None else "lagrangian"
+    choice = exact if exact is not None else _greedy_fill(points, choice, limit)
+    return Allocation(choice, lam, _total(points, choice), sum(b[n].loss for b, n in zip(points, choice)), method)
+
+
+def pareto_choice(points: list[dict[str, RatePoint]], limit: int, max_states: int) -> list[str] | None:
+    """The exact least-loss choice within `limit` (as ZeroQ and HAWQ-V2 allocate bits): block by block, keep the
+    partial choices that no other beats in both bits and loss and that can still be completed within the limit;
+    None when that frontier grows past `max_states` (blocks of many different sizes)."""
+    rest_min = [0] * (len(points) + 1)
+    for i in range(len(points) - 1, -1, -1):
+        rest_min[i] = rest_min[i + 1] + min(p.stored_bits for p in points[i].values())
+    # (bits, loss, index of the parent state in the previous frontier, candidate name)
+    frontiers: list[list[tuple[int, float, int, str]]] = []
+    frontier: list[tuple[int, float, int, str]] = [(0, 0.0, -1, "")]
+    for i, block in enumerate(points):
+        grown = sorted(((bits + p.stored_bits, loss + p.loss, parent, p.name)
+                        for parent, (bits, loss, _, _) in enumerate(frontier) for p in block.values()
+                        if bits + p.stored_bits + rest_min[i + 1] <= limit),
+                       key=lambda t: (t[0], t[1], t[3]))
+        frontier = []
+        for state in grown:  # by bits: keep a state only when it loses less than every cheaper one
+            if not frontier or state[1] < frontier[-1][1]:
+                frontier.append(state)
+        if len(frontier) > max_states:
+            return None
+        frontiers.append(frontier)
+    state = frontier[-1]  # the frontier's losses decrease with bits: the last one is the least loss
+    choice = []
+    for i in range(len(points) - 1, -1, -1):
+        choice.append(state[3])
+        state = frontiers[i - 1][state[2]] if i else state
+    return choice[::-1]
 
 
 def _greedy_fill(points: list[dict[str, RatePoint]], choice: list[str], limit: int) -> list[str]:
@@ -242,6 +280,7 @@ class Mix:
     allocation: str  # "score" or "hawq"
     candidates: list[str]
     lam: float
+    method: str  # how the allocation was solved: "pareto" (exact) or "lagrangian"
     planned: list[str]  # the allocation before the sequential pass
     blocks: list[StoredBlock]
     records: list[dict[str, Any]]  # per block: chosen, algorithm, bits, stored_bits, weights, loss, planned, ...
@@ -265,7 +304,8 @@ class Mix:
 
     def to_dict(self) -> dict[str, Any]:
         return {"allocation": self.allocation, "candidates": self.candidates, "lambda": self.lam,
-                "limit_bits": self.limit, "stored_bits": self.stored_bits, "weights": self.weights,
+                "method": self.method, "limit_bits": self.limit, "stored_bits": self.stored_bits,
+                "weights": self.weights,
                 "effective_bits": self.effective_bits, "loss": sum(r["loss"] for r in self.records),
                 "blocks": self.records}
 
@@ -446,13 +486,14 @@ def budget_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Q
     for name, (kind, names, losses) in plans.items():
         points = rate_points(first.decisions, losses)
         allocation = allocate(points, limit, weights)
-        log(f"{name}: allocation by {kind} at lambda {allocation.lam:.4g}: predicted "
+        log(f"{name}: allocation by {kind} ({allocation.method}, lambda {allocation.lam:.4g}): predicted "
             f"{allocation.stored_bits / weights:.4f} bits/weight (limit {limit / weights:.4f}), "
             + ", ".join(f"{n} {allocation.choice.count(n)}" for n in names if n in allocation.choice))
         sub = None if state_dir is None else Path(state_dir) / f"budget-{state_name(name)}"
         blocks, records = sequential_pass(source, windows, spec, config, first, points, allocation, limit, sub,
                                           name, log)
-        outcome.mixes[name] = Mix(name, kind, names, allocation.lam, allocation.choice, blocks, records, limit)
+        outcome.mixes[name] = Mix(name, kind, names, allocation.lam, allocation.method, allocation.choice, blocks,
+                                  records, limit)
         log(f"{name}: {outcome.mixes[name].effective_bits:.4f} effective bits per weight (budget "
             f"{config.bits_budget})")
     # The hybrid's choices are the decisions of the run (margins are then against the unconstrained best).
