@@ -83,3 +83,27 @@ def budget_table(results: dict[str, Any]) -> str:
         rows.append(f"- {n} ({m['allocation']} allocation): {m['effective_bits']:.4f} effective bits, "
                     f"lambda {m['lambda']:.4g}, summed loss {m['loss']:.4e}")
     return "\n".join(rows)
+
+
+def zero_shot_table(results: dict[str, Any]) -> str:
+    """Per model, every zero-shot task's acc ± stderr (and acc_norm where lm-eval reports it), the average acc
+    with its standard error, and the perplexity beside it."""
+    setup = results["zero_shot_setup"]
+    tasks = setup["tasks"]
+    rows = ["| model | " + " | ".join(tasks) + " | average acc | PPL |", "|---|" + "---|" * (len(tasks) + 2)]
+    for model, figures in results["zero_shot"].items():
+        cells = []
+        for t in tasks:
+            f = figures[t]
+            cell = f"{f['acc']:.4f} ± {f.get('acc_stderr', float('nan')):.4f}"
+            if "acc_norm" in f:
+                cell += f" (norm {f['acc_norm']:.4f} ± {f.get('acc_norm_stderr', float('nan')):.4f})"
+            cells.append(cell)
+        avg = figures["average"]
+        ppl = results.get("perplexity", {}).get(model)
+        cells += [f"{avg['acc']:.4f} ± {avg['acc_stderr']:.4f}", "" if ppl is None else f"{ppl:.3f}"]
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    limit = "all documents" if setup["limit"] is None else f"at most {setup['limit']} documents per task"
+    rows += ["", f"lm-eval {setup['lm_eval']}, {setup['num_fewshot']}-shot, {limit}, data: {setup['data']}; "
+             f"average: {setup['average']}"]
+    return "\n".join(rows)
