@@ -48,6 +48,7 @@ from calm.evaluate import BlockFor, paired_difference, streamed_window_nll
 from calm.io import atomic_write_json, atomic_write_text
 from calm.model import block_linears, checkpoint_folder, describe_source, load_tokenizer
 from calm.nn import weight_bits
+from calm.plots import write_run_plots
 from calm.progress import configure_logging, get_logger
 from calm.report import block_table, budget_table, perplexity_table, zero_shot_table
 from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
@@ -547,6 +548,7 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
         if results["zero_shot"]:
             tables += f"\n## Zero-shot\n\n{zero_shot_table(results)}\n"
         atomic_write_text(out / "tables.md", tables)
+        write_run_plots(results, out)
         print("\n" + tables, flush=True)
         logger.info(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
     world.barrier()

@@ -202,6 +202,7 @@ def test_run_fills_zero_shot_for_every_model(tmp_path, monkeypatch, tiny_model_d
     setup = results["zero_shot_setup"]
     assert setup["tasks"] == ["piqa"] and setup["limit"] == 4 and setup["source"] == "offline"
     assert "## Zero-shot" in (out / "tables.md").read_text()
+    assert (out / "choices.png").is_file() and (out / "scores.png").is_file()  # every run draws its pictures
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     direct = evaluate_zero_shot(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)),
                                 ZeroShotConfig(tasks=("piqa",), limit=4))
