@@ -388,6 +388,20 @@ def check_zero_shot(cfg: RunConfig, world: distributed.World) -> None:
         zero_shot.check_offline_data(cfg.zero_shot.tasks)
 
 
+def zero_shot_all(ledger: Ledger, models: dict[str, BlockFor | None], blocks: dict[str, list[StoredBlock]],
+                  source: ModelSource, cfg: ZeroShotConfig) -> None:
+    """Zero-shot figures of every model of `models`; a model made of the very blocks of one already evaluated
+    (the hybrid where every block chose the same member, with the search's own baselines) gets its figures."""
+    for name, block_for in models.items():
+        same = next((done for done in ledger.zero_shot if name in blocks and done in blocks
+                     and all(a is b for a, b in zip(blocks[name], blocks[done]))), None)
+        if same is not None:
+            ledger.zero_shot[name] = json.loads(json.dumps(ledger.zero_shot[same]))
+            logger.info(f"zero-shot {name}: the same blocks as {same}, the same figures")
+            continue
+        evaluate_zero_shot(ledger, name, source, block_for, cfg)
+
+
 def evaluate_zero_shot(ledger: Ledger, name: str, source: ModelSource, block_for: BlockFor | None,
                        cfg: ZeroShotConfig) -> None:
     """lm-eval's zero-shot figures of the model whose blocks `block_for` gives (None: the float model), put
@@ -502,8 +516,7 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
               "calm": blocks_for(source, hybrid)}
     evaluate_all(ledger, models, source, corpus, eval_batch, world)
     if cfg.zero_shot.enabled:
-        for name, block_for in models.items():
-            evaluate_zero_shot(ledger, name, source, block_for, cfg.zero_shot)
+        zero_shot_all(ledger, models, {**uniform, "calm": hybrid}, source, cfg.zero_shot)
 
     chosen = [d.chosen for d in outcome.decisions]
     saved_blocks = hybrid

@@ -207,6 +207,14 @@ def test_run_fills_zero_shot_for_every_model(tmp_path, monkeypatch, tiny_model_d
     direct = evaluate_zero_shot(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)),
                                 ZeroShotConfig(tasks=("piqa",), limit=4))
     assert results["zero_shot"]["fp"]["piqa"] == pytest.approx(direct["piqa"])
+    # A hybrid made of one member's very blocks is not evaluated twice.
+    solo = tmp_path / "solo"
+    assert main(["--model", str(tiny_model_dir), "--text", str(text), "--output", str(solo), "--scheme", "W3A16G32",
+                 "--calib-windows", "4", "--calib-seqlen", "32", "--eval-seqlen", "32", "--eval-tokens", "256",
+                 "--pool", "rtn", "--zero-shot", "piqa", "--zero-shot-limit", "4", "-q"]) == 0
+    solo_results = json.loads((solo / "results.json").read_text())
+    assert solo_results["zero_shot"]["calm"] == solo_results["zero_shot"]["rtn"]
+    assert "zero_shot_rtn" in solo_results["seconds"] and "zero_shot_calm" not in solo_results["seconds"]
     # The saved hybrid, read back by python -m calm.evaluate: the same figures as the run's.
     from calm.evaluate import main as evaluate_main
 
