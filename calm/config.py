@@ -255,6 +255,43 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLEL_MODES = ("auto", "data", "candidates")  # calm.distributed
 
 
+# Zero-shot evaluation (calm.zero_shot): the six standard lm-eval tasks, which also have offline data.
+DEFAULT_ZERO_SHOT_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq")
+ZERO_SHOT_SOURCES = ("offline", "hub")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotConfig:
+    """Which lm-eval tasks to run on every model (none: no zero-shot), at most `limit` documents each
+    (None: all of the split), where their documents come from, and lm-eval's batch size."""
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    source: str = "offline"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.source not in ZERO_SHOT_SOURCES:
+            raise CalmUsageError(f"unknown --zero-shot-source {self.source!r}: use one of "
+                                 f"{', '.join(ZERO_SHOT_SOURCES)}")
+        if self.limit is not None and self.limit < 1:
+            raise CalmUsageError(f"--zero-shot-limit is a number of documents per task (>= 1), got {self.limit}")
+        if self.batch_size < 1:
+            raise CalmUsageError(f"the zero-shot batch size is >= 1, got {self.batch_size}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise CalmUsageError(f"--zero-shot names a task twice: {','.join(self.tasks)}")
+        if self.source == "offline":
+            unknown = [t for t in self.tasks if t not in DEFAULT_ZERO_SHOT_TASKS]
+            if unknown:
+                raise CalmUsageError(f"no offline data for zero-shot task(s) {', '.join(unknown)}: the offline tasks "
+                                     f"are {', '.join(DEFAULT_ZERO_SHOT_TASKS)}; other lm-eval tasks need "
+                                     f"--zero-shot-source hub (online)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str | None = None
@@ -287,6 +324,8 @@ class RunConfig:
     # How a torchrun job splits the search (calm.distributed): "auto", "data" or "candidates"; one process
     # alone ignores it.
     parallel: str = "auto"
+    # lm-eval zero-shot tasks evaluated on every model after the perplexities (calm.zero_shot); none by default.
+    zero_shot: ZeroShotConfig = ZeroShotConfig()
 
     def __post_init__(self) -> None:
         if self.parallel not in PARALLEL_MODES:
@@ -314,7 +353,8 @@ class RunConfig:
         search = dict(d.get("search", {}))
         if "pool" in search:
             search["pool"] = tuple(CandidateSpec(**c) for c in search["pool"])
-        return cls(**{**d, "search": SearchConfig(**search), "data": DataConfig(**d.get("data", {}))})
+        return cls(**{**d, "search": SearchConfig(**search), "data": DataConfig(**d.get("data", {})),
+                      "zero_shot": ZeroShotConfig(**d.get("zero_shot", {}))})
 
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":

