@@ -178,11 +178,12 @@ def save_model_files(out: Path, config, tokenizer, manifest: dict[str, Any],
     writer = ShardedWriter(out)
     try:
         config.save_pretrained(str(writer.staging))
-        add_transformers_quantization_config(writer.staging / "config.json", manifest)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(writer.staging))
         for piece in pieces:
             writer.add(piece)
+        # After the pieces: a streamed save fills the manifest's modules as it writes them.
+        add_transformers_quantization_config(writer.staging / "config.json", manifest)
         atomic_write_json(writer.staging / QUANT_CONFIG, manifest)
         writer.finish()
     except BaseException:
