@@ -1,4 +1,6 @@
-"""python -m calm.export MODEL_DIR OUT --format compressed-tensors: a calm model in a format other tools load.
+"""python -m calm.export MODEL_DIR OUT --format compressed-tensors|gguf: a calm model in a format other tools load.
+
+GGUF (llama.cpp) is calm.gguf_export's; what follows is compressed-tensors.
 
 compressed-tensors (`pack-quantized`), which vLLM serves and transformers loads (its compressed-tensors
 integration), with the `compressed-tensors` package as the source of truth: its config models
@@ -33,7 +35,7 @@ from calm.config import CalmUsageError
 from calm.io import FORMAT, QUANT_CONFIG, ShardedWriter, _weight_files, atomic_write_json
 from calm.progress import configure_logging, get_logger
 
-FORMATS = ("compressed-tensors",)
+FORMATS = ("compressed-tensors", "gguf")
 logger = get_logger("calm.export")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -87,10 +89,21 @@ def check_exportable(manifest: dict, config) -> None:
 EXPORTABLE_ALGORITHMS = ("rtn", "gptq", "awq")
 
 
+def parse_export_formats(text: str | None) -> list[str]:
+    """`--export compressed-tensors,gguf` -> the formats, each known."""
+    formats = [f.strip() for f in (text or "").split(",") if f.strip()]
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise CalmUsageError(f"--export {fmt!r}: choose one or more of {', '.join(FORMATS)} (comma-separated)")
+    return formats
+
+
 def check_run_exportable(fmt: str, spec, pool) -> None:
     """Refuse `--export` before the search when the scheme or a pool member cannot give an exportable model."""
     if fmt not in FORMATS:
         raise CalmUsageError(f"--export {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "gguf":
+        check_run_gguf_exact(spec, pool)
     if spec.a_bits != 16 or spec.k_bits != 16 or spec.v_bits != 16:
         raise CalmUsageError(f"--export {fmt}: scheme {spec.scheme} quantizes activations or the KV cache, which "
                              f"pack-quantized cannot hold; use a weight-only scheme such as W4A16G128")
@@ -100,6 +113,41 @@ def check_run_exportable(fmt: str, spec, pool) -> None:
         raise CalmUsageError(f"--export {fmt}: candidates {', '.join(bad)} make blocks pack-quantized cannot hold "
                              f"(codebooks, transforms, reordered inputs); use a pool of "
                              f"{', '.join(EXPORTABLE_ALGORITHMS)} (GPTQ with its default act_order)")
+
+
+def check_run_gguf_exact(spec, pool) -> None:
+    """`--export gguf` writes exact types only: symmetric 4- or 8-bit grids in groups of 32k from rtn/gptq/awq.
+    (An asymmetric 4-bit model is exact as Q4_1 only where its minimums are float16 numbers, which is known after
+    the search: export it with `python -m calm.export ... --format gguf --requantize Q4_1`.)"""
+    bits = sorted({c.spec_for(spec).w_bits for c in pool})
+    problems = []
+    if spec.a_bits != 16 or spec.k_bits != 16 or spec.v_bits != 16:
+        problems.append(f"scheme {spec.scheme} quantizes activations or the KV cache")
+    if not spec.symmetric:
+        problems.append("the grid is asymmetric (GGUF's exact types for calm are symmetric Q4_0 and Q8_0)")
+    if set(bits) - {4, 8}:
+        problems.append(f"weights have {bits} bits (exact: 4 or 8)")
+    if spec.group_size % 32:
+        problems.append(f"groups of {spec.group_size} (exact: multiples of 32)")
+    bad = [c.name for c in pool if c.algorithm not in EXPORTABLE_ALGORITHMS
+           or (c.algorithm == "gptq" and c.options.get("act_order") == "full")]
+    if bad:
+        problems.append(f"candidates {', '.join(bad)} make codebooks, transforms or reordered inputs")
+    if problems:
+        raise CalmUsageError("--export gguf writes exact GGUF types only, and " + "; ".join(problems) + ". Use e.g. "
+                             "--scheme W4A16G32 --symmetric with a pool of rtn, gptq and awq, or export afterwards "
+                             "with python -m calm.export MODEL_DIR OUT --format gguf --requantize Q4_1")
+
+
+def export(fmt: str, model_dir: str | Path, out: str | Path, requantize: str | None = None) -> dict:
+    """Export a calm model folder to `fmt` (one of FORMATS)."""
+    if fmt == "gguf":
+        from calm.gguf_export import export_gguf
+
+        return export_gguf(model_dir, out, requantize=requantize)
+    if requantize is not None:
+        raise CalmUsageError("--requantize applies to --format gguf only; compressed-tensors copies calm's codes")
+    return export_compressed_tensors(model_dir, out)
 
 
 def _ct_version() -> str:
@@ -222,11 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_dir", help="a calm model folder (OUTPUT/model of python -m calm.run)")
     p.add_argument("out", help="the export folder (new or empty)")
     p.add_argument("--format", choices=FORMATS, default="compressed-tensors")
+    p.add_argument("--requantize", default=None, metavar="TYPE",
+                   help="gguf only: write the layers GGUF cannot hold exactly as TYPE (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) "
+                   "and report the error it adds; without it they are refused")
     args = p.parse_args(argv)
     configure_logging(0)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        export_compressed_tensors(args.model_dir, args.out)
+        export(args.format, args.model_dir, args.out, requantize=args.requantize)
     except CalmUsageError as exc:
         print(f"calm: error: {exc}", file=sys.stderr)
         return 2

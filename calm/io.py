@@ -5,7 +5,9 @@ Saved model folder:
   layout: `model.safetensors` when it fits one shard, else `model-0000i-of-0000n.safetensors` shards with a
   `model.safetensors.index.json` weight map; tensors shared by tied weights are stored once. Written piece
   by piece (`ShardedWriter`), so a streamed model is saved without ever being whole in memory.
-- `config.json` + tokenizer files: the base model's Hugging Face config and tokenizer.
+- `config.json` + tokenizer files: the base model's Hugging Face config and tokenizer; config.json also carries
+  `quantization_config` = {"quant_method": "calm", "format", "modules", "tied"}, for transformers
+  (calm.hf_quantizer).
 - `quantization_config.json`: {"format": "calm-v1", "modules": {name: quant_config}, "tied": [[alias, source]]}.
 """
 from __future__ import annotations
@@ -161,6 +163,15 @@ class ShardedWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def add_transformers_quantization_config(config_json: Path, manifest: dict[str, Any]) -> None:
+    """config.json's `quantization_config` (quant_method "calm"): transformers builds the model through calm's
+    quantizer when calm is imported (calm.hf_quantizer)."""
+    config = json.loads(config_json.read_text())
+    config["quantization_config"] = {"quant_method": "calm", "format": manifest["format"],
+                                     "modules": manifest["modules"], "tied": manifest.get("tied", [])}
+    atomic_write_json(config_json, config)
+
+
 def save_model_files(out: Path, config, tokenizer, manifest: dict[str, Any],
                      pieces: Iterable[dict[str, torch.Tensor]]) -> None:
     """The saved model folder from its config, tokenizer, manifest and state dict pieces (in order)."""
@@ -171,6 +182,8 @@ def save_model_files(out: Path, config, tokenizer, manifest: dict[str, Any],
             tokenizer.save_pretrained(str(writer.staging))
         for piece in pieces:
             writer.add(piece)
+        # After the pieces: a streamed save fills the manifest's modules as it writes them.
+        add_transformers_quantization_config(writer.staging / "config.json", manifest)
         atomic_write_json(writer.staging / QUANT_CONFIG, manifest)
         writer.finish()
     except BaseException:

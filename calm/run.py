@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot-batch-size", type=int, default=ZeroShotConfig().batch_size,
                    help="lm-eval's batch size")
     p.add_argument("--export", default=None, metavar="FORMAT", help="also export the saved model to OUTPUT/"
-                   "export-FORMAT: compressed-tensors (weight-only rtn/gptq/awq; checked before the search)")
+                   "export-FORMAT: compressed-tensors (weight-only rtn/gptq/awq) and/or gguf (symmetric 4 or 8 bits "
+                   "in groups of 32k), comma-separated; checked before the search")
     p.add_argument("--list-algorithms", action="store_true", help="print every algorithm and its options, and exit")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also log debugging detail")
@@ -460,9 +461,11 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
     device = resolve_device(distributed.local_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     if export_format is not None:
-        from calm.export import check_run_exportable
+        from calm.export import check_run_exportable, parse_export_formats
 
-        check_run_exportable(export_format, spec, cfg.search.pool)
+        export_formats = parse_export_formats(export_format)
+        for fmt in export_formats:
+            check_run_exportable(fmt, spec, cfg.search.pool)
     world = distributed.start(cfg.parallel, len(cfg.search.pool), device, cfg.to_json(),
                               spreads_blocks=cfg.search.propagation == "independent")
     if world.active and cfg.search.bits_budget is not None:
@@ -547,12 +550,13 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
         with ledger.stage("save"):
             save_streamed(source, saved_blocks, out / "model", extra={"scheme": spec.scheme, "chosen": chosen})
         if export_format is not None:
-            from calm.export import export_compressed_tensors
+            from calm.export import export
 
             with ledger.stage("export"):
-                target = out / f"export-{export_format}"
-                shutil.rmtree(target, ignore_errors=True)  # a rerun exports the model it saved again
-                export_compressed_tensors(out / "model", target)
+                for fmt in export_formats:
+                    target = out / f"export-{fmt}"
+                    shutil.rmtree(target, ignore_errors=True)  # a rerun exports the model it saved again
+                    export(fmt, out / "model", target)
         results["seconds"], results["memory"] = ledger.seconds, ledger.memory
         atomic_write_json(out / "results.json", results)
         tables = f"## Per-block choice\n\n{block_table(results)}\n\n## Perplexity\n\n{perplexity_table(results)}\n"
