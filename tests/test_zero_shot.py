@@ -104,7 +104,9 @@ def test_settings_and_refusals(tmp_path, monkeypatch):
     monkeypatch.setenv("CALM_ZERO_SHOT_DATA", str(tmp_path / "nothing"))
     with pytest.raises(CalmUsageError, match=r"not in .*nothing: run `python -m calm.zero_shot fetch`"):
         check_offline_data(("piqa",))
-    cfg = RunConfig(zero_shot=ZeroShotConfig(tasks=("piqa", "boolq"), limit=20))
+    with pytest.raises(CalmUsageError, match="give the tasks too"):
+        ZeroShotConfig(models=("calm",))
+    cfg = RunConfig(zero_shot=ZeroShotConfig(tasks=("piqa", "boolq"), limit=20, models=("fp", "calm")))
     assert RunConfig.from_json(cfg.to_json()) == cfg
 
 
@@ -215,6 +217,14 @@ def test_run_fills_zero_shot_for_every_model(tmp_path, monkeypatch, tiny_model_d
     solo_results = json.loads((solo / "results.json").read_text())
     assert solo_results["zero_shot"]["calm"] == solo_results["zero_shot"]["rtn"]
     assert "zero_shot_rtn" in solo_results["seconds"] and "zero_shot_calm" not in solo_results["seconds"]
+    # --zero-shot-models: the resumed run evaluates only the models named; a name the run lacks is refused first.
+    args = ["--model", str(tiny_model_dir), "--text", str(text), "--output", str(out), "--scheme", "W3A16G32",
+            "--calib-windows", "4", "--calib-seqlen", "32", "--eval-seqlen", "32", "--eval-tokens", "256",
+            "--zero-shot", "piqa", "--zero-shot-limit", "4", "-q"]
+    assert main([*args, "--zero-shot-models", "gptq"]) == 0
+    only = json.loads((out / "results.json").read_text())
+    assert list(only["zero_shot"]) == ["gptq"] and only["zero_shot"]["gptq"] == results["zero_shot"]["gptq"]
+    assert main([*args, "--zero-shot-models", "gptq-mp"]) == 2
     # The saved hybrid, read back by python -m calm.evaluate: the same figures as the run's.
     from calm.evaluate import main as evaluate_main
 
