@@ -11,11 +11,18 @@ integration), with the `compressed-tensors` package as the source of truth: its 
   are calm's own (nothing is re-quantized): calm's code c and zero z on [0, 2^b) become the format's signed
   c - 2^(b-1) and z - 2^(b-1). GPTQ's default static act-order needs no reordering; its `full` act-order
   (a stored input permutation) is refused: compressed-tensors 0.20 removed the group index that held it;
-- the float tensors (embeddings, norms, LM head, biases) as they are.
+- linears whose inputs are quantized per token at run time without a transform (SmoothQuant W8A8 and W4A8,
+  and RTN/GPTQ at an A8 scheme): the weights as above (8-bit ones as `int-quantized`, the others packed) with
+  `input_activations` dynamic, per token, symmetric at the scheme's activation bits. calm's activation scale
+  is max|x| / (2^(a-1) - 1), vLLM's dynamic int8 quantizer's too; compressed-tensors' own fake quantizer
+  (what transformers runs) divides by (2^a - 1) / 2 instead, so transformers' logits differ from calm's by
+  that rounding. An activation clip ratio below 1 has no field in the format and is refused;
+- the float tensors (embeddings, norms with SmoothQuant's scales folded in, LM head, biases) as they are.
 What the format cannot hold is refused with one line naming the blocks and their candidates, and the closest
-exportable setting: CLAQ codebooks, rotated or activation-quantized linears (W4A4, W3A3, SmoothQuant's
-RotatedQuantLinear, learned affine transforms), KV-cache quantization, and MoE experts (calm stores them one
-by one; transformers 5 fuses them). vLLM's known limits are warned about: its kernels take zero points only at
+exportable setting: CLAQ codebooks, online transforms (the `rotation`, `affine` and `kurtosis` candidates:
+compressed-tensors' Hadamard transform configs build their own matrices, and vLLM has no int4/int3
+activation kernels to run W4A4 or W3A3), KV-cache quantization, and MoE experts (calm stores them one by one;
+transformers 5 fuses them). vLLM's known limits are warned about: its kernels take zero points only at
 4 and 8 bits, and Marlin needs K divisible by 128 (64 for some shapes); such a model loads in transformers but
 vLLM may refuse or fall back.
 """
@@ -57,13 +64,34 @@ def _block_of(name: str) -> int | None:
     return int(rest.split(".", 1)[0]) if sep else None
 
 
+def export_kind(cfg: dict) -> str | None:
+    """How a calm module record goes into compressed-tensors: `weights` (weight-only uniform grid),
+    `activations` (a uniform or rotated-without-transform grid behind the per-token activation quantizer), or
+    None (the format cannot hold it)."""
+    if cfg["kind"] == "uniform":
+        return "weights"
+    if cfg["kind"] == "act" and cfg["linear"]["kind"] == "uniform" and cfg["linear"]["symmetric"]:
+        return "activations"
+    if cfg["kind"] == "rotated" and not cfg["transform_orders"]:
+        return "activations"
+    return None
+
+
+def exported_modules(manifest: dict) -> dict[str, dict]:
+    """The manifest's linears, without the records of the linears that wrappers (`act`, `kv`) hold inside."""
+    modules = manifest["modules"]
+    return {name: cfg for name, cfg in modules.items()
+            if not (name.endswith(".linear") and name.removesuffix(".linear") in modules)}
+
+
 def check_exportable(manifest: dict, config) -> None:
-    """Refuse, naming the blocks and candidates, what compressed-tensors' pack-quantized cannot hold."""
+    """Refuse, naming the blocks and candidates, what compressed-tensors cannot hold."""
     chosen = manifest.get("chosen") or []
     bad: dict[str, set[int]] = defaultdict(set)
-    for name, cfg in manifest["modules"].items():
-        if cfg["kind"] != "uniform":
-            bad[cfg["kind"]].add(_block_of(name))
+    for name, cfg in exported_modules(manifest).items():
+        if export_kind(cfg) is None:
+            kind = "rotated (online transform)" if cfg["kind"] == "rotated" else cfg["kind"]
+            bad[kind].add(_block_of(name))
     if bad:
         parts = []
         for kind, blocks in sorted(bad.items()):
@@ -71,22 +99,40 @@ def check_exportable(manifest: dict, config) -> None:
             by = sorted({chosen[b] for b in names if b < len(chosen)})
             parts.append(f"{kind} linears in blocks {names[:8]}{'...' if len(names) > 8 else ''}"
                          + (f" (candidates {', '.join(by)})" if by else ""))
-        raise CalmUsageError("compressed-tensors pack-quantized holds weight-only integer grids only; this model has "
-                             + "; ".join(parts) + ". Closest exportable setting: a weight-only scheme (e.g. W4A16G128) "
-                             "with a pool of rtn, gptq and awq")
-    permuted = sorted({_block_of(n) for n, c in manifest["modules"].items() if c.get("input_perm")} - {None})
+        raise CalmUsageError("compressed-tensors holds integer grids, optionally behind per-token activation "
+                             "quantization, but no codebooks, online transforms or KV-cache quantization; this model "
+                             "has " + "; ".join(parts) + ". Closest exportable setting: a weight-only scheme (e.g. "
+                             "W4A16G128) with a pool of rtn, gptq and awq, or W8A8/W4A8 with rtn, gptq and smoothquant")
+    clipped = sorted({_block_of(n) for n, c in exported_modules(manifest).items()
+                      if export_kind(c) == "activations" and c["clip_ratio"] != 1.0} - {None})
+    if clipped:
+        raise CalmUsageError(f"blocks {clipped[:8]} clip their activations (clip_ratio < 1), which compressed-tensors' "
+                             f"dynamic per-token quantization cannot express; quantize with clip_ratio=1 (the "
+                             f"smoothquant default) to export")
+    permuted = sorted({_block_of(n) for n, c in exported_modules(manifest).items()
+                       if weight_record(c).get("input_perm")} - {None})
     if permuted:
         by = sorted({chosen[b] for b in permuted if b < len(chosen)})
         raise CalmUsageError(f"blocks {permuted[:8]} (candidates {', '.join(by)}) reorder their inputs (GPTQ "
                              f"act_order=full), and compressed-tensors {_ct_version()} no longer holds a group "
                              f"index (actorder 'group' was removed); use GPTQ's default act_order=static, which "
                              f"needs no reordering")
-    if any(".experts." in name for name in manifest["modules"]):
+    if any(".experts." in name for name in exported_modules(manifest)):
         raise CalmUsageError("MoE experts are stored one by one by calm and fused by transformers 5; exporting MoE "
                              "models to compressed-tensors is not supported yet (calm.load reads them)")
 
 
-EXPORTABLE_ALGORITHMS = ("rtn", "gptq", "awq")
+def weight_record(cfg: dict) -> dict:
+    """The weight grid of a module record as (bits, group_size, symmetric, input_perm, in/out features)."""
+    if cfg["kind"] == "act":
+        return cfg["linear"]
+    if cfg["kind"] == "rotated":  # per output channel, symmetric
+        return {"bits": cfg["w_bits"], "group_size": cfg["in_features"], "symmetric": True, "input_perm": False,
+                "in_features": cfg["in_features"], "out_features": cfg["out_features"]}
+    return cfg
+
+
+EXPORTABLE_ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant")
 
 
 def parse_export_formats(text: str | None) -> list[str]:
@@ -104,14 +150,20 @@ def check_run_exportable(fmt: str, spec, pool) -> None:
         raise CalmUsageError(f"--export {fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "gguf":
         check_run_gguf_exact(spec, pool)
-    if spec.a_bits != 16 or spec.k_bits != 16 or spec.v_bits != 16:
-        raise CalmUsageError(f"--export {fmt}: scheme {spec.scheme} quantizes activations or the KV cache, which "
-                             f"pack-quantized cannot hold; use a weight-only scheme such as W4A16G128")
+    if spec.k_bits != 16 or spec.v_bits != 16:
+        raise CalmUsageError(f"--export {fmt}: scheme {spec.scheme} quantizes the KV cache, which calm cannot export "
+                             f"yet; drop K/V from the scheme")
+    if spec.a_bits != 16 and (fmt == "gguf" or spec.group_size not in (None, 0)):
+        raise CalmUsageError(f"--export {fmt}: scheme {spec.scheme} quantizes activations"
+                             + (", which GGUF does not hold (weights only); use a weight-only scheme such as W4A16G32"
+                                if fmt == "gguf" else " behind grouped weights, which compressed-tensors' activation "
+                                "schemes do not pair; use per-channel weights (e.g. W8A8 or W4A8)"))
     bad = [c.name for c in pool if c.algorithm not in EXPORTABLE_ALGORITHMS
+           or (c.algorithm == "smoothquant" and (spec.a_bits == 16 or c.options.get("clip_ratio", 1.0) != 1.0))
            or (c.algorithm == "gptq" and c.options.get("act_order") == "full")]
     if bad:
-        raise CalmUsageError(f"--export {fmt}: candidates {', '.join(bad)} make blocks pack-quantized cannot hold "
-                             f"(codebooks, transforms, reordered inputs); use a pool of "
+        raise CalmUsageError(f"--export {fmt}: candidates {', '.join(bad)} make blocks compressed-tensors cannot hold "
+                             f"(codebooks, online transforms, reordered inputs, clipped activations); use a pool of "
                              f"{', '.join(EXPORTABLE_ALGORITHMS)} (GPTQ with its default act_order)")
 
 
@@ -157,7 +209,16 @@ def _ct_version() -> str:
 
 
 def scheme_key(cfg: dict) -> tuple:
-    return cfg["bits"], cfg["group_size"], cfg["symmetric"], cfg["input_perm"], cfg["in_features"]
+    """What decides a module's config group: its weight grid, and its activation bits (16: none)."""
+    w = weight_record(cfg)
+    group = w["group_size"] if w["group_size"] < w["in_features"] else None
+    a_bits = cfg["a_bits"] if export_kind(cfg) == "activations" else 16
+    return w["bits"], group, w["symmetric"], a_bits
+
+
+def group_format(bits: int, a_bits: int) -> str:
+    """8-bit weights behind activation quantization are vLLM's W8A8 `int-quantized`; the rest is packed."""
+    return "int-quantized" if bits == 8 and a_bits != 16 else "pack-quantized"
 
 
 def quantization_config(manifest: dict) -> dict:
@@ -165,60 +226,81 @@ def quantization_config(manifest: dict) -> dict:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, cfg in manifest["modules"].items():
-        bits, group, symmetric, perm, k = scheme_key(cfg)
-        groups[(bits, group if group < k else None, symmetric, perm)].append(name)
-    config_groups = {}
-    for i, ((bits, group, symmetric, _), names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
-                                strategy="group" if group else "channel", group_size=group)
-        config_groups[f"group_{i}"] = QuantizationScheme(targets=sorted(names), weights=args)
-    qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+    for name, cfg in exported_modules(manifest).items():
+        groups[scheme_key(cfg)].append(name)
+    config_groups, formats = {}, set()
+    for i, ((bits, group, symmetric, a_bits), names) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                   strategy="group" if group else "channel", group_size=group)
+        activations = None if a_bits == 16 else QuantizationArgs(num_bits=a_bits, type="int", symmetric=True,
+                                                                 strategy="token", dynamic=True)
+        fmt = group_format(bits, a_bits)
+        formats.add(fmt)
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=sorted(names), weights=weights,
+                                                         input_activations=activations, format=fmt)
+    qc = QuantizationConfig(config_groups=config_groups,
+                            format=formats.pop() if len(formats) == 1 else "mixed-precision",
                             quantization_status="compressed", ignore=["lm_head"])
     return qc.model_dump(exclude_none=True) | {"quant_method": "compressed-tensors"}
 
 
 def warn_vllm_limits(manifest: dict) -> list[str]:
     warnings = []
-    asym = sorted({c["bits"] for c in manifest["modules"].values() if not c["symmetric"] and c["bits"] not in (4, 8)})
+    grids = [weight_record(c) for c in exported_modules(manifest).values()]
+    asym = sorted({c["bits"] for c in grids if not c["symmetric"] and c["bits"] not in (4, 8)})
     if asym:
         warnings.append(f"vLLM's kernels take zero points (asymmetric grids) only at 4 and 8 bits; this model has "
                         f"asymmetric {asym}-bit linears: transformers loads it, vLLM may refuse it (use --symmetric "
                         f"or 4 bits)")
-    odd_k = sorted({c["in_features"] for c in manifest["modules"].values() if c["in_features"] % 128})
+    odd_k = sorted({c["in_features"] for c in grids if c["in_features"] % 128})
     if odd_k:
         warnings.append(f"Marlin (vLLM's fast path) needs in_features divisible by 128; {odd_k} are not: vLLM "
                         f"falls back to a slower kernel or refuses")
+    low = sorted({(scheme_key(c)[0], c["a_bits"]) for c in exported_modules(manifest).values()
+                  if export_kind(c) == "activations" and (c["a_bits"] != 8 or scheme_key(c)[0] not in (4, 8))})
+    if low:
+        warnings.append(f"vLLM's integer activation kernels are W8A8 (and W4A8 on some platforms); this model has "
+                        f"{', '.join(f'W{w}A{a}' for w, a in low)} linears: transformers loads it, vLLM may refuse it")
     for w in warnings:
         logger.warning(w)
     return warnings
 
 
 def module_tensors(name: str, cfg: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One uniform linear's tensors in compressed-tensors' pack-quantized layout."""
+    """One linear's tensors in its config group's layout: `weight_packed` (pack-quantized) or `weight` int8
+    (int-quantized), `weight_scale`, and `weight_zero_point` for asymmetric grids."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from calm_kernels.packing import unpack_codes
+    from calm_kernels.rotated import unpack_weight_codes
 
-    bits = cfg["bits"]
-    n, k = cfg["out_features"], cfg["in_features"]
+    w = weight_record(cfg)
+    bits, n, k = w["bits"], w["out_features"], w["in_features"]
     offset = 1 << (bits - 1)
-    codes = unpack_codes(state[f"{name}.qweight"], bits, k).to(torch.int16)  # stored column order
-    scales = state[f"{name}.scales"]
-    zeros = (torch.full(scales.shape, offset, dtype=torch.int16) if cfg["symmetric"]
-             else state[f"{name}.zeros"].to(torch.int16))
+    if cfg["kind"] == "rotated":  # signed codes, one float32 scale per output channel
+        signed = unpack_weight_codes(state[f"{name}.qweight"], bits, k).to(torch.int16)
+        scales = state[f"{name}.w_scales"].reshape(n, 1).clone()
+        zeros = None
+    else:
+        prefix = f"{name}.linear" if cfg["kind"] == "act" else name
+        signed = unpack_codes(state[f"{prefix}.qweight"], bits, k).to(torch.int16) - offset  # stored column order
+        scales = state[f"{prefix}.scales"].clone()
+        zeros = None if w["symmetric"] else state[f"{prefix}.zeros"].to(torch.int16) - offset
     out = {}
-    out[f"{name}.weight_packed"] = pack_to_int32((codes - offset).to(torch.int8), bits)
-    out[f"{name}.weight_scale"] = scales.clone()
-    out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
-    if not cfg["symmetric"]:
-        zp = zeros - offset
-        if int(zp.min()) < -offset or int(zp.max()) >= offset:
+    if group_format(bits, scheme_key(cfg)[3]) == "int-quantized":
+        out[f"{name}.weight"] = signed.to(torch.int8)
+    else:
+        out[f"{name}.weight_packed"] = pack_to_int32(signed.to(torch.int8), bits)
+        out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
+    out[f"{name}.weight_scale"] = scales
+    if zeros is not None:
+        if int(zeros.min()) < -offset or int(zeros.max()) >= offset:
             raise CalmUsageError(f"{name}: a zero point lies outside the {bits}-bit range, which the format cannot "
                                  f"hold")
-        out[f"{name}.weight_zero_point"] = pack_to_int32(zp.to(torch.int8), bits, packed_dim=0)
-    if f"{name}.bias" in state:
-        out[f"{name}.bias"] = state[f"{name}.bias"]
+        out[f"{name}.weight_zero_point"] = pack_to_int32(zeros.to(torch.int8), bits, packed_dim=0)
+    for bias in (f"{name}.bias", f"{name}.linear.bias"):
+        if bias in state:
+            out[f"{name}.bias"] = state[bias]
     return out
 
 
@@ -235,9 +317,10 @@ def export_compressed_tensors(model_dir: str | Path, out: str | Path) -> dict:
         raise CalmUsageError(f"{out} is not empty: pass a new folder for the export")
     qconfig = quantization_config(manifest)
     warnings = warn_vllm_limits(manifest)
-    modules = manifest["modules"]
+    modules = exported_modules(manifest)
     owned = {f"{name}.{suffix}": name for name in modules
-             for suffix in ("qweight", "scales", "zeros", "input_perm", "bias")}
+             for suffix in ("qweight", "scales", "zeros", "input_perm", "bias", "w_scales", "transform_norm",
+                            "linear.qweight", "linear.scales", "linear.zeros", "linear.input_perm", "linear.bias")}
     tied = {alias: source for alias, source in manifest.get("tied", [])}
     writer = ShardedWriter(out, file_format="pt")
     try:

@@ -106,3 +106,62 @@ def test_refusals_name_the_blocks_candidates_and_the_fix(tiny_model, tmp_path, c
 
     assert main([str(tmp_path), str(tmp_path / "ct")]) == 2
     assert f"holds no {QUANT_CONFIG}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme, pool", [("W8A8", "smoothquant;smoothquant:alpha=0.8"), ("W4A8", "rtn;smoothquant")])
+def test_activation_quantized_hybrids_export_with_dynamic_per_token_activations(tiny_model, tmp_path, scheme, pool):
+    """SmoothQuant (and RTN at A8): calm's integer weights exactly, `input_activations` dynamic per token;
+    transformers runs compressed-tensors' activation quantizer, whose scale divides max|x| by (2^a - 1) / 2
+    where calm's (and vLLM's) divides by 2^(a-1) - 1, so its logits agree with calm.load's to that rounding."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    names = [c.name for c in parse_pool(pool)]
+    model, chosen = hybrid(tiny_model, scheme, symmetric=False, pool=pool, order=names)
+    save_quantized(model, None, tmp_path / "calm", extra={"chosen": chosen})
+    export_compressed_tensors(tmp_path / "calm", tmp_path / "ct")
+    qc = QuantizationConfig.model_validate(json.loads((tmp_path / "ct" / "config.json").read_text())
+                                           ["quantization_config"])
+    (group,) = qc.config_groups.values()
+    assert group.format == ("int-quantized" if scheme == "W8A8" else "pack-quantized")
+    assert group.weights.strategy == "channel" and group.weights.symmetric
+    act = group.input_activations
+    assert (act.num_bits, act.strategy, act.dynamic, act.symmetric) == (8, "token", True, True)
+    ours, _ = load_quantized(tmp_path / "calm")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    compressor = {"int-quantized": IntQuantizationCompressor,
+                  "pack-quantized": PackedQuantizationCompressor}[group.format]
+    state = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    checked = 0
+    for name, module in ours.named_modules():
+        if hasattr(module, "dequantized_weight") and not name.endswith(".linear"):
+            local = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".weight")}
+            weight = compressor.decompress(local, group)["weight"]  # in the scales' dtype: one rounding either way
+            assert torch.equal(weight, module.dequantized_weight(torch.float32).to(weight.dtype))
+            checked += 1
+    assert checked == 7 * len(ours.model.layers)
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    a, b = logits(ours, ids), logits(theirs, ids)
+    assert float((a - b).norm() / a.norm()) < 2e-2 and torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_activation_export_refusals(tiny_model, tmp_path, capsys):
+    from calm.export import check_run_exportable
+
+    spec = QuantSpec.from_scheme("W4A4")
+    with pytest.raises(Exception, match="candidates rotation make blocks compressed-tensors cannot hold"):
+        check_run_exportable("compressed-tensors", spec, parse_pool("rtn;rotation"))
+    with pytest.raises(Exception, match="clipped activations"):
+        check_run_exportable("compressed-tensors", QuantSpec.from_scheme("W8A8"),
+                             parse_pool("smoothquant:clip_ratio=0.9"))
+    with pytest.raises(Exception, match="W8A8 quantizes activations"):
+        check_run_exportable("gguf", QuantSpec.from_scheme("W8A8"), parse_pool("smoothquant"))
+    check_run_exportable("compressed-tensors", QuantSpec.from_scheme("W4A8"), parse_pool("rtn;gptq;smoothquant"))
+    model, chosen = hybrid(tiny_model, "W4A4", symmetric=False, pool="rtn;rotation", order=("rtn", "rotation"))
+    save_quantized(model, None, tmp_path / "calm", extra={"chosen": chosen})
+    assert main([str(tmp_path / "calm"), str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rotated (online transform) linears in blocks [1] (candidates rotation)" in err[0]
