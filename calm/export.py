@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from calm.config import CalmUsageError
-from calm.io import FORMAT, QUANT_CONFIG, ShardedWriter, _weight_files, atomic_write_json
+from calm.io import FORMAT, QUANT_CONFIG, ShardedWriter, _weight_files, atomic_write_json, without_guard
 from calm.progress import configure_logging, get_logger
 
 FORMATS = ("compressed-tensors", "gguf")
@@ -327,7 +327,7 @@ def export_compressed_tensors(model_dir: str | Path, out: str | Path) -> dict:
         from safetensors.torch import load_file
 
         for file in _weight_files(src):
-            state = load_file(str(file))
+            state = without_guard(load_file(str(file)), manifest)
             plain = {k: v for k, v in state.items() if k not in owned}
             if not getattr(config, "tie_word_embeddings", False):  # tied: transformers ties them on load
                 plain.update({alias: state[source].clone() for alias, source in tied.items() if source in state})

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from calm.config import CalmUsageError
-from calm.io import _weight_files, atomic_write_json
+from calm.io import _weight_files, atomic_write_json, without_guard
 from calm.progress import get_logger
 
 logger = get_logger("calm.export")
@@ -278,7 +278,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, requantize: str | None =
     inexact: list[TensorPlan] = []
     tied = {alias for alias, _ in manifest.get("tied", [])}
     for file in _weight_files(src):
-        state = load_file(str(file))
+        state = without_guard(load_file(str(file)), manifest)
         for key, t in state.items():
             if key in owned and not key.endswith(".bias"):
                 continue

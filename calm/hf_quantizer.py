@@ -15,9 +15,9 @@ Registration needs torch, and `import calm` must not import it, so `calm/__init_
 (`calm._transformers_hook`) that calls `register()` once `transformers.quantizers.auto` is imported, or at once
 if it already was. `register()` is idempotent and may be called directly.
 
-Without calm, transformers 5 does not refuse the folder: it logs "Unknown quantization type, got calm ... we
-will skip the quantization" and builds a float model whose quantized linears are randomly initialised (and
-reports them as missing). Import calm first.
+Without calm, transformers 5 only logs "Unknown quantization type, got calm ... we will skip the quantization"
+and would build a float model with randomly initialised linears; the empty guard tensor calm saves
+(calm.io.load_guard) makes it stop on a size mismatch instead. Import calm first.
 
 This module imports only torch and transformers' quantizer bases at the top, because `register()` runs while
 transformers is still importing its modeling code; calm's own modules load when a model is built.
@@ -25,6 +25,7 @@ transformers is still importing its modeling code; calm's own modules load when 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import torch
@@ -41,14 +42,16 @@ class CalmQuantizationConfig(QuantizationConfigMixin):
         format: the checkpoint format, "calm-v1" (calm.io.FORMAT).
         modules: quantized module name -> its `quant_config()` (calm.nn), as in quantization_config.json.
         tied: [alias, source] pairs of state-dict entries stored once.
+        guard: the empty tensor that stops transformers without calm (calm.io.load_guard), or None.
     """
 
     def __init__(self, format: str = "calm-v1", modules: dict[str, dict[str, Any]] | None = None,
-                 tied: list[list[str]] | None = None, **kwargs) -> None:
+                 tied: list[list[str]] | None = None, guard: str | None = None, **kwargs) -> None:
         self.quant_method = QUANT_METHOD
         self.format = format
         self.modules = dict(modules or {})
         self.tied = [list(pair) for pair in (tied or [])]
+        self.guard = guard
         self.post_init()
 
     def post_init(self) -> None:
@@ -66,7 +69,8 @@ class CalmQuantizationConfig(QuantizationConfigMixin):
                              f"(known: {sorted(QUANTIZED_LINEARS)}): install the calm version that wrote it")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format": self.format, "modules": self.modules, "tied": self.tied}
+        return {"quant_method": QUANT_METHOD, "format": self.format, "modules": self.modules, "tied": self.tied,
+                "guard": self.guard}
 
 
 @contextlib.contextmanager
@@ -131,6 +135,9 @@ class CalmHfQuantizer(HfQuantizer):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, _empty_module(cfg, dtype))
+        if self.quantization_config.guard:  # the tensor that stops transformers without calm: not a weight
+            model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
+                                                        | {f"^{re.escape(self.quantization_config.guard)}$"})
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -168,8 +168,29 @@ def add_transformers_quantization_config(config_json: Path, manifest: dict[str, 
     quantizer when calm is imported (calm.hf_quantizer)."""
     config = json.loads(config_json.read_text())
     config["quantization_config"] = {"quant_method": "calm", "format": manifest["format"],
-                                     "modules": manifest["modules"], "tied": manifest.get("tied", [])}
+                                     "modules": manifest["modules"], "tied": manifest.get("tied", []),
+                                     "guard": manifest.get("guard")}
     atomic_write_json(config_json, config)
+
+
+def load_guard(manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor that makes transformers without calm refuse the folder, and its name in the manifest.
+
+    transformers 5 only warns about an unknown quant_method and would build a float model with random weights
+    in place of the packed ones. An empty tensor under the float weight name of one quantized linear makes it
+    stop instead, on a size mismatch ("ckpt: torch.Size([0])") naming that linear. calm's readers drop it;
+    calm's transformers quantizer lists it as an expected unexpected key."""
+    name = next((n for n in manifest["modules"] if ".experts." not in n), None)
+    if name is None:
+        return {}
+    manifest["guard"] = f"{name}.weight"
+    return {manifest["guard"]: torch.zeros(0)}
+
+
+def without_guard(state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A shard's tensors without the load guard (`load_guard`)."""
+    guard = manifest.get("guard")
+    return {k: v for k, v in state.items() if k != guard} if guard in state else state
 
 
 def save_model_files(out: Path, config, tokenizer, manifest: dict[str, Any],
@@ -183,6 +204,7 @@ def save_model_files(out: Path, config, tokenizer, manifest: dict[str, Any],
         for piece in pieces:
             writer.add(piece)
         # After the pieces: a streamed save fills the manifest's modules as it writes them.
+        writer.add(load_guard(manifest))
         add_transformers_quantization_config(writer.staging / "config.json", manifest)
         atomic_write_json(writer.staging / QUANT_CONFIG, manifest)
         writer.finish()
@@ -232,7 +254,7 @@ def load_quantized(path: str | os.PathLike, device: str = "cpu", dtype: torch.dt
     loaded: set[str] = set()
     unexpected: list[str] = []
     for file in _weight_files(src):
-        state = load_file(str(file), device=str(device))
+        state = without_guard(load_file(str(file), device=str(device)), manifest)
         state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}
         state.update({alias: state[source] for alias, source in tied.items() if source in state})
         # Modules consume what an older format stored and they rebuild; only what nobody takes is unexpected.

@@ -126,16 +126,17 @@ def test_import_calm_first_then_transformers_loads_the_folder(saved):
         assert out.returncode == 0 and out.stdout.strip() == "CodebookQuantLinear", out.stderr[-2000:]
 
 
-def test_without_calm_transformers_warns_and_skips_the_quantization(saved):
-    """What transformers 5 does with an unknown quant_method (why the README says to import calm first): a
-    warning, then a float model whose quantized linears are missing. If this starts failing, transformers
-    changed its behaviour; update calm.hf_quantizer's docstring and the README."""
+def test_without_calm_transformers_refuses_the_folder(saved):
+    """transformers 5 only warns about an unknown quant_method; the empty guard tensor calm saves under one
+    quantized linear's float weight name makes it stop on a size mismatch instead of returning random weights.
+    If this starts failing, transformers changed its behaviour; update calm.io.load_guard and the README."""
     code = ("from transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(saved)!r})\n"
             "print(type(m.model.layers[0].mlp.gate_proj).__name__)")
     out = _run(code)
-    assert out.returncode == 0 and out.stdout.strip() == "Linear"
-    assert "Unknown quantization type, got calm" in out.stderr
+    assert out.returncode != 0 and "Unknown quantization type, got calm" in out.stderr
+    assert "ignore_mismatched_sizes" in out.stderr and "torch.Size([0])" in out.stderr
+    assert "model.layers.0.self_attn.q_proj.weight" in out.stderr
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma2"])
