@@ -122,7 +122,55 @@ def activation() -> str:
     return "\n".join(lines)
 
 
+# (label, file, model): the zero-shot runs (bench/quality.py with --zero-shot, and the bit-budget run).
+ZERO_SHOT = (
+    ("FP", "run-zs-W3A16G64.json", "fp"),
+    ("W4 G64: RTN (uniform)", "run-zs-W4A16G64.json", "rtn"),
+    ("W4 G64: GPTQ (uniform)", "run-zs-W4A16G64.json", "gptq"),
+    ("W4 G64: CALM over {rtn, gptq}", "run-zs-W4A16G64.json", "calm"),
+    ("W3 G64: RTN (uniform)", "run-zs-W3A16G64.json", "rtn"),
+    ("W3 G64: GPTQ (uniform)", "run-zs-W3A16G64.json", "gptq"),
+    ("W3 G64: CALM over {rtn, gptq}", "run-zs-W3A16G64.json", "calm"),
+    ("3.25-bit budget: GPTQ mixed precision, HAWQ-V2 sensitivity", "run-budget-3.25.json", "gptq-mp"),
+    ("3.25-bit budget: GPTQ mixed precision, the search's losses", "run-budget-3.25.json", "gptq-mp-score"),
+    ("3.25-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3}", "run-budget-3.25.json", "calm"),
+)
+
+
+def zero_shot() -> str:
+    """Held-out perplexity, every task's accuracy and their average (± standard error) per model."""
+    first = load(ZERO_SHOT[0][1])["zero_shot_setup"]
+    tasks = first["tasks"]
+    lines = ["| model | effective bits | PPL | " + " | ".join(tasks) + " | average acc |",
+             "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for label, file, model in ZERO_SHOT:
+        r = load(file)
+        figures = r["zero_shot"].get(model)
+        cells = [f"{figures[t]['acc']:.3f}" for t in tasks] if figures else [""] * len(tasks)
+        avg = f"{figures['average']['acc']:.4f} ± {figures['average']['acc_stderr']:.4f}" if figures else ""
+        lines.append(f"| {label} | {r['effective_bits'][model]:.3f} | {fmt_ppl(r['perplexity'][model])} | "
+                     + " | ".join(cells) + f" | {avg} |")
+    limit = "all documents" if first["limit"] is None else f"the first {first['limit']} documents of each task"
+    lines += ["", f"lm-eval {first['lm_eval']}, 0-shot, {limit} (validation splits, offline), acc; the average's "
+              f"standard error is sqrt(sum of the task variances) / tasks."]
+    return "\n".join(lines)
+
+
+def budget() -> str:
+    """The bit-budget run: each model's exact effective bits, perplexity and its per-block mix."""
+    r = load("run-budget-3.25.json")
+    models = r["budget"]["models"]
+    lines = ["| model | allocation | effective bits | PPL | blocks (candidate x count) |", "|---|---|---|---|---|"]
+    for name, m in models.items():
+        mix = choices([b["chosen"] for b in m["blocks"]])
+        lines.append(f"| {name} | {m['allocation']} | {m['effective_bits']:.4f} | "
+                     f"{fmt_ppl(r['perplexity'][name])} | {mix} |")
+    return "\n".join(lines)
+
+
 TABLES = {"default-schemes": default_schemes, "w3-pool": w3_pool, "activation": activation}
+if (RESULTS / "run-budget-3.25.json").is_file():  # the zero-shot and budget runs, once measured
+    TABLES |= {"zero-shot": zero_shot, "budget": budget}
 
 
 def render(text: str) -> str:

@@ -84,6 +84,17 @@ def exported_modules(manifest: dict) -> dict[str, dict]:
             if not (name.endswith(".linear") and name.removesuffix(".linear") in modules)}
 
 
+def blocks_and_candidates(blocks_by_what: dict[str, set[int | None]], chosen: list[str]) -> str:
+    """`what in blocks [1, 3] (candidates claq); ...`: what a refusal names, with the candidates that chose it."""
+    parts = []
+    for what, blocks in sorted(blocks_by_what.items()):
+        names = sorted(b for b in blocks if b is not None)
+        by = sorted({chosen[b] for b in names if b < len(chosen)})
+        parts.append(f"{what} in blocks {names[:8]}{'...' if len(names) > 8 else ''}"
+                     + (f" (candidates {', '.join(by)})" if by else ""))
+    return "; ".join(parts)
+
+
 def check_exportable(manifest: dict, config) -> None:
     """Refuse, naming the blocks and candidates, what compressed-tensors cannot hold."""
     chosen = manifest.get("chosen") or []
@@ -93,15 +104,10 @@ def check_exportable(manifest: dict, config) -> None:
             kind = "rotated (online transform)" if cfg["kind"] == "rotated" else cfg["kind"]
             bad[kind].add(_block_of(name))
     if bad:
-        parts = []
-        for kind, blocks in sorted(bad.items()):
-            names = sorted(b for b in blocks if b is not None)
-            by = sorted({chosen[b] for b in names if b < len(chosen)})
-            parts.append(f"{kind} linears in blocks {names[:8]}{'...' if len(names) > 8 else ''}"
-                         + (f" (candidates {', '.join(by)})" if by else ""))
         raise CalmUsageError("compressed-tensors holds integer grids, optionally behind per-token activation "
                              "quantization, but no codebooks, online transforms or KV-cache quantization; this model "
-                             "has " + "; ".join(parts) + ". Closest exportable setting: a weight-only scheme (e.g. "
+                             "has " + blocks_and_candidates({f"{k} linears": b for k, b in bad.items()}, chosen)
+                             + ". Closest exportable setting: a weight-only scheme (e.g. "
                              "W4A16G128) with a pool of rtn, gptq and awq, or W8A8/W4A8 with rtn, gptq and smoothquant")
     clipped = sorted({_block_of(n) for n, c in exported_modules(manifest).items()
                       if export_kind(c) == "activations" and c["clip_ratio"] != 1.0} - {None})

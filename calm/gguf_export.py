@@ -110,6 +110,8 @@ def refuse_unexportable(manifest: dict, config) -> None:
                              f"carry (transformers and llama.cpp would drop the biases)")
     if any(".experts." in name for name in manifest["modules"]):
         raise CalmUsageError("GGUF export of MoE models is not supported (calm stores the experts one by one)")
+    from calm.export import blocks_and_candidates
+
     chosen = manifest.get("chosen") or []
     bad: dict[str, set[int]] = defaultdict(set)
     reasons = {"rotated": "rotated / affine / activation-quantized linears (W4A4, W3A3, W4A8)",
@@ -118,13 +120,9 @@ def refuse_unexportable(manifest: dict, config) -> None:
         if cfg["kind"] in reasons:
             bad[cfg["kind"]].add(_block_of(name))
     if bad:
-        parts = []
-        for kind, blocks in sorted(bad.items()):
-            names = sorted(b for b in blocks if b is not None)
-            by = sorted({chosen[b] for b in names if b < len(chosen)})
-            parts.append(f"{reasons[kind]} in blocks {names[:8]}{'...' if len(names) > 8 else ''}"
-                         + (f" (candidates {', '.join(by)})" if by else ""))
-        raise CalmUsageError("GGUF holds weights only; this model has " + "; ".join(parts) + ". Closest exportable "
+        raise CalmUsageError("GGUF holds weights only; this model has "
+                             + blocks_and_candidates({reasons[k]: b for k, b in bad.items()}, chosen)
+                             + ". Closest exportable "
                              "setting: a weight-only scheme without K/V bits (e.g. W4A16G32 --symmetric) with a "
                              "pool of rtn, gptq and awq (llama.cpp quantizes its KV cache at run time)")
 
