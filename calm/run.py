@@ -401,7 +401,7 @@ def check_zero_shot(cfg: RunConfig, world: distributed.World) -> None:
 def run_model_names(cfg: RunConfig) -> list[str]:
     """The names of the models a run evaluates (results.json's `perplexity` keys)."""
     names = ["fp"]
-    if cfg.baselines:
+    if cfg.baselines and (cfg.search.bits_budget is None or cfg.exact_baselines):
         names += [c.name for c in cfg.search.pool]
     if cfg.search.bits_budget is not None and cfg.baselines:
         names += [MP_HAWQ, MP_SCORE]
@@ -532,7 +532,10 @@ def run(cfg: RunConfig, export_format: str | None = None) -> dict[str, Any]:
         else:
             outcome = budget_search(source, corpus.calibration, spec, cfg.search, state_dir=out / "state",
                                     log=logger.info, score_windows=corpus.scoring, baselines=cfg.baselines)
-    uniform = uniform_baselines(cfg, spec, source, outcome, corpus, out, ledger) if cfg.baselines else {}
+    # With a bit budget the baselines are the mixed-precision models at the same budget; uniform members (at
+    # other sizes than the budget) only on --exact-baselines, each then its own sequential pass.
+    wants_uniform = cfg.baselines and (cfg.search.bits_budget is None or cfg.exact_baselines)
+    uniform = uniform_baselines(cfg, spec, source, outcome, corpus, out, ledger) if wants_uniform else {}
     if isinstance(outcome, BudgetOutcome):  # the mixed-precision GPTQ models at the same budget
         uniform.update(outcome.baselines())
     hybrid = outcome.hybrid()

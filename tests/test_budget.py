@@ -265,8 +265,8 @@ def test_budget_run_reports_the_hybrid_and_the_mixed_precision_baselines_and_res
     results = json.loads((out / "results.json").read_text())
     budget = results["budget"]
     assert budget["bits_budget"] == 3.2 and set(budget["models"]) == {"calm", "gptq-mp", "gptq-mp-score"}
-    assert {"fp", "rtn@2", "gptq@2", "gptq@3", "gptq@4", "gptq-mp", "gptq-mp-score", "calm"} == set(
-        results["perplexity"])
+    # Uniform members (at other sizes than the budget) only with --exact-baselines.
+    assert {"fp", "gptq-mp", "gptq-mp-score", "calm"} == set(results["perplexity"])
     for name, mix in budget["models"].items():
         assert mix["stored_bits"] <= mix["limit_bits"] == bit_limit(3.2, mix["weights"])
         # The evaluation counts the saved blocks' bits on its own: the same effective bits.
