@@ -4,8 +4,8 @@ Each table sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->` in 
 the `results.json` copies in bench/results/ (a run's results.json, or bench/quality.py's quality.json). The
 tables are declared below: adding a row is one line naming its file and model.
 
-    python bench/readme_figures.py           # rewrite the tables in README.md
-    python bench/readme_figures.py --check   # exit 1, with a diff, when README.md is out of date
+    python bench/readme_figures.py           # rewrite the tables in README.md (and those bench/QUALITY.md marks)
+    python bench/readme_figures.py --check   # exit 1, with a diff, when either is out of date
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
+QUALITY = ROOT / "bench" / "QUALITY.md"  # may carry any of the tables too (only those it marks)
 AFFINE = "affine[batch_tokens=512,lr=0.01,steps=5]"
 
 
@@ -173,31 +174,36 @@ if (RESULTS / "run-budget-3.25.json").is_file():  # the zero-shot and budget run
     TABLES |= {"zero-shot": zero_shot, "budget": budget}
 
 
-def render(text: str) -> str:
-    """README text with every marked table regenerated."""
+def render(text: str, every: bool = True) -> str:
+    """Text with every marked table regenerated; `every`: each table must be marked (the README)."""
     for name, make in TABLES.items():
         pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- figures:{name} --> ... <!-- /figures:{name} --> block")
+            if every:
+                raise SystemExit(f"README.md has no <!-- figures:{name} --> ... <!-- /figures:{name} --> block")
+            continue
         text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
     return text
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 when README.md differs from its regeneration")
+    p.add_argument("--check", action="store_true", help="exit 1 when README.md or bench/QUALITY.md differs from "
+                   "its regeneration")
     args = p.parse_args()
-    current = README.read_text(encoding="utf-8")
-    fresh = render(current)
-    if args.check:
-        if fresh != current:
-            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), fresh.splitlines(True),
-                                                       "README.md", "regenerated"))
-            print("README.md is out of date: run python bench/readme_figures.py")
-            return 1
-        return 0
-    README.write_text(fresh, encoding="utf-8")
-    return 0
+    stale = 0
+    for path, every in ((README, True), (QUALITY, False)):
+        current = path.read_text(encoding="utf-8")
+        fresh = render(current, every)
+        if args.check:
+            if fresh != current:
+                sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), fresh.splitlines(True),
+                                                           path.name, "regenerated"))
+                print(f"{path.relative_to(ROOT)} is out of date: run python bench/readme_figures.py")
+                stale = 1
+        else:
+            path.write_text(fresh, encoding="utf-8")
+    return stale
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def test_readme_tables_are_up_to_date():
     figures = _module()
     text = figures.README.read_text(encoding="utf-8")
     assert figures.render(text) == text, "README.md is out of date: run python bench/readme_figures.py"
+    quality = figures.QUALITY.read_text(encoding="utf-8")
+    assert figures.render(quality, every=False) == quality, ("bench/QUALITY.md is out of date: run python "
+                                                             "bench/readme_figures.py")
 
 
 def test_default_scheme_table_renders_every_field(tmp_path, monkeypatch):
