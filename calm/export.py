@@ -17,7 +17,8 @@ integration), with the `compressed-tensors` package as the source of truth: its 
   is max|x| / (2^(a-1) - 1), vLLM's dynamic int8 quantizer's too; compressed-tensors' own fake quantizer
   (what transformers runs) divides by (2^a - 1) / 2 instead, so transformers' logits differ from calm's by
   that rounding. An activation clip ratio below 1 has no field in the format and is refused;
-- the float tensors (embeddings, norms with SmoothQuant's scales folded in, LM head, biases) as they are.
+- the float tensors (embeddings, norms with SmoothQuant's scales folded in, LM head, biases) as they are;
+  `--residual-rotation` models are plain models here: the rotation is folded into the saved weights.
 What the format cannot hold is refused with one line naming the blocks and their candidates, and the closest
 exportable setting: CLAQ codebooks, online transforms (the `rotation`, `affine` and `kurtosis` candidates:
 compressed-tensors' Hadamard transform configs build their own matrices, and vLLM has no int4/int3

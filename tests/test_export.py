@@ -165,3 +165,24 @@ def test_activation_export_refusals(tiny_model, tmp_path, capsys):
     assert main([str(tmp_path / "calm"), str(tmp_path / "ct")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rotated (online transform) linears in blocks [1] (candidates rotation)" in err[0]
+
+
+def test_residual_rotation_is_folded_into_the_weights_and_exports_as_a_plain_model(tmp_path, tiny_model_dir):
+    """QuaRot's model-wide rotation lives in the saved weights alone (no online transform), so a weight-only
+    model made with --residual-rotation exports as plain pack-quantized and transformers gives calm's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from calm.run import main as run_main
+
+    text = tmp_path / "corpus.txt"
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex a bright jumbo".split()
+    text.write_text("\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) for i in range(40)))
+    out = tmp_path / "out"
+    assert run_main(["--model", str(tiny_model_dir), "--text", str(text), "--output", str(out), "--scheme",
+                     "W4A16G16", "--symmetric", "--pool", "rtn,gptq", "--residual-rotation", "hadamard",
+                     "--calib-windows", "4", "--calib-seqlen", "32", "--eval-seqlen", "32", "--eval-tokens", "256",
+                     "--export", "compressed-tensors", "-q"]) == 0
+    ours, _ = load_quantized(out / "model")
+    theirs = AutoModelForCausalLM.from_pretrained(str(out / "export-compressed-tensors"), dtype=torch.float32).eval()
+    ids = torch.randint(3, 90, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=1e-4, atol=1e-4)
