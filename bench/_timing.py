@@ -124,7 +124,7 @@ def make_plan(probe_s: float, flush_s: float, smoke: bool, slow_rounds: int | No
     """About 50 ms of timed work per mode: graphs of up to 20 launches, 3-20 rounds; 5-50 eager rounds.
     slow_rounds: the script marked this provider slow (a reference, a CPU-heavy peer): that many eager rounds."""
     if smoke:
-        return Plan(launches=2, graph_rounds=3, eager_rounds=3)
+        return Plan(launches=2, graph_rounds=2, eager_rounds=2)
     per_launch = max(probe_s, 1e-6) + flush_s
     launches = int(min(20, max(1, 1e-3 // per_launch)))
     graph_rounds = int(min(20, max(3, 0.05 // (launches * per_launch))))
