@@ -155,6 +155,7 @@ class Session:
     out_dir: Path
     budget_s: float | None
     group_filter: str | None = None
+    group_first: str | None = None  # groups matching this run first (the goal cases, before the budget runs out)
     started: float = field(default_factory=time.monotonic)
     device: str = "cpu"
     device_label: str = ""
@@ -194,6 +195,8 @@ class Session:
             try:
                 mod = self.scripts[kernel] = _script(kernel)
                 groups = list(ADAPTERS[kernel](mod, self.device, self.smoke))
+                if self.group_first:
+                    groups.sort(key=lambda g: not re.search(self.group_first, f"{kernel}-{g[0]}"))
             except Exception as exc:  # a script that no longer imports or changed its case lists
                 cases.append(self._error_case(kernel, "import", f"{type(exc).__name__}: {exc}"))
                 continue

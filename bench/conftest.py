@@ -26,6 +26,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"comma list of kernels to benchmark (default {','.join(H.KERNELS)})")
     group.addoption("--bench-groups", default=None, metavar="REGEX",
                     help="only the case groups whose '<kernel>-<group>' matches, e.g. 8192x8192 or W3A3.*M1$")
+    group.addoption("--bench-first", default=None, metavar="REGEX",
+                    help="run the case groups whose '<kernel>-<group>' matches first (e.g. the goal shapes)")
     group.addoption("--bench-budget", type=float, default=None, metavar="SECONDS",
                     help="time guard: cases reached after this many seconds are recorded as not run")
     group.addoption("--bench-out", type=Path, default=None,
@@ -57,7 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("bench: --benchmark-disable leaves nothing to time; drop it")
     session = H.Session(smoke=smoke, kernels=kernels, budget_s=config.getoption("--bench-budget"),
                         out_dir=config.getoption("--bench-out") or H.default_out_dir(smoke),
-                        group_filter=config.getoption("--bench-groups"))
+                        group_filter=config.getoption("--bench-groups"),
+                        group_first=config.getoption("--bench-first"))
     config.stash[SESSION_KEY] = session
 
 
