@@ -277,7 +277,7 @@ class Session:
     def _measure(self, case: Case, benchmark) -> dict:
         calls = case.entry.calls
         with torch.no_grad():
-            probe_s = T.warm_up(calls, self.device)
+            probe_s = T.warm_up(calls, self.device, probe=case.entry.slow_rounds is None)
             flush_s = 0.0 if self.smoke else self.flusher.nbytes / self.ceilings["bandwidth"]
             plan = T.make_plan(probe_s, flush_s, self.smoke, case.entry.slow_rounds)
             if case.mode == "cuda-graph":

@@ -32,6 +32,7 @@ class Plan:
     launches: int
     graph_rounds: int
     eager_rounds: int
+    slow: bool = False  # a provider the script marked slow: no untimed warm-up round (it was warmed already)
 
 
 class Flusher:
@@ -100,9 +101,9 @@ def cycler(calls: list[Callable]) -> Callable[[], object]:
     return call
 
 
-def warm_up(calls: list[Callable], device: str) -> float:
+def warm_up(calls: list[Callable], device: str, probe: bool = True) -> float:
     """Run every copy once (autotuning, lazy caches), on a side stream on CUDA as graph capture requires; return
-    the seconds of one further synchronized call (the probe the plan is made from)."""
+    the seconds of one further synchronized call (the probe the plan is made from; 0 without `probe`)."""
     if device == "cpu":
         for c in calls:
             c()
@@ -114,6 +115,8 @@ def warm_up(calls: list[Callable], device: str) -> float:
                 c()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+    if not probe:
+        return 0.0
     t0 = time.perf_counter()
     calls[0]()
     synchronize(device)
@@ -130,7 +133,7 @@ def make_plan(probe_s: float, flush_s: float, smoke: bool, slow_rounds: int | No
     graph_rounds = int(min(20, max(3, 0.05 // (launches * per_launch))))
     eager_rounds = int(min(50, max(5, 0.05 // per_launch)))
     if slow_rounds is not None:
-        eager_rounds = max(3, slow_rounds)
+        return Plan(launches, graph_rounds, max(3, slow_rounds), slow=True)
     return Plan(launches, graph_rounds, eager_rounds)
 
 
@@ -191,7 +194,8 @@ def time_eager(benchmark, calls: list[Callable], flush: Flusher, device: str, pl
         synchronize(device)
 
     benchmark._timer = DeviceClock(device)
-    benchmark.pedantic(cycler(calls), setup=setup, rounds=plan.eager_rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(cycler(calls), setup=setup, rounds=plan.eager_rounds, warmup_rounds=0 if plan.slow else 1,
+                       iterations=1)
     return {"median_us": _benchmark_median_s(benchmark) * 1e6, "rounds": plan.eager_rounds}
 
 

@@ -134,8 +134,8 @@ def render(name: str, results: Path = RESULTS) -> str:
 
 def rewrite(text: str, results: Path = RESULTS) -> str:
     for name in (*KERNELS, "generate"):
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
-        text = pattern.sub(lambda m, n=name: m.group(1) + render(n, results) + m.group(2), text)
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
+        text = pattern.sub(lambda m, n=name: m.group(1) + render(n, results) + "\n" + m.group(2), text)
     return text
 
 

@@ -109,3 +109,70 @@ def test_recording_timer_maps_sentinels_back_to_calls() -> None:
     first, second = timer(lambda: 1), timer([lambda: 2, lambda: 3], reps=3)
     assert timer.entry_for(first).slow_rounds is None and len(timer.entry_for(second).calls) == 2
     assert timer.entry_for(12.5) is None and timer.entry_for(-7.0) is None
+
+
+def test_tables_render_ours_over_peer_from_harness_records(tmp_path: Path) -> None:
+    from bench import bench_tables
+
+    def rec(provider, case, timing, us, bits=4):
+        return {"kernel": "qgemm", "provider": provider, "case": case, "bits": bits, "group": "64x256",
+                "shape": {"N": 64, "K": 256, "M": 1}, "timing": timing, "median_us": us, "roofline_us": 2.0,
+                "device": "Test GPU", "torch": "t", "triton": "x", "commit": "c"}
+    records = [rec("calm", "u4", "cuda-graph", 4.0), rec("calm", "u4", "eager", 9.0),
+               rec("calm", "u3", "cuda-graph", 3.0, 3), rec("cublas-bf16", "bf16", "cuda-graph", 8.0, 16),
+               rec("tinygemm-int4", "u4", "cuda-graph", 5.0),
+               {**rec("calm", "u2", "cuda-graph", None, 2), "error": "RuntimeError: refused"}]
+    (tmp_path / "qgemm-test-gpu.json").write_text(json.dumps(records))
+    (tmp_path / "qgemm-cpu-smoke-x.json").write_text(json.dumps([{**r, "device": "cpu-smoke-x"} for r in records]))
+    table = bench_tables.render("qgemm", tmp_path)
+    assert table.count("Test GPU") == 1 and "cpu-smoke" not in table
+    u4 = next(line for line in table.splitlines() if "| u4 |" in line)
+    assert "| 4.00 | 9.00 | 2.00 | 2.00 |" in u4 and "cublas-bf16 0.50" in u4 and "tinygemm-int4 0.80" in u4
+    u3 = next(line for line in table.splitlines() if "| u3 |" in line)
+    assert "cublas-bf16 0.38" in u3 and "tinygemm" not in u3  # tinygemm is u4's peer only
+    assert "1 records carry an error" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- bench:qgemm -->\nold\n<!-- /bench:qgemm -->\n<!-- bench:generate -->\n"
+                      "<!-- /bench:generate -->\n")
+    assert bench_tables.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 1
+    assert bench_tables.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
+    assert bench_tables.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 0
+    assert "cublas-bf16 0.50" in readme.read_text() and "No GPU results yet" in readme.read_text()
+
+
+def test_bench_readme_tables_are_current() -> None:
+    from bench import bench_tables
+
+    assert bench_tables.main(["--check"]) == 0, "run python bench/bench_tables.py"
+
+
+def test_generate_smoke_decodes_the_same_tokens_every_way(tmp_path: Path, capsys) -> None:
+    from bench import generate
+
+    out = tmp_path / "generate.json"
+    args = ["--smoke", "--models", "default", "llama7b", "--variants", "bf16", "w4", "--prompt-tokens", "6",
+            "--new-tokens", "4", "--eager-tokens", "4", "--out", str(out)]
+    assert generate.main(args) == 0
+    records = json.loads(out.read_text())
+    assert not [r for r in records if r.get("error")], records
+    assert {(r["provider"], r["timing"]) for r in records if r["model"] == "tiny-default"} == {
+        ("bf16", "eager"), ("bf16", "cuda-graph"), ("bf16:generate()", "eager"),
+        ("calm-w4", "eager"), ("calm-w4", "cuda-graph"), ("calm-w4:generate()", "eager")}
+    for r in records:
+        assert CONTRACT <= set(r) and r["tokens_per_s"] > 0 and r["roofline_us"] > 0
+        if r["timing"] == "cuda-graph":
+            assert r["matches_eager_tokens"] is True
+        if r["provider"].endswith(":generate()"):
+            assert r["leading_match_generate"] == 4  # the static-cache step decodes what generate() decodes
+    w4 = next(r for r in records if r["provider"] == "calm-w4")
+    assert 4 < w4["effective_bits"] < 5 and w4["bits"] == 4
+    assert all(r.get("scaled_from_layers") == 1 for r in records if r["model"] == "tiny-llama7b")
+
+
+def test_generate_without_cuda_exits_2(capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from bench import generate
+
+    assert generate.main([]) == 2
+    assert capsys.readouterr().out.count("\n") == 1
