@@ -131,12 +131,14 @@ def effective_bits(model: torch.nn.Module) -> float:
 
 
 def bytes_per_token(model: torch.nn.Module, cache_positions: float) -> float:
-    """Bytes one decode step must read: every parameter and buffer but the input embedding (one row of it), plus the
-    K and V cache up to the mean position."""
+    """Bytes one decode step must read: every parameter and buffer (of the input embedding one row, unless the head
+    shares it), plus the K and V cache up to the mean position."""
     cfg = model.config
     emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
+    if head is None or head.weight is not emb:  # a tied head (SmolLM2) reads the whole matrix anyway
+        total -= emb.numel() * emb.element_size() - emb.shape[1] * emb.element_size()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * cache_positions * emb.element_size()
     return total + kv
