@@ -1,7 +1,7 @@
 """How the benchmark harness times one provider: CUDA-graph kernel time and eager module-forward time, both with
 L2 flushed, measured through pytest-benchmark's `benchmark.pedantic` with a device clock.
 
-- cuda-graph: N launches are captured in one CUDA graph, each preceded by an L2 flush (a write of a buffer
+- cuda-graph: N launches are captured in one CUDA graph, each preceded by an L2 flush (a read of a buffer
   twice the L2 size); a second graph holds the N flushes alone. One pytest-benchmark round replays the first
   graph between two CUDA events; the clock reports (elapsed - median elapsed of the flush-only graph) / N,
   so pytest-benchmark's statistics are per-launch kernel time with no Python launch overhead in them.
@@ -9,7 +9,7 @@ L2 flushed, measured through pytest-benchmark's `benchmark.pedantic` with a devi
   is one Python call between two CUDA events, so the host's launch overhead counts (the device sits idle until
   the call's kernels arrive): what a user's single call costs.
 
-On the CPU (smoke runs) the clock is time.perf_counter, the flush writes a 256 KiB buffer, and the "graph" is a
+On the CPU (smoke runs) the clock is time.perf_counter, the flush reads a 256 KiB buffer, and the "graph" is a
 Python loop over the same N (flush, call) pairs, nothing subtracted: the plumbing runs, the numbers mean nothing.
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ class Plan:
 
 
 class Flusher:
-    """Evicts the L2 by writing a buffer twice its size (the cache keeps dirty lines of the buffer, none of the
-    operands of the call that follows)."""
+    """Evicts the L2 by reading a buffer twice its size (one sum reduction). Reading, not writing: the cache is left
+    holding clean lines of the buffer, so the timed call that follows finds none of its operands there and pays no
+    write-back of the flush's dirty lines (a write flush would charge those DRAM writes to the timed kernel)."""
 
     def __init__(self, device: str) -> None:
         if device == "cpu":
@@ -45,11 +46,12 @@ class Flusher:
         else:
             l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
             nbytes = 2 * (l2 or L2_FALLBACK_BYTES)
-        self.buffer = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+        self.buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        self.sink = torch.zeros((), dtype=torch.float32, device=device)
         self.nbytes = nbytes
 
     def __call__(self) -> None:
-        self.buffer.zero_()
+        torch.sum(self.buffer, 0, out=self.sink)
 
 
 class DeviceClock:
