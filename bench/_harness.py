@@ -219,7 +219,7 @@ class Session:
             self._check_sticky(exc)
             return [self._error_case(kernel, group, _one_line(exc), detail=traceback.format_exc(limit=3))]
         finally:
-            self.notes += [f"{kernel} {group}: {n}" for n in notes]
+            self.notes += [f"{kernel}: {n}" for n in notes]
         cases, seen = [], set()
         for rec in built:
             entry = timer.entry_for(rec.get("median_us"))
@@ -382,8 +382,8 @@ def summary(session: Session) -> list[str]:
                 lines.append(f"  {count} x {msg[:160]}")
         if not session.smoke and kernel in session.scripts:
             lines += goal_lines(session.scripts[kernel], records)
-    for note in dict.fromkeys(session.notes):
-        lines.append(f"note: {note}")
+    for note, count in _count(session.notes):
+        lines.append(f"note: {note}" + (f" ({count} groups)" if count > 1 else ""))
     return lines
 
 
