@@ -244,7 +244,8 @@ class Session:
         return cases
 
     def _error_case(self, kernel: str, group: str, error: str, detail: str | None = None) -> Case:
-        rec = {"kernel": kernel, "provider": None, "shape": None, "group": group}
+        rec = {"kernel": kernel, "provider": None, "shape": None, "dtype": None, "bits": None, "roofline_us": None,
+               "group": group}
         if detail:
             rec["traceback"] = detail
         return Case(_slug(f"{kernel}-{group}-error"), kernel, group, "none", rec, error=error)

@@ -164,10 +164,20 @@ def capture(seq: list[Callable], device: str):
     """A CUDA graph of the calls in seq (the CPU: a Python replay of them)."""
     if device == "cpu":
         return _PythonGraph(seq)
+    return capture_cuda_graph(lambda: [fn() for fn in seq])
+
+
+def capture_cuda_graph(body: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """torch.cuda.graph around body, restoring the caller's stream when the capture fails (torch's context manager
+    leaves its capture stream current when capture_end raises, e.g. after a host sync inside the body)."""
+    previous = torch.cuda.current_stream()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in seq:
-            fn()
+    try:
+        with torch.cuda.graph(graph):
+            body()
+    except BaseException:
+        torch.cuda.set_stream(previous)
+        raise
     torch.cuda.synchronize()
     return graph
 

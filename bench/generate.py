@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import _common as B  # noqa: E402
+from bench._timing import capture_cuda_graph  # noqa: E402
 
 VARIANTS = ("bf16", "w4", "w3", "hybrid")
 MODELS = ("default", "llama7b")
@@ -237,9 +238,7 @@ def decode_graph(model, prompt, tokens: int, device: str) -> tuple[float, list[i
             dec.step()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        dec.step()
+    graph = capture_cuda_graph(dec.step)
     s = time_steps(graph.replay, tokens, device)
     return s, dec.tokens(tokens)
 
