@@ -13,6 +13,7 @@ The adapters below are the only coupling to the scripts: one small function per 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -83,22 +84,38 @@ def _script(kernel: str):
     return importlib.import_module(f"bench.bench_{kernel}")
 
 
+def call_script(fn: Callable, timer: RecordingTimer, **kwargs) -> list[dict]:
+    """Call a script's bench_shape / bench_case with the harness's timer, whichever way the script takes one: a
+    `timer` parameter, or module-level helpers (`cpu_median_us`, `gpu_median_us`: a list of calls and reps) that are
+    patched for the call. `rotation_count` (copies that defeat L2) is pinned to 1: the harness flushes L2 itself."""
+    import inspect
+
+    mod = sys.modules[fn.__module__]
+    params = inspect.signature(fn).parameters
+    if "timer" in params:
+        kwargs["timer"] = timer
+    patches = [mock.patch.object(mod, name, lambda calls, reps=None: timer(calls))
+               for name in ("cpu_median_us", "gpu_median_us") if hasattr(mod, name)]
+    if hasattr(mod, "rotation_count"):
+        patches.append(mock.patch.object(mod, "rotation_count", lambda *a, **k: 1))
+    if "timer" not in params and not patches:
+        raise RuntimeError(f"{fn.__module__}.{fn.__name__} takes no timer and has no timer helpers to patch: "
+                           "update the adapter in bench/_harness.py")
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        return fn(**{k: v for k, v in kwargs.items() if k in params or k == "timer"})
+
+
 def _qgemm_groups(mod, device: str, smoke: bool) -> Iterator[tuple[str, Callable]]:
     shapes = mod.SMOKE_SHAPES if smoke else mod.SHAPES
     tokens = mod.SMOKE_TOKENS if smoke else mod.TOKENS
     for n, k in shapes:
         if k % mod.GROUP:
             continue
-
-        def run(timer, ceilings, notes, n=n, k=k):
-            # The script times through module-level helpers taking a list of calls; one copy is enough (the
-            # harness flushes L2 itself), so rotation_count is pinned to 1.
-            def record(calls, reps=None):
-                return timer(calls)
-            with mock.patch.object(mod, "cpu_median_us", record), mock.patch.object(mod, "gpu_median_us", record), \
-                    mock.patch.object(mod, "rotation_count", lambda *a, **k: 1):
-                return mod.bench_shape(n, k, tokens, list(mod.CASES), device, smoke, ceilings, notes)
-        yield f"{n}x{k}", run
+        yield (f"{n}x{k}", lambda timer, ceilings, notes, n=n, k=k: call_script(
+            mod.bench_shape, timer, n=n, k=k, tokens=tokens, cases=list(mod.CASES), device=device, smoke=smoke,
+            ceilings=ceilings, notes=notes))
 
 
 def _rotated_groups(mod, device: str, smoke: bool) -> Iterator[tuple[str, Callable]]:
@@ -108,24 +125,26 @@ def _rotated_groups(mod, device: str, smoke: bool) -> Iterator[tuple[str, Callab
     for scheme in ("W3A3", "W4A4"):
         for n, k in shapes:
             for m in tokens:
-                yield (f"{scheme}-{n}x{k}-M{m}",
-                       lambda timer, ceilings, notes, n=n, k=k, m=m, scheme=scheme:
-                       mod.bench_shape(n, k, m, scheme, device, dtype, timer, ceilings, notes))
+                yield (f"{scheme}-{n}x{k}-M{m}", lambda timer, ceilings, notes, n=n, k=k, m=m, scheme=scheme:
+                       call_script(mod.bench_shape, timer, n=n, k=k, m=m, scheme=scheme, device=device, dtype=dtype,
+                                   ceilings=ceilings, notes=notes, smoke=smoke))
 
 
 def _cka_groups(mod, device: str, smoke: bool) -> Iterator[tuple[str, Callable]]:
     dtype = torch.float32 if smoke else torch.bfloat16
     for n in mod.SMOKE_TOKENS if smoke else mod.TOKENS:
         for d in mod.SMOKE_FEATURES if smoke else mod.FEATURES:
-            yield (f"n{n}-d{d}", lambda timer, ceilings, notes, n=n, d=d:
-                   mod.bench_shape(n, d, device, dtype, timer, ceilings, smoke, notes))
+            yield (f"n{n}-d{d}", lambda timer, ceilings, notes, n=n, d=d: call_script(
+                mod.bench_shape, timer, n=n, d=d, device=device, dtype=dtype, ceilings=ceilings, smoke=smoke,
+                notes=notes))
 
 
 def _kmeans_groups(mod, device: str, smoke: bool) -> Iterator[tuple[str, Callable]]:
     for rows, cols in mod.SMOKE_SHAPES if smoke else mod.SHAPES:
         for bits in mod.BITS:
             yield (f"{rows}x{cols}-b{bits}", lambda timer, ceilings, notes, rows=rows, cols=cols, bits=bits:
-                   mod.bench_case(rows, cols, bits, device, False, timer, ceilings, 4 if smoke else 32, notes))
+                   call_script(mod.bench_case, timer, rows=rows, cols=cols, bits=bits, device=device, use_imp=False,
+                               ceilings=ceilings, cpu_columns=4 if smoke else 32, notes=notes, smoke=smoke))
 
 
 ADAPTERS = {"qgemm": _qgemm_groups, "rotated": _rotated_groups, "cka": _cka_groups, "kmeans": _kmeans_groups}
