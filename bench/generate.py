@@ -351,7 +351,8 @@ def print_table(records: list[dict]) -> None:
             if r.get("median_us") and r["provider"].startswith("bf16")}
     for r in records:
         if not r.get("median_us"):
-            print(f"{r['model']:14} {r['provider']:22} {str(r.get('timing')):10} {r.get('error', '')}")
+            print(f"{str(r.get('model')):14} {str(r.get('provider')):22} {str(r.get('timing')):10} "
+                  f"{r.get('error', '')}")
             continue
         ref = bf16.get((r["model"], r["timing"], r["provider"].endswith(":generate()")))
         x = f"{ref / r['median_us']:7.2f}" if ref else "      -"
