@@ -343,9 +343,11 @@ def _fmt(x: float | None, width: int = 9, digits: int = 2) -> str:
 
 
 def ratio_lines(records: list[dict]) -> list[str]:
-    """Per group and timing mode: each provider's time, its roofline, time/roofline, and ours/peer (calm's time
-    over the peer's: below 1 means ours is faster). A peer is compared with the calm record of the same `case`
-    when it has one (e.g. tinygemm-int4 with u4), else with every calm record of the group."""
+    """Per group and timing mode: each provider's time, its roofline, time/roofline, and for a peer ours/peer
+    (calm's time over the peer's, below 1 when ours is faster) against the calm records it is compared with
+    (bench_tables.counterparts: the same case, or the same part)."""
+    from bench.bench_tables import counterparts
+
     lines: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -357,14 +359,12 @@ def ratio_lines(records: list[dict]) -> list[str]:
     for (group, shape, timing), rows in groups.items():
         lines.append(f"-- {group} {shape}")
         lines.append(header)
-        ours = [r for r in rows if r["provider"] == "calm" and r.get("median_us")]
         for r in rows:
             us, roof = r.get("median_us"), r.get("roofline_us")
             rel = []
             if us and not r["provider"].startswith("calm"):
-                same = [o for o in ours if r.get("case") is not None and o.get("case") == r.get("case")]
-                for o in same or ours:
-                    rel.append(f"{o.get('case') or o.get('scheme') or 'calm'} {o['median_us'] / us:.2f}")
+                for o in counterparts(r, rows):
+                    rel.append(f"{o['provider']} {o.get('case') or ''} {o['median_us'] / us:.2f}".replace("  ", " "))
             label = r.get("case") or r.get("scheme") or ""
             tail = ", ".join(rel) if rel else (r.get("error") or "")
             lines.append(f"{timing:10} {r['provider'][:34]:34} {str(label)[:10]:10} {str(r.get('bits')):>4} "

@@ -55,31 +55,59 @@ def _label(r: dict) -> str:
     return str(r.get("case") or r.get("scheme") or (f"b{r['bits']}" if r.get("bits") is not None else ""))
 
 
+def _part(provider: str) -> str | None:
+    return provider.split(":", 1)[1] if ":" in provider else None
+
+
+def counterparts(peer: dict, rows: list[dict]) -> list[dict]:
+    """The calm records of a group that a peer's time is compared with (rows: the group's records of one timing).
+    A whole peer (cublas-bf16, tinygemm-int4) goes with the calm record of its own `case` when calm has that case
+    (tinygemm-int4 is u4's peer, not u3's), else with every `calm` record; a part of a peer
+    (torch-int-mm:gemm) goes with calm's part of the same name or the same last step (calm:gemm;
+    torch-int-mm:hadamard+quantize with calm:transform+quantize)."""
+    ours = [r for r in rows if r.get("provider", "").startswith("calm") and r.get("median_us")]
+    part = _part(peer["provider"])
+    if part is None:
+        whole = [o for o in ours if o["provider"] == "calm"]
+        same = [o for o in whole if peer.get("case") is not None and o.get("case") == peer["case"]]
+        return same or whole
+    return [o for o in ours if _part(o["provider"]) is not None and
+            (_part(o["provider"]) == part or _part(o["provider"]).split("+")[-1] == part.split("+")[-1])]
+
+
+def peer_ratios(rows: list[dict]) -> dict[int, list[tuple[dict, dict]]]:
+    """id(calm record) -> [(peer, its record)] over one group and timing, for peers with a time."""
+    out: dict[int, list[tuple[dict, dict]]] = {}
+    for peer in rows:
+        if not peer.get("provider") or peer["provider"].startswith("calm") or not peer.get("median_us"):
+            continue
+        for o in counterparts(peer, rows):
+            out.setdefault(id(o), []).append((o, peer))
+    return out
+
+
 def kernel_table(records: list[dict]) -> list[str]:
-    """One row per calm record: CUDA-graph and eager time, roofline, and ours/peer for every peer of its group
-    under CUDA graphs (below 1: ours is faster)."""
+    """One row per calm record (and calm part): CUDA-graph and eager time, roofline, and ours/peer under CUDA
+    graphs for every peer it is compared with (below 1: ours is faster)."""
     ok = [r for r in records if r.get("provider") and r.get("median_us") is not None]
     rows = ["| shape | case | provider | graph us | eager us | roofline us | graph/roof | ours/peer (graph) |",
             "|---|---|---|---|---|---|---|---|"]
     index: dict[tuple, dict[str, dict]] = {}
+    graph_groups: dict[tuple, list[dict]] = {}
     for r in ok:
-        key = (r.get("group"), json.dumps(r.get("shape"), sort_keys=True), r["provider"], _label(r))
-        index.setdefault(key, {})[r["timing"]] = r
-    for (group, shape_key, provider, label), by_mode in index.items():
+        shape_key = json.dumps(r.get("shape"), sort_keys=True)
+        index.setdefault((r.get("group"), shape_key, r["provider"], _label(r)), {})[r["timing"]] = r
+        if r["timing"] == "cuda-graph":
+            graph_groups.setdefault((r.get("group"), shape_key), []).append(r)
+    ratios: dict[int, list[tuple[dict, dict]]] = {}
+    for group_rows in graph_groups.values():
+        ratios.update(peer_ratios(group_rows))
+    for (_, _, provider, label), by_mode in index.items():
         if not provider.startswith("calm"):
             continue
         g, e = by_mode.get("cuda-graph"), by_mode.get("eager")
         ref = g or e
-        peers = []
-        if provider == "calm" and g:
-            for (pg, ps, pp, _), pm in index.items():
-                p = pm.get("cuda-graph")
-                if pg != group or ps != shape_key or pp.startswith("calm") or p is None:
-                    continue
-                if p.get("case") is not None and g.get("case") is not None and p["case"] != g["case"] \
-                        and any(k[3] == p["case"] for k in index if k[0] == group and k[2] == "calm"):
-                    continue  # a peer of another case (tinygemm-int4 is u4's peer, not u3's)
-                peers.append(f"{pp} {g['median_us'] / p['median_us']:.2f}")
+        peers = [f"{p['provider']} {o['median_us'] / p['median_us']:.2f}" for o, p in ratios.get(id(g), [])]
         roof = ref.get("roofline_us")
         over_roof = f"{g['median_us'] / roof:.2f}" if g and roof else "-"
         rows.append(f"| {_shape(ref.get('shape'))} | {label} | {provider} | {_us(g and g['median_us'])} | "

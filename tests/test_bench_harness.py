@@ -176,3 +176,17 @@ def test_generate_without_cuda_exits_2(capsys) -> None:
 
     assert generate.main([]) == 2
     assert capsys.readouterr().out.count("\n") == 1
+
+
+def test_peers_are_compared_with_the_matching_calm_record() -> None:
+    from bench.bench_tables import counterparts
+
+    rows = [{"provider": "calm", "case": "u4", "median_us": 1.0}, {"provider": "calm", "case": "u3", "median_us": 1.0},
+            {"provider": "calm:gemm", "median_us": 1.0}, {"provider": "calm:transform+quantize", "median_us": 1.0}]
+
+    def names(peer):
+        return [(o["provider"], o.get("case")) for o in counterparts(peer, rows)]
+    assert names({"provider": "torch-int-mm:gemm"}) == [("calm:gemm", None)]
+    assert names({"provider": "torch-int-mm:hadamard+quantize"}) == [("calm:transform+quantize", None)]
+    assert names({"provider": "tinygemm-int4", "case": "u4"}) == [("calm", "u4")]
+    assert names({"provider": "cublas-bf16", "case": "bf16"}) == [("calm", "u4"), ("calm", "u3")]
