@@ -299,7 +299,7 @@ def bench_model(built: Built, variants: list[str], args, device: str, ceilings: 
                 install(model, per_block)
             elif float_linears is not None:
                 install(model, float_linears)
-            base["bits"] = 16 if variant == "bf16" else {"w4": 4, "w3": 3, "hybrid": 3}[variant]
+            base["bits"] = {"bf16": 16, "w4": 4, "w3": 3}.get(variant)  # the hybrid mixes: see effective_bits
             base["effective_bits"] = effective_bits(model)
             roof_s = bytes_per_token(model, built.prompt.shape[1] + args.new_tokens / 2) / ceilings["bandwidth"]
             with torch.no_grad():
