@@ -18,9 +18,10 @@ from bench import _harness as H  # noqa: E402
 
 CONTRACT = {"kernel", "provider", "shape", "dtype", "bits", "median_us", "roofline_us", "device", "torch", "triton",
             "commit", "timing"}
-# One small group per kernel, of qgemm only M=1 and four providers: about 10 s of CPU.
+# One small group per kernel and a few providers of each (calm beside a peer, both timing modes): about 8 s of CPU.
 GROUPS = "qgemm-48x384|rotated-W4A4-64x576-M1|cka-n96-d40|kmeans-64x24-b2"
-SELECT = "not qgemm or (M1- and (u3 or cb3.12+or or cublas or tinygemm))"
+SELECT = ("(qgemm and M1- and (u3 or cb3.12+or or cublas or tinygemm)) or "
+          "(rotated and (calm-W4A4 or cublas or int-mm:gemm)) or cka or kmeans")
 
 
 def _pytest_bench(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
