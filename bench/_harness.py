@@ -120,10 +120,15 @@ def _qgemm_groups(mod, device: str, smoke: bool) -> Iterator[tuple[str, Callable
 
 def _rotated_groups(mod, device: str, smoke: bool) -> Iterator[tuple[str, Callable]]:
     dtype = torch.float32 if smoke else torch.bfloat16
-    shapes = mod.SMOKE_SHAPES if smoke else mod.SHAPES
-    tokens = mod.SMOKE_TOKENS if smoke else mod.TOKENS
+    cases = [(shape, mod.SMOKE_TOKENS if smoke else mod.TOKENS) for shape in
+             (mod.SMOKE_SHAPES if smoke else mod.SHAPES)]
+    # widths that need the chunked Hadamard, where the script has them (fewer M values; smoke: M=1, one scheme)
+    wide = getattr(mod, "SMOKE_WIDE_SHAPES", []) if smoke else getattr(mod, "WIDE_SHAPES", [])
+    cases += [(shape, [1] if smoke else getattr(mod, "WIDE_TOKENS", mod.TOKENS)) for shape in wide]
     for scheme in ("W3A3", "W4A4"):
-        for n, k in shapes:
+        for (n, k), tokens in cases:
+            if smoke and (n, k) in wide and scheme != "W3A3":
+                continue
             for m in tokens:
                 yield (f"{scheme}-{n}x{k}-M{m}", lambda timer, ceilings, notes, n=n, k=k, m=m, scheme=scheme:
                        call_script(mod.bench_shape, timer, n=n, k=k, m=m, scheme=scheme, device=device, dtype=dtype,
