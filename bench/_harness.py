@@ -408,7 +408,7 @@ def summary(session: Session) -> list[str]:
         if not session.smoke and kernel in session.scripts:
             lines += goal_lines(session.scripts[kernel], records)
     for note, count in _count(session.notes):
-        lines.append(f"note: {note}" + (f" ({count} groups)" if count > 1 else ""))
+        lines.append(f"note: {note}" + (f" (x{count})" if count > 1 else ""))
     return lines
 
 
