@@ -27,11 +27,14 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_cka.py --smoke && $(PY) bench/bench_kmeans.py --smoke && \
-	$(PY) bench/bench_qgemm.py --smoke && $(PY) bench/bench_rotated.py --smoke
+	$(PY) bench/bench_qgemm.py --smoke && $(PY) bench/bench_rotated.py --smoke && \
+	$(PY) -m pytest bench/ --bench-smoke -q --benchmark-columns=median && $(PY) bench/generate.py --smoke
 
+# Every GPU benchmark in one run of at most 8 minutes (kernels through pytest bench/, decode tokens/s), then
+# bench/README.md's tables from bench/results/ (scripts/bench_gpu.sh; BENCH_BUDGET=seconds shortens it).
 bench-gpu:
 	CALM_EXTRAS=bench bash scripts/setup.sh
-	$(PY) bench/bench_cka.py && $(PY) bench/bench_kmeans.py && $(PY) bench/bench_qgemm.py && $(PY) bench/bench_rotated.py
+	PY=$(PY) bash scripts/bench_gpu.sh
 
 quality: setup
 	$(PY) bench/quality.py
