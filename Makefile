@@ -32,9 +32,10 @@ bench: setup
 
 # Every GPU benchmark in one run of at most 8 minutes (kernels through pytest bench/, decode tokens/s), then
 # bench/README.md's tables from bench/results/ (scripts/bench_gpu.sh; BENCH_BUDGET=seconds shortens it).
+# No setup step: a GPU machine may be offline with its own PyTorch/Triton (then python3 runs it); on a machine
+# with the project's venv (make setup, or CALM_EXTRAS=bench bash scripts/setup.sh) that venv runs it.
 bench-gpu:
-	CALM_EXTRAS=bench bash scripts/setup.sh
-	PY=$(PY) bash scripts/bench_gpu.sh
+	PY=$$( [ -x $(PY) ] && echo $(PY) || echo python3 ) bash scripts/bench_gpu.sh
 
 quality: setup
 	$(PY) bench/quality.py
