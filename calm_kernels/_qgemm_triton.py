@@ -231,7 +231,7 @@ def _qgemm_kernel(
             # exchanges integers only).
             bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
                                   mask=omask, sem="acquire")
-            total = bits.to(tl.float32, bitcast=True)
+            total = tl.where(omask, bits.to(tl.float32, bitcast=True), 0.0)  # masked lanes return no value
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=omask)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
 
