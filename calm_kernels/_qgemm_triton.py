@@ -320,20 +320,31 @@ def small_m_configs() -> list[triton.Config]:
 def prefill_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 4})]
+    # The dequantized (BLOCK_K, BLOCK_N) float32 tile lives in registers beside the accumulator: larger tiles
+    # spill on sm90 (ptxas, tests/kernels/qgemm_sm90.py --all), so the list stops at 128 x 128 x 64 on 8 warps.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8},
                           num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                                     (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 128, 4, 3),
-                                     (32, 128, 128, 4, 4), (128, 128, 128, 8, 3)]]
+            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 8, 3),
+                                     (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4),
+                                     (32, 64, 128, 4, 3)]]
 
 
 DEQUANT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
 
 
+def _prune_prefill(configs, named_args, **meta):
+    """Codebook tiles hold gathered float32 tables and the outlier loop: above 64 x 64 x 64 they spill on sm90."""
+    if meta.get("MODE") != 1:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_K"] <= 64]
+    return kept or configs
+
+
 @functools.cache
 def _autotuned(path: str):
     configs = {"gemv": gemv_configs, "small": small_m_configs, "prefill": prefill_configs}[path]()
-    return triton.autotune(configs=configs, key=_KEY)(_qgemm_kernel)
+    prune = {"early_config_prune": _prune_prefill} if path == "prefill" else None
+    return triton.autotune(configs=configs, key=_KEY, prune_configs_by=prune)(_qgemm_kernel)
 
 
 # Split-K workspace: one clean (M, N) float32 buffer and one int32 counter per output tile, per device and shape,

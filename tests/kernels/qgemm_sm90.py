@@ -75,17 +75,22 @@ def variants(every_config: bool = False):
         qg("gemv codebook 1/2/3/4/8 + outliers bf16", "gemv", gemv[0], (1, 2, 3, 4, 8), 1, "bf16", outliers=True),
         qg("small u4 bf16 split-K 4", "small", first(small, 4), (4,), 0, "bf16"),
         qg("prefill u3 bf16", "prefill", prefill[0], (3,), 0, "bf16"),
+        qg("prefill codebook 3/4 + outliers bf16", "prefill", T._prune_prefill(prefill, {}, MODE=1)[0], (3, 4), 1,
+           "bf16", outliers=True),
     ]
     if every_config:
         out += [qg("gemv u4 fp16", "gemv", gemv[0], (4,), 0, "fp16", bias=False),
                 qg("gemv u8 bf16 odd group", "gemv", gemv[0], (8,), 0, "bf16", group=96),
                 qg("small codebook 3/4 fp16", "small", small[0], (3, 4), 1, "fp16")]
         for path, configs in (("gemv", gemv), ("small", small), ("prefill", prefill)):
+            # the configs the autotuner may run for codebooks (prefill prunes the ones that spill)
+            codebook = T._prune_prefill(configs, {}, MODE=1) if path == "prefill" else configs
             for i, cfg in enumerate(configs):
                 for bits in (3, 4):
                     out.append(qg(f"{path}[{i}] u{bits} bf16", path, cfg, (bits,), 0, "bf16"))
-                out.append(qg(f"{path}[{i}] codebook 3/4 + outliers bf16", path, cfg, (3, 4), 1, "bf16",
-                              outliers=True))
+                if cfg in codebook:
+                    out.append(qg(f"{path}[{i}] codebook 3/4 + outliers bf16", path, cfg, (3, 4), 1, "bf16",
+                                  outliers=True))
     gemv4 = dict(gemv[0].kwargs)
     out.append(("gemv M=4 u2 bf16", T._qgemm_kernel, qgemm_signature("bf16", 0),
                 dict(_widths((2,)), MODE=0, GROUP=128, HAS_BIAS=True, HAS_OUTLIERS=False, GEMV=True,
