@@ -93,8 +93,19 @@ def _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn
             scale = s * (1 << BITS)
             offset = -(z + (1 << BITS)) * s
             w = f * scale[None, None, :] + offset[None, None, :]
+        elif GROUP % A == 0:
+            # Several groups per tile (e.g. 64 in a 128-column tile): all A codes of a word share a group, so
+            # scale and offset are per (word, row) and broadcast over the codes.
+            first = col_start + t * BLOCK_K + tl.arange(0, NW) * A
+            off = offs_n.to(tl.int64)[None, :] * stride_sn + (first // GROUP)[:, None]
+            gm = (first - col_start < cols)[:, None] & nmask[None, :]
+            s = tl.load(meta0_ptr + off, mask=gm, other=0.0).to(tl.float32)
+            z = tl.load(meta1_ptr + off, mask=gm, other=0).to(tl.float32)
+            scale = s * (1 << BITS)
+            offset = -(z + (1 << BITS)) * s
+            w = f * scale[None, :, :] + offset[None, :, :]
         else:
-            # Groups that do not align with the tile: scale and zero per element (odd group sizes only).
+            # Groups that straddle words (sizes not a multiple of 32): scale and zero per element.
             off = offs_n.to(tl.int64)[None, None, :] * stride_sn + ((col_start + local) // GROUP)[:, :, None]
             lm = (local < cols)[:, :, None] & nmask[None, None, :]
             s = tl.load(meta0_ptr + off, mask=lm, other=0.0).to(tl.float32)

@@ -71,7 +71,7 @@ def variants(every_config: bool = False):
         return next(c for c in configs if c.kwargs["SPLIT_K"] == split_k)
 
     out = [
-        qg("gemv u3 bf16 split-K 2", "gemv", first(gemv, 2), (3,), 0, "bf16"),
+        qg("gemv u3 bf16 group 64 split-K 2", "gemv", first(gemv, 2), (3,), 0, "bf16", group=64),
         qg("gemv codebook 1/2/3/4/8 + outliers bf16", "gemv", gemv[0], (1, 2, 3, 4, 8), 1, "bf16", outliers=True),
         qg("small u4 bf16 split-K 4", "small", first(small, 4), (4,), 0, "bf16"),
         qg("prefill u3 bf16", "prefill", prefill[0], (3,), 0, "bf16"),
