@@ -19,7 +19,9 @@ tensors (the calm.nn modules cache it; `uniform_matmul` / `codebook_matmul` buil
 that repeats calls should prepare once and call `matmul_prepared`). The stored format does not change: a 3-bit
 slab is repacked into a 2-bit plane and a 1-bit plane (same word count), the codebook tables are widened to
 float32, the codebook outlier columns are mapped to stored order, and the permutation is kept as int64 for one
-gather of x per call (act-order and codebook slabs: the kernel then reads x contiguously).
+gather of x per call (act-order and codebook slabs: the kernel then reads x contiguously). Memory: a 3-bit
+weight's codes are held twice while the copy lives (the stored stream and the planes); other widths share
+the stored words.
 
 Paths (`path="auto"` picks by M; tests and benchmarks may force one)
 - `gemv`, M <= 4: CUDA cores; partial sums stay 4-D in registers, reduced once per slab after the K loop.

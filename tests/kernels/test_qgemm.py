@@ -1,6 +1,8 @@
 """The dequant-GEMM kernel (calm_kernels/_qgemm_triton.py) under TRITON_INTERPRET=1 against its references.
 
 Run in its own process: TRITON_INTERPRET=1 python -m pytest -q tests/kernels/test_qgemm.py
+Every path (gemv, small, prefill, dense) is reached by M or forced with `path=`; split-K by pinned configs.
+The sm90 compile check runs tests/kernels/qgemm_sm90.py in a child process without the interpreter.
 Oracle: x @ W^T in float64 with W the dequantized weight rounded to x's dtype (what both the kernel and
 PyTorch multiply). The kernel's relative error may be at most twice PyTorch's in the same dtype, plus a floor
 at the dtype's accumulation noise.
