@@ -80,7 +80,8 @@ def variants(every_config: bool = False):
     ]
     if every_config:
         out += [qg("gemv u4 fp16", "gemv", gemv[0], (4,), 0, "fp16", bias=False),
-                qg("gemv u8 bf16 odd group", "gemv", gemv[0], (8,), 0, "bf16", group=96),
+                qg("gemv u4 bf16 group 100 (scales per element)", "gemv", gemv[0], (4,), 0, "bf16", group=100),
+                qg("gemv u8 bf16 group 96 (scales per word)", "gemv", gemv[0], (8,), 0, "bf16", group=96),
                 qg("small codebook 3/4 fp16", "small", small[0], (3, 4), 1, "fp16")]
         for path, configs in (("gemv", gemv), ("small", small), ("prefill", prefill)):
             # the configs the autotuner may run for codebooks (prefill prunes the ones that spill)

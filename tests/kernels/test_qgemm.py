@@ -305,3 +305,5 @@ def test_kernels_compile_for_sm90_without_spills():
 def test_every_autotune_config_compiles_for_sm90():
     rows = _compile_sm90(every_config=True)
     assert len(rows) > 100  # every config of every path, uniform 3/4-bit and codebook 3/4 with outliers
+    spilled = [r["name"] for r in rows if r["spill_bytes"]]
+    assert not spilled, f"register spills in {spilled}"
