@@ -3,12 +3,19 @@
 Imported only by the launchers in qgemm.py once `use_triton` said yes, so `import calm_kernels` never imports
 triton. Every config list here is a guess: no GPU has run these kernels yet.
 
-One kernel serves both formats. A weight is a list of up to five slabs (uniform: one slab of `bits`;
-codebook: one slab per width), each walked in BLOCK_K-column tiles. A tile's packed words are loaded as
-contiguous rows and expanded in registers by broadcast shifts; that puts the tile's codes in an order of
-their own (`_tile_columns`), and the activation tile follows it: loaded contiguously and permuted in registers,
-or, with a column permutation (codebook slabs, act-order), gathered in that order. The reduction over K does
-not care about order.
+A weight is a list of up to five slabs (uniform: one slab of `bits`; codebook: one slab per width), each walked in
+BLOCK_K-column tiles. The words come from the kernel-ready copy (`qgemm.KernelWeight`): a 3-bit slab is a 2-bit
+plane followed by a 1-bit plane, so every load is an aligned 32-bit word. A tile's words are loaded as
+(NW, BLOCK_N) rows and expanded by broadcast shifts into an (A, NW, BLOCK_N) tensor, A codes per word (16 for
+3-bit, whose planes both expand in the 2-bit plane's order); element (a, b) is local column b * A + a. The
+activations were permuted once by the launcher (act-order, codebook slabs), so they are read contiguously.
+
+Dequantization without int-to-float conversion (uniform): the code is placed at the top of a float32 mantissa
+under the exponent of 1.0 (`(code << (23 - BITS)) | 0x3F800000` read as float32 is 1 + code / 2^BITS), then one
+FMA with a per-group scale' = scale * 2^BITS and offset' = -(2^BITS + zero) * scale gives (code - zero) * scale.
+Every intermediate is an integer of at most 9 bits times a float16 scale, so the FMA is exact: the weights are
+bit-identical to the reference's float32 dequantization (Marlin and FasterTransformer do the same in half
+precision, where the offset is rounded; float32 keeps it exact and needs no conversion before a float32 FMA).
 """
 from __future__ import annotations
 
@@ -21,134 +28,151 @@ import triton.language as tl
 from calm_kernels._dispatch import interpreter_enabled
 
 MAX_SLABS = 5
-DECODE_MAX_M = 16
+GEMV_MAX_M = 4    # M <= 4: CUDA-core GEMV with register partial sums (BLOCK_M = next power of two of M)
+DECODE_MAX_M = 16  # M in 5..16: one 16-row tensor-core tile, split-K allowed
+MIN_BLOCK_N = 16   # smallest BLOCK_N of any config: sizes the split-K tile counters
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _bucket(m: int) -> int:
-    # Autotune key: one tuning per power-of-two range of M, capped where configs stop changing.
+def bucket(m: int) -> int:
+    """Autotune key for M: one tuning per power-of-two range, capped where configs stop changing."""
     return min(_next_pow2(max(m, 1)), 4096)
 
 
 @triton.jit
-def _tile_columns(BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Local column of every position of an expanded tile: position a * B + b holds column b * A + a."""
-    A: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    B: tl.constexpr = BLOCK_K // A
-    i = tl.arange(0, BLOCK_K)
-    return (i % B) * A + i // B
-
-
-@triton.jit
-def _unpack_tile(w_ptr, row_off, nmask, word0, word_end, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """Codes of one (BLOCK_K, BLOCK_N) tile, in `_tile_columns` order, as int32.
-
-    row_off: (BLOCK_N,) offsets of the rows; word0: the tile's first word in a row; word_end: one past the
-    slab's last word (words beyond it are not loaded).
-    """
+def _tile_codes(w_ptr, row_off, nmask, t, word_start, cols,
+                BITS: tl.constexpr, A: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of tile t of a slab as uint32 (A, NW, BLOCK_N): element (a, b) is local column t*BLOCK_K + b*A + a."""
     MASK: tl.constexpr = (1 << BITS) - 1
+    a = tl.arange(0, A)
+    b = tl.arange(0, NW)
     if BITS == 3:
-        # 32 codes span three words; code j sits at bit 3j of the 96-bit group: codes 0..10 within the 64-bit
-        # pair (w0, w1), codes 11..31 within (w1, w2) at bit 3j - 32.
-        G: tl.constexpr = BLOCK_K // 32
-        g = tl.arange(0, G)
-        base = word0 + g * 3
-        m = (base < word_end)[:, None] & nmask[None, :]
-        ptr = w_ptr + row_off[None, :] + base[:, None]
-        w0 = tl.load(ptr, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w1 = tl.load(ptr + 1, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w2 = tl.load(ptr + 2, mask=m, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        lo = w0 | (w1 << 32)
-        hi = w1 | (w2 << 32)
-        j = tl.arange(0, 32)
-        sh_lo = (j * 3).to(tl.uint64)[:, None, None]
-        sh_hi = tl.maximum(j * 3 - 32, 0).to(tl.uint64)[:, None, None]
-        first = (j <= 10)[:, None, None]
-        codes = tl.where(first, lo[None, :, :] >> sh_lo, hi[None, :, :] >> sh_hi) & MASK
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+        # 2-bit plane (16 codes a word) then 1-bit plane (32 a word); word b of the 2-bit plane holds the low
+        # bits of columns 16b..16b+15, whose high bits are bits 16*(b%2).. of 1-bit word b//2.
+        lo_words = tl.cdiv(cols, 32) * 2
+        hi_start = word_start + lo_words
+        lo_idx = t * (BLOCK_K // 16) + b
+        hi_idx = t * (BLOCK_K // 32) + b // 2
+        lo_m = (lo_idx < lo_words)[:, None] & nmask[None, :]
+        hi_m = (hi_idx < lo_words // 2)[:, None] & nmask[None, :]
+        lo = tl.load(w_ptr + row_off[None, :] + (word_start + lo_idx)[:, None], mask=lo_m, other=0)
+        hi = tl.load(w_ptr + row_off[None, :] + (hi_start + hi_idx)[:, None], mask=hi_m, other=0)
+        lo = lo.to(tl.uint32, bitcast=True)
+        hi = hi.to(tl.uint32, bitcast=True)
+        lo_sh = (a * 2).to(tl.uint32)[:, None, None]
+        hi_sh = (a[:, None] + (b % 2)[None, :] * 16).to(tl.uint32)[:, :, None]
+        codes = ((lo[None, :, :] >> lo_sh) & 3) | (((hi[None, :, :] >> hi_sh) & 1) << 2)
     else:
-        A: tl.constexpr = 32 // BITS
-        NW: tl.constexpr = BLOCK_K // A
-        wi = word0 + tl.arange(0, NW)
-        m = (wi < word_end)[:, None] & nmask[None, :]
-        words = tl.load(w_ptr + row_off[None, :] + wi[:, None], mask=m, other=0).to(tl.uint32, bitcast=True)
-        sh = (tl.arange(0, A) * BITS).to(tl.uint32)[:, None, None]
-        codes = (words[None, :, :] >> sh) & MASK
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
-    return codes.to(tl.int32)
+        nwords = tl.cdiv(cols, 32) * BITS
+        idx = t * NW + b
+        m = (idx < nwords)[:, None] & nmask[None, :]
+        words = tl.load(w_ptr + row_off[None, :] + (word_start + idx)[:, None], mask=m, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        codes = (words[None, :, :] >> (a * BITS).to(tl.uint32)[:, None, None]) & MASK
+    return codes
 
 
 @triton.jit
-def _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, mmask, offs_n, nmask,
-                     stride_xm, stride_wn, stride_sn, cols, col_start, word_start, cb_start, pid_k,
-                     BITS: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
-                     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc += x[:, slab columns] @ dequant(slab)^T over this program's share of the slab's K tiles."""
+def _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn, t, cols, col_start, word_start,
+                  cb_start, BITS: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Float32 weights of tile t of a slab, (A, NW, BLOCK_N), and the tile's local columns (A, NW)."""
+    A: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    NW: tl.constexpr = BLOCK_K // A
+    local = t * BLOCK_K + tl.arange(0, NW)[None, :] * A + tl.arange(0, A)[:, None]
+    codes = _tile_codes(w_ptr, row_off, nmask, t, word_start, cols, BITS, A, NW, BLOCK_K)
+    if MODE == 0:
+        # Exponent trick: 1 + code / 2^BITS without a conversion, then one exact FMA (module docstring).
+        f = ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+        if GROUP % BLOCK_K == 0:
+            g = (col_start + t * BLOCK_K) // GROUP
+            s = tl.load(meta0_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
+            z = tl.load(meta1_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=nmask, other=0).to(tl.float32)
+            scale = s * (1 << BITS)
+            offset = -(z + (1 << BITS)) * s
+            w = f * scale[None, None, :] + offset[None, None, :]
+        elif GROUP % A == 0:
+            # Several groups per tile (e.g. 64 in a 128-column tile): all A codes of a word share a group, so
+            # scale and offset are per (word, row) and broadcast over the codes.
+            first = col_start + t * BLOCK_K + tl.arange(0, NW) * A
+            off = offs_n.to(tl.int64)[None, :] * stride_sn + (first // GROUP)[:, None]
+            gm = (first - col_start < cols)[:, None] & nmask[None, :]
+            s = tl.load(meta0_ptr + off, mask=gm, other=0.0).to(tl.float32)
+            z = tl.load(meta1_ptr + off, mask=gm, other=0).to(tl.float32)
+            scale = s * (1 << BITS)
+            offset = -(z + (1 << BITS)) * s
+            w = f * scale[None, :, :] + offset[None, :, :]
+        else:
+            # Groups that straddle words (sizes not a multiple of 32): scale and zero per element.
+            off = offs_n.to(tl.int64)[None, None, :] * stride_sn + ((col_start + local) // GROUP)[:, :, None]
+            lm = (local < cols)[:, :, None] & nmask[None, None, :]
+            s = tl.load(meta0_ptr + off, mask=lm, other=0.0).to(tl.float32)
+            z = tl.load(meta1_ptr + off, mask=lm, other=0).to(tl.float32)
+            w = f * (s * (1 << BITS)) - (z + (1 << BITS)) * s
+    else:
+        # Codebook: the float32 table of local column j starts at cb_start + j * 2^BITS (L1-resident gathers).
+        lm = (local < cols)[:, :, None] & nmask[None, None, :]
+        w = tl.load(meta0_ptr + cb_start + (local << BITS)[:, :, None] + codes.to(tl.int32), mask=lm, other=0.0)
+    return w, local
+
+
+@triton.jit
+def _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, offs_m, mmask, offs_n, nmask, stride_xm, stride_wn,
+                     stride_sn, cols, col_start, word_start, cb_start, pid_k,
+                     BITS: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr, GEMV: tl.constexpr,
+                     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) += x[:, slab] @ dequant(slab)^T over this program's share of the slab's tiles."""
+    A: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    NW: tl.constexpr = BLOCK_K // A
     n_tiles = tl.cdiv(cols, BLOCK_K)
-    slab_words = tl.cdiv(cols, 32) * BITS
-    word_end = word_start + slab_words
-    tcol = _tile_columns(BITS, BLOCK_K)
-    A: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     row_off = offs_n.to(tl.int64) * stride_wn
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    for t in range(pid_k, n_tiles, SPLIT_K):
-        local = t * BLOCK_K + tcol
-        kmask = local < cols
-        stored = col_start + local
-        if HAS_PERM:
-            xcol = tl.load(perm_ptr + stored, mask=kmask, other=0)
-            xt = tl.load(x_rows + xcol[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        else:
-            # Contiguous load, then the tile order by a register permute: natural column b * A + a is
-            # element (b, a) of a (B, A) view and must land at position a * B + b.
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    if GEMV:
+        # Partial sums stay 4-D in registers (one FMA per weight and row); one reduction after the loop.
+        part = tl.zeros((BLOCK_M, A, NW, BLOCK_N), dtype=tl.float32)
+        for t in range(pid_k, n_tiles, SPLIT_K):
+            w, local = _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn, t, cols,
+                                     col_start, word_start, cb_start, BITS, MODE, GROUP, BLOCK_K)
+            xm = mmask[:, None, None] & (local < cols)[None, :, :]
+            xt = tl.load(x_rows[:, None, None] + (col_start + local)[None, :, :], mask=xm, other=0.0)
+            part += xt.to(tl.float32)[:, :, :, None] * w[None, :, :, :]
+        acc += tl.sum(tl.sum(part, axis=2), axis=1)
+    else:
+        for t in range(pid_k, n_tiles, SPLIT_K):
+            w, local = _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn, t, cols,
+                                     col_start, word_start, cb_start, BITS, MODE, GROUP, BLOCK_K)
+            # Contiguous activation load, then the tile order by a register permute: natural column b * A + a
+            # is element (b, a) of a (NW, A) view and must land at position a * NW + b.
             natural = t * BLOCK_K + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_rows + (col_start + natural)[None, :], mask=mmask[:, None] & (natural < cols)[None, :],
-                         other=0.0)
-            xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_M, BLOCK_K // A, A)), (0, 2, 1)), (BLOCK_M, BLOCK_K))
-        codes = _unpack_tile(w_ptr, row_off, nmask, word_start + t * (BLOCK_K * BITS // 32), word_end,
-                             BITS, BLOCK_K, BLOCK_N)
-        wmask = kmask[:, None] & nmask[None, :]
-        if MODE == 0:
-            # Uniform: w = (code - zero) * scale with the group of each column.
-            if GROUP % BLOCK_K == 0:
-                g = (t * BLOCK_K) // GROUP
-                s = tl.load(meta0_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=nmask, other=0.0)
-                z = tl.load(meta1_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=nmask, other=0)
-                w = (codes.to(tl.float32) - z.to(tl.float32)[None, :]) * s.to(tl.float32)[None, :]
-            else:
-                off = offs_n.to(tl.int64)[None, :] * stride_sn + (stored // GROUP)[:, None]
-                s = tl.load(meta0_ptr + off, mask=wmask, other=0.0)
-                z = tl.load(meta1_ptr + off, mask=wmask, other=0)
-                w = (codes.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)
-        else:
-            # Codebook: the column's table starts at cb_start + local * 2^BITS; masked lanes read nothing.
-            w = tl.load(meta0_ptr + cb_start + (local << BITS)[:, None] + codes, mask=wmask, other=0.0)
-        w = w.to(xt.dtype)
-        if BLOCK_M >= 16:
-            acc += tl.dot(xt, w, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(xt.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            xt = tl.load(x_rows[:, None] + (col_start + natural)[None, :],
+                         mask=mmask[:, None] & (natural < cols)[None, :], other=0.0)
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (BLOCK_M, NW, A)), (0, 2, 1)), (BLOCK_M, BLOCK_K))
+            w2 = tl.reshape(w, (BLOCK_K, BLOCK_N)).to(xt.dtype)
+            acc += tl.dot(xt, w2, input_precision=DOT_PRECISION)
     return acc
 
 
 @triton.jit
 def _qgemm_kernel(
-    x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, bias_ptr, rowptr_ptr, ocol_ptr, odelta_ptr, y_ptr, ws_ptr,
-    M, N, M_BUCKET,
+    x_ptr, w_ptr, meta0_ptr, meta1_ptr, bias_ptr, rowptr_ptr, ocol_ptr, odelta_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, M_BUCKET, TUNE_BITS,
     stride_xm, stride_wn, stride_sn, stride_ym,
     C0, CS0, WS0, CB0, C1, CS1, WS1, CB1, C2, CS2, WS2, CB2, C3, CS3, WS3, CB3, C4, CS4, WS4, CB4,
     B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
-    MODE: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_OUTLIERS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MODE: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+    GEMV: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[M, N] = x[M, K] @ dequant(W)^T (+ outliers) (+ bias); SPLIT_K > 1 adds fp32 partials into ws."""
+    """y[M, N] = x[M, K] @ dequant(W)^T (+ outliers) (+ bias), x already in stored column order.
+
+    SPLIT_K > 1: every program adds its fp32 partial into ws atomically and takes a ticket on its tile's counter;
+    the last one reads the sum back while zeroing ws (atomic exchange), writes y and resets the counter, so the
+    workspace is clean after every launch and needs no zero-fill or copy launches.
+    """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -167,29 +191,29 @@ def _qgemm_kernel(
     nmask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if B0 > 0:
-        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, mmask, offs_n, nmask,
-                               stride_xm, stride_wn, stride_sn, C0, CS0, WS0, CB0, pid_k, B0, MODE, GROUP,
-                               HAS_PERM, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, offs_m, mmask, offs_n, nmask, stride_xm,
+                               stride_wn, stride_sn, C0, CS0, WS0, CB0, pid_k, B0, MODE, GROUP, GEMV, SPLIT_K,
+                               BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
     if B1 > 0:
-        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, mmask, offs_n, nmask,
-                               stride_xm, stride_wn, stride_sn, C1, CS1, WS1, CB1, pid_k, B1, MODE, GROUP,
-                               HAS_PERM, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, offs_m, mmask, offs_n, nmask, stride_xm,
+                               stride_wn, stride_sn, C1, CS1, WS1, CB1, pid_k, B1, MODE, GROUP, GEMV, SPLIT_K,
+                               BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
     if B2 > 0:
-        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, mmask, offs_n, nmask,
-                               stride_xm, stride_wn, stride_sn, C2, CS2, WS2, CB2, pid_k, B2, MODE, GROUP,
-                               HAS_PERM, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, offs_m, mmask, offs_n, nmask, stride_xm,
+                               stride_wn, stride_sn, C2, CS2, WS2, CB2, pid_k, B2, MODE, GROUP, GEMV, SPLIT_K,
+                               BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
     if B3 > 0:
-        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, mmask, offs_n, nmask,
-                               stride_xm, stride_wn, stride_sn, C3, CS3, WS3, CB3, pid_k, B3, MODE, GROUP,
-                               HAS_PERM, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, offs_m, mmask, offs_n, nmask, stride_xm,
+                               stride_wn, stride_sn, C3, CS3, WS3, CB3, pid_k, B3, MODE, GROUP, GEMV, SPLIT_K,
+                               BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
     if B4 > 0:
-        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, perm_ptr, offs_m, mmask, offs_n, nmask,
-                               stride_xm, stride_wn, stride_sn, C4, CS4, WS4, CB4, pid_k, B4, MODE, GROUP,
-                               HAS_PERM, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+        acc = _slab_accumulate(acc, x_ptr, w_ptr, meta0_ptr, meta1_ptr, offs_m, mmask, offs_n, nmask, stride_xm,
+                               stride_wn, stride_sn, C4, CS4, WS4, CB4, pid_k, B4, MODE, GROUP, GEMV, SPLIT_K,
+                               BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
 
     if pid_k == 0:
         if HAS_OUTLIERS:
-            # Sparse correction rows: y[:, n] += x[:, col] * (value - codebook value) for each outlier of row n.
+            # Sparse correction rows: y[:, n] += x[:, col] * (value - codebook value), col in stored order.
             start = tl.load(rowptr_ptr + offs_n, mask=nmask, other=0)
             count = tl.load(rowptr_ptr + offs_n + 1, mask=nmask, other=0) - start
             longest = tl.max(count, axis=0)
@@ -204,86 +228,178 @@ def _qgemm_kernel(
             acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
 
     omask = mmask[:, None] & nmask[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
-        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=omask)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask)
     else:
-        tl.atomic_add(ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=omask)
+        ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=omask, sem="release")
+        tl.debug_barrier()  # every thread's partial is issued before the ticket
+        ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            tl.debug_barrier()
+            # The exchange runs on the int32 view of the words (float exchange is the same bits; the interpreter
+            # exchanges integers only).
+            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+                                  mask=omask, sem="acquire")
+            total = tl.where(omask, bits.to(tl.float32, bitcast=True), 0.0)  # masked lanes return no value
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
 
 
-def _zero_ws(nargs):
-    nargs["ws_ptr"].zero_()
+@triton.jit
+def _dequant_kernel(
+    w_ptr, meta0_ptr, meta1_ptr, out_ptr, N, K, stride_wn, stride_sn,
+    C0, CS0, WS0, CB0, C1, CS1, WS1, CB1, C2, CS2, WS2, CB2, C3, CS3, WS3, CB3, C4, CS4, WS4, CB4,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
+    MODE: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[N, K] (x's dtype, stored column order) = dequant(W): program (n tile, tile index over all slabs)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    row_off = offs_n.to(tl.int64) * stride_wn
+    out_rows = out_ptr + offs_n.to(tl.int64) * K
+    t = tl.program_id(1)
+    if B0 > 0:
+        t = _dequant_slab_tile(w_ptr, meta0_ptr, meta1_ptr, out_rows, offs_n, nmask, row_off, stride_sn, t,
+                               C0, CS0, WS0, CB0, B0, MODE, GROUP, BLOCK_K)
+    if B1 > 0:
+        t = _dequant_slab_tile(w_ptr, meta0_ptr, meta1_ptr, out_rows, offs_n, nmask, row_off, stride_sn, t,
+                               C1, CS1, WS1, CB1, B1, MODE, GROUP, BLOCK_K)
+    if B2 > 0:
+        t = _dequant_slab_tile(w_ptr, meta0_ptr, meta1_ptr, out_rows, offs_n, nmask, row_off, stride_sn, t,
+                               C2, CS2, WS2, CB2, B2, MODE, GROUP, BLOCK_K)
+    if B3 > 0:
+        t = _dequant_slab_tile(w_ptr, meta0_ptr, meta1_ptr, out_rows, offs_n, nmask, row_off, stride_sn, t,
+                               C3, CS3, WS3, CB3, B3, MODE, GROUP, BLOCK_K)
+    if B4 > 0:
+        t = _dequant_slab_tile(w_ptr, meta0_ptr, meta1_ptr, out_rows, offs_n, nmask, row_off, stride_sn, t,
+                               C4, CS4, WS4, CB4, B4, MODE, GROUP, BLOCK_K)
 
 
-def _decode_configs():
+@triton.jit
+def _dequant_slab_tile(w_ptr, meta0_ptr, meta1_ptr, out_rows, offs_n, nmask, row_off, stride_sn, t, cols, col_start,
+                       word_start, cb_start, BITS: tl.constexpr, MODE: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """Write tile t of this slab if t falls in it; return t less this slab's tile count."""
+    n_tiles = tl.cdiv(cols, BLOCK_K)
+    if (t >= 0) & (t < n_tiles):
+        w, local = _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn, t, cols,
+                                 col_start, word_start, cb_start, BITS, MODE, GROUP, BLOCK_K)
+        # (BLOCK_N, NW, A): consecutive elements are consecutive columns of a row, so the stores coalesce.
+        w = tl.permute(w, (2, 1, 0))
+        local = tl.permute(local, (1, 0))
+        m = nmask[:, None, None] & (local < cols)[None, :, :]
+        tl.store(out_rows[:, None, None] + (col_start + local)[None, :, :],
+                 w.to(out_rows.dtype.element_ty), mask=m)
+    return t - n_tiles
+
+
+# Configs ------------------------------------------------------------------------------------------------------
+# The autotune key is (M bucket, N, K, format, bits, group, outliers) and the dtypes: the CLAQ slab widths
+# of a layer are not in it, so the layers of one shape share one tuning (and the first call of a shape tunes).
+_KEY = ["M_BUCKET", "N", "K", "MODE", "TUNE_BITS", "GROUP", "HAS_OUTLIERS"]
+
+
+def gemv_configs() -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 1}, pre_hook=_zero_ws)]
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 1})]
     out = []
-    # Weights are read once at M <= 16: the configs trade narrow column tiles (more programs) against split-K
-    # (more programs for small N and long K, paid with fp32 atomics and one cast).
-    for bn, bk, sk, warps in [(32, 128, 1, 4), (64, 128, 1, 4), (16, 256, 1, 2), (32, 256, 1, 4),
-                              (32, 128, 2, 4), (64, 128, 2, 4), (64, 256, 2, 4), (32, 128, 4, 4),
-                              (64, 128, 4, 4), (128, 128, 4, 8), (64, 64, 8, 4), (128, 64, 8, 4)]:
+    # Weights are read once: narrow column tiles (more programs) against split-K (more programs for small N
+    # and long K, paid with one fp32 atomic per output element and program).
+    for bn, bk, sk, warps in [(32, 128, 1, 4), (64, 128, 1, 4), (16, 256, 1, 4), (64, 64, 1, 4),
+                              (32, 128, 2, 4), (64, 128, 2, 4), (32, 256, 2, 8), (32, 128, 4, 4),
+                              (64, 64, 4, 4), (16, 128, 8, 2), (32, 64, 8, 4)]:
         for stages in (2, 4):
             out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 1},
-                                     num_warps=warps, num_stages=stages, pre_hook=_zero_ws if sk > 1 else None))
+                                     num_warps=warps, num_stages=stages))
     return out
 
 
-def _prefill_configs():
+def small_m_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2, "GROUP_M": 1})]
+    out = []
+    for bn, bk, sk, warps in [(32, 128, 1, 4), (64, 128, 1, 4), (64, 128, 2, 4), (32, 128, 4, 4),
+                              (64, 64, 4, 4), (128, 64, 4, 4), (64, 64, 8, 4)]:
+        for stages in (2, 4):
+            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "GROUP_M": 1},
+                                     num_warps=warps, num_stages=stages))
+    return out
+
+
+def prefill_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 4})]
+    # The dequantized (BLOCK_K, BLOCK_N) float32 tile lives in registers beside the accumulator: larger tiles
+    # spill on sm90 (ptxas, tests/kernels/qgemm_sm90.py --all), so the list stops at 128 x 128 x 64 on 8 warps.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8},
                           num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                                     (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 128, 4, 3),
-                                     (32, 128, 128, 4, 4), (128, 128, 128, 8, 3)]]
+            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 8, 3),
+                                     (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4),
+                                     (32, 64, 128, 4, 3)]]
 
 
-_KEY = ["M_BUCKET", "N", "C0", "C1", "C2", "C3", "C4", "B0", "B1", "B2", "B3", "B4", "MODE", "GROUP",
-        "HAS_OUTLIERS"]
+DEQUANT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+
+
+def _prune_prefill(configs, named_args, **meta):
+    """Codebook tiles hold gathered float32 tables and the outlier loop: above 64 x 64 x 64 they spill on sm90."""
+    if meta.get("MODE") != 1:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_K"] <= 64]
+    return kept or configs
 
 
 @functools.cache
-def _decode_kernel():
-    return triton.autotune(configs=_decode_configs(), key=_KEY, reset_to_zero=["ws_ptr"])(_qgemm_kernel)
+def _autotuned(path: str):
+    configs = {"gemv": gemv_configs, "small": small_m_configs, "prefill": prefill_configs}[path]()
+    prune = {"early_config_prune": _prune_prefill} if path == "prefill" else None
+    return triton.autotune(configs=configs, key=_KEY, prune_configs_by=prune)(_qgemm_kernel)
 
 
-@functools.cache
-def _prefill_kernel():
-    return triton.autotune(configs=_prefill_configs(), key=_KEY)(_qgemm_kernel)
+# Split-K workspace: one clean (M, N) float32 buffer and one int32 counter per output tile, per device and shape,
+# zeroed once when made; every launch leaves them zero again (see _qgemm_kernel).
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def qgemm(x: torch.Tensor, qweight: torch.Tensor, meta0: torch.Tensor, meta1: torch.Tensor | None,
-          perm: torch.Tensor | None, slabs: list[tuple[int, int, int, int, int]], mode: int, group: int,
-          bias: torch.Tensor | None, outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-          out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """Launch on checked, contiguous inputs. slabs: (bits, cols, col_start, word_start, codebook_start) each.
+def split_k_workspace(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (str(device), m, n)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros(m, n, dtype=torch.float32, device=device),
+                            torch.zeros(m * triton.cdiv(n, MIN_BLOCK_N), dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
 
-    `config` pins the meta-parameters (tests use it to reach both paths and split-K under the interpreter).
-    """
-    m = x.shape[0]
-    n = qweight.shape[0]
-    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y
-    decode = m <= DECODE_MAX_M
-    ws = torch.empty(m, n, dtype=torch.float32, device=x.device) if decode else y
-    slab_args, bits_args = [], {}
+
+def _slab_args(slabs) -> tuple[list[int], dict[str, int]]:
+    args, bits = [], {}
     for i in range(MAX_SLABS):
         b, c, cs, wst, cb = slabs[i] if i < len(slabs) else (0, 0, 0, 0, 0)
-        slab_args += [c, cs, wst, cb]
-        bits_args[f"B{i}"] = b
-    has_out = outliers is not None and outliers[1].numel() > 0
-    rowptr, ocols, odelta = outliers if has_out else (qweight, qweight, qweight)
-    args = (x, qweight, meta0, meta1 if meta1 is not None else meta0, perm if perm is not None else qweight,
-            bias if bias is not None else qweight, rowptr, ocols, odelta, y, ws,
-            m, n, _bucket(m), x.stride(0), qweight.stride(0), meta0.stride(0) if mode == 0 else 0, y.stride(0),
+        args += [c, cs, wst, cb]
+        bits[f"B{i}"] = b
+    return args, bits
+
+
+def qgemm(xs: torch.Tensor, weight, bias: torch.Tensor | None, y: torch.Tensor, path: str,
+          config: dict | None = None) -> torch.Tensor:
+    """Launch on a checked, contiguous x in stored column order into y (M, N); `weight` a qgemm.KernelWeight,
+    `path` one of gemv / small / prefill. `config` pins the meta-parameters instead of autotuning."""
+    m, n = xs.shape[0], weight.n
+    ws, cnt = split_k_workspace(m, n, xs.device) if path != "prefill" else (y, y)
+    slab_args, bits_args = _slab_args(weight.slabs)
+    meta1 = weight.meta1 if weight.meta1 is not None else weight.meta0
+    has_out = weight.outlier_deltas is not None
+    rowptr, ocols, odelta = ((weight.outlier_rowptr, weight.outlier_scols, weight.outlier_deltas) if has_out
+                             else (weight.words,) * 3)
+    args = (xs, weight.words, weight.meta0, meta1, bias if bias is not None else weight.words, rowptr, ocols,
+            odelta, y, ws, cnt, m, n, weight.k, bucket(m), weight.tune_bits,
+            xs.stride(0), weight.words.stride(0), weight.meta0.stride(0) if weight.mode == 0 else 0, y.stride(0),
             *slab_args)
-    meta = dict(**bits_args, MODE=mode, GROUP=group, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-                HAS_OUTLIERS=has_out, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
-    if decode:
-        meta["BLOCK_M"] = 1 if m == 1 else 16
+    meta = dict(**bits_args, MODE=weight.mode, GROUP=weight.group, HAS_BIAS=bias is not None,
+                HAS_OUTLIERS=has_out, GEMV=path == "gemv",
+                DOT_PRECISION="ieee" if xs.dtype == torch.float32 else "tf32")
+    if path != "prefill":
+        meta["BLOCK_M"] = _next_pow2(m) if path == "gemv" else 16
 
     def grid(kw):
         return (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"])
@@ -291,16 +407,25 @@ def qgemm(x: torch.Tensor, qweight: torch.Tensor, meta0: torch.Tensor, meta1: to
     if config is not None:
         cfg = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
         launch = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
-        if decode:
+        if "BLOCK_M" in meta:
             cfg["BLOCK_M"] = meta.pop("BLOCK_M")
-        if cfg["SPLIT_K"] > 1:
-            ws.zero_()
+        if path == "prefill" and cfg.get("SPLIT_K", 1) != 1:
+            raise ValueError("the prefill path has no split-K: SPLIT_K must be 1")
         _qgemm_kernel[grid({**meta, **cfg})](*args, **meta, **cfg, **launch)
-        split = cfg["SPLIT_K"]
     else:
-        kernel = _decode_kernel() if decode else _prefill_kernel()
-        kernel[grid](*args, **meta)
-        split = kernel.best_config.kwargs["SPLIT_K"]
-    if split > 1:
-        y.copy_(ws)
+        _autotuned(path)[grid](*args, **meta)
     return y
+
+
+def dequantize(weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense (N, K) weight in `dtype`, stored column order (the large-M path feeds it to cuBLAS)."""
+    w = out if out is not None else torch.empty(weight.n, weight.k, dtype=dtype, device=weight.words.device)
+    slab_args, bits_args = _slab_args(weight.slabs)
+    bk, bn = DEQUANT_CONFIG["BLOCK_K"], DEQUANT_CONFIG["BLOCK_N"]
+    tiles = sum(triton.cdiv(c, bk) for _, c, _, _, _ in weight.slabs)
+    meta1 = weight.meta1 if weight.meta1 is not None else weight.meta0
+    _dequant_kernel[(triton.cdiv(weight.n, bn), tiles)](
+        weight.words, weight.meta0, meta1, w, weight.n, weight.k, weight.words.stride(0),
+        weight.meta0.stride(0) if weight.mode == 0 else 0, *slab_args, **bits_args, MODE=weight.mode,
+        GROUP=weight.group, BLOCK_N=bn, BLOCK_K=bk, num_warps=DEQUANT_CONFIG["num_warps"])
+    return w

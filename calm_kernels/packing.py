@@ -23,6 +23,10 @@ Codebook weights (CLAQ-style: one lookup table per input column, width b_j in {1
 - outliers (optional): CSR over output rows: rowptr (N + 1,) int32, cols (nnz,) original column indices
   (int16 when K <= 32767, else int32), values (nnz,) float16. The weight at an outlier position is the
   outlier value; the code stored there is ignored. Kernels add x[:, col] * (value - codebook value).
+
+Kernel-ready form (not stored; made when a weight is prepared for the kernels, calm_kernels.qgemm): a 3-bit
+stream becomes a 2-bit plane of the low bits followed by a 1-bit plane of the high bits (`split_3bit_planes`),
+in the same words of the row, so the files keep the layout above and old files load unchanged.
 """
 from __future__ import annotations
 
@@ -97,6 +101,23 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     shift = offsets % 32
     both = words[:, word] | (words[:, word + 1] << 32)
     return ((both >> shift) & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def split_3bit_planes(packed: torch.Tensor, k: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Kernel-ready form of 3-bit codes, made when a weight is prepared for the kernels (never stored): the
+    (N, packed_words(k, 3)) stream becomes the low two bits of every code packed as a 2-bit stream
+    (packed_words(k, 2) words) followed by the high bits as a 1-bit stream (packed_words(k, 1) words), the same
+    word count, so the kernels read aligned words instead of codes that straddle words. Rows go in chunks to
+    bound the int64 temporaries."""
+    if packed.shape[1] != packed_words(k, 3):
+        raise ValueError(f"3-bit codes of {k} columns take {packed_words(k, 3)} words, got {packed.shape[1]}")
+    parts = []
+    for r in range(0, packed.shape[0], rows_per_chunk):
+        codes = unpack_codes(packed[r:r + rows_per_chunk], 3, k)
+        parts.append(torch.cat([pack_codes(codes & 3, 2), pack_codes(codes >> 2, 1)], 1))
+    if not parts:
+        return packed.clone()
+    return torch.cat(parts, 0)
 
 
 def dequantize_uniform(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,

@@ -58,13 +58,34 @@ def test_every_autotune_config_compiles_and_agrees():
     lin = torch.nn.Linear(k, n)
     layer = UniformQuantLinear.from_float(lin, 3, 64).cuda()
     w = layer.dequantized_weight()
-    for m, configs in ((1, T._decode_configs()), (9, T._decode_configs()), (100, T._prefill_configs())):
+    for m, path, configs in ((1, "gemv", T.gemv_configs()), (3, "gemv", T.gemv_configs()),
+                             (9, "small", T.small_m_configs()), (100, "prefill", T.prefill_configs())):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         oracle, ref = _oracle_and_torch(x, w, layer.bias)
         for cfg in configs:
-            out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
-            y = qgemm.uniform_matmul(x, layer.qweight, layer.scales, layer.zeros, 3, 64, k, layer.bias, out=out,
-                                     config={**cfg.kwargs, "num_warps": cfg.num_warps,
-                                             "num_stages": cfg.num_stages})
-            assert _rel(y, oracle) <= 2 * _rel(ref, oracle) + 1e-3, cfg
+            for _ in range(2):  # split-K: the second launch needs the workspace the first one left clean
+                out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+                y = qgemm.uniform_matmul(x, layer.qweight, layer.scales, layer.zeros, 3, 64, k, layer.bias, out=out,
+                                         config={**cfg.kwargs, "num_warps": cfg.num_warps,
+                                                 "num_stages": cfg.num_stages}, path=path)
+                assert _rel(y, oracle) <= 2 * _rel(ref, oracle) + 1e-3, (path, cfg)
     assert packing.packed_words(k, 3) == layer.qweight.shape[1]
+
+
+@pytest.mark.parametrize("m", [1, 12, 64, 2048])
+def test_module_forward_replays_in_a_cuda_graph(m):
+    """After one eager call (autotuning, the kernel-ready copy, the split-K workspace), the forward captures
+    into a CUDA graph and replays with new inputs."""
+    torch.manual_seed(m)
+    layer = UniformQuantLinear.from_float(torch.nn.Linear(2048, 1536), 4, 128).cuda()
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    layer(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    oracle, ref = _oracle_and_torch(x, layer.dequantized_weight(), layer.bias)
+    assert _rel(y, oracle) <= 2 * _rel(ref, oracle) + 1e-3

@@ -22,7 +22,7 @@ from calm.nn.base import QuantizedLinear, dense_forward, register
 from calm_kernels import packing
 from calm_kernels._dispatch import use_triton as _use_triton
 from calm_kernels.kmeans import kmeans_columns
-from calm_kernels.qgemm import codebook_matmul
+from calm_kernels.qgemm import matmul_prepared, prepare_codebook
 
 
 @register
@@ -33,7 +33,7 @@ class CodebookQuantLinear(QuantizedLinear):
     """
 
     kind = "codebook"
-    _CACHES = ("_dense_cache", "_delta_cache")
+    _CACHES = ("_dense_cache", "_delta_cache", "_kernel_cache")
 
     def __init__(self, in_features: int, out_features: int, slabs, outliers: int | None = None,
                  bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -61,6 +61,7 @@ class CodebookQuantLinear(QuantizedLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._dense_cache: torch.Tensor | None = None
         self._delta_cache: torch.Tensor | None = None
+        self._kernel_cache = None  # calm_kernels.qgemm.KernelWeight: the kernel-ready copy, made on first use
 
     # Construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -138,9 +139,11 @@ class CodebookQuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x, self.qweight):
+            if self._kernel_cache is None:
+                self._kernel_cache = prepare_codebook(self.qweight, self.codebooks, self.perm, self.layout,
+                                                      self._outliers())
             shape = x.shape
-            y = codebook_matmul(x.reshape(-1, shape[-1]), self.qweight, self.codebooks, self.perm, self.layout,
-                                self.bias, self._outliers())
+            y = matmul_prepared(x.reshape(-1, shape[-1]), self._kernel_cache, self.bias)
             return y.reshape(*shape[:-1], self.out_features)
         return dense_forward(self, x)
 

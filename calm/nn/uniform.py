@@ -24,7 +24,7 @@ from calm.grid import quantize_groups
 from calm.nn.base import QuantizedLinear, dense_forward, register
 from calm_kernels import packing
 from calm_kernels._dispatch import use_triton as _use_triton
-from calm_kernels.qgemm import uniform_matmul
+from calm_kernels.qgemm import matmul_prepared, prepare_uniform
 
 
 @register
@@ -34,7 +34,7 @@ class UniformQuantLinear(QuantizedLinear):
     """
 
     kind = "uniform"
-    _CACHES = ("_dense_cache", "_perm_cache")
+    _CACHES = ("_dense_cache", "_kernel_cache")
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
                  bias: bool = False, has_input_perm: bool = False, dtype: torch.dtype = torch.float32,
@@ -59,7 +59,7 @@ class UniformQuantLinear(QuantizedLinear):
         self.register_buffer("input_perm", torch.arange(in_features, dtype=packing.index_dtype(in_features),
                                                         device=device) if has_input_perm else None)
         self._dense_cache: torch.Tensor | None = None
-        self._perm_cache: torch.Tensor | None = None  # input_perm as int32 for the kernel
+        self._kernel_cache = None  # calm_kernels.qgemm.KernelWeight: the kernel-ready copy, made on first use
 
     @property
     def symmetric_zero(self) -> int:
@@ -109,11 +109,11 @@ class UniformQuantLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_triton(x, self.qweight):
-            if self.input_perm is not None and self._perm_cache is None:
-                self._perm_cache = self.input_perm.to(torch.int32)
+            if self._kernel_cache is None:
+                self._kernel_cache = prepare_uniform(self.qweight, self.scales, self.zeros, self.bits,
+                                                     self.group_size, self.in_features, self.input_perm)
             shape = x.shape
-            y = uniform_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scales, self.zeros, self.bits,
-                               self.group_size, self.in_features, self.bias, self._perm_cache)
+            y = matmul_prepared(x.reshape(-1, shape[-1]), self._kernel_cache, self.bias)
             return y.reshape(*shape[:-1], self.out_features)
         return dense_forward(self, x)
 

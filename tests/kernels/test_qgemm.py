@@ -1,6 +1,8 @@
 """The dequant-GEMM kernel (calm_kernels/_qgemm_triton.py) under TRITON_INTERPRET=1 against its references.
 
 Run in its own process: TRITON_INTERPRET=1 python -m pytest -q tests/kernels/test_qgemm.py
+Every path (gemv, small, prefill, dense) is reached by M or forced with `path=`; split-K by pinned configs.
+The sm90 compile check runs tests/kernels/qgemm_sm90.py in a child process without the interpreter.
 Oracle: x @ W^T in float64 with W the dequantized weight rounded to x's dtype (what both the kernel and
 PyTorch multiply). The kernel's relative error may be at most twice PyTorch's in the same dtype, plus a floor
 at the dtype's accumulation noise.
@@ -175,3 +177,133 @@ def test_empty_batch_and_bad_inputs(gen):
         qgemm.uniform_matmul(torch.zeros(2, 64), packed, scales[:, :1], zeros, 4, 32, 64)
     with pytest.raises(ValueError, match="out must be"):
         qgemm.uniform_matmul(torch.zeros(2, 64), packed, scales, zeros, 4, 32, 64, out=torch.zeros(2, 9))
+
+
+# Kernel-ready form, paths, workspace, caching, compile ------------------------------------------------------
+@pytest.mark.parametrize("k", [32, 77, 160])
+def test_3bit_planes_hold_the_same_codes(k, gen):
+    codes = torch.randint(0, 8, (5, k), generator=gen(k)).to(torch.uint8)
+    packed = packing.pack_codes(codes, 3)
+    planes = packing.split_3bit_planes(packed, k, rows_per_chunk=2)
+    assert planes.shape == packed.shape  # same words: the kernel-ready copy costs no extra bytes per weight
+    lo_words = packing.packed_words(k, 2)
+    lo = packing.unpack_codes(planes[:, :lo_words], 2, k)
+    hi = packing.unpack_codes(planes[:, lo_words:], 1, k)
+    assert torch.equal(lo | (hi << 2), codes)
+
+
+def test_choose_path_thresholds():
+    assert [qgemm.choose_path(m) for m in (1, 4, 5, 16, 17, qgemm.DENSE_MIN_M - 1, qgemm.DENSE_MIN_M)] == [
+        "gemv", "gemv", "small", "small", "prefill", "prefill", "dense"]
+    assert qgemm.choose_path(3, "dense") == "dense"
+    with pytest.raises(ValueError, match="unknown qgemm path"):
+        qgemm.choose_path(3, "fast")
+
+
+# (path, bits (0: codebook 1/2/3/4/8 with outliers), M, dtype, act-order): every path on every format, forced.
+PATH_CASES = [
+    ("gemv", 3, 2, torch.float16, True), ("gemv", 0, 3, torch.float32, False),
+    ("small", 2, 1, torch.float32, True), ("small", 0, 7, torch.float16, False),
+    ("prefill", 8, 3, torch.float16, False), ("prefill", 0, 20, torch.float32, False),
+    ("dense", 3, 5, torch.float32, True), ("dense", 4, 18, torch.float16, False), ("dense", 0, 2, torch.float16, False),
+]
+
+
+@pytest.mark.parametrize("path,bits,m,dtype,act_order", PATH_CASES)
+def test_every_path_matches_reference(path, bits, m, dtype, act_order, gen, poisoned, check):
+    n, k = 38, 224
+    g = gen(m * 10 + bits)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = poisoned((m, n), dtype)
+    if bits:
+        group = 32 if bits != 8 else 112  # 112: groups that do not align with the 64-column tile
+        packed, scales, zeros = _uniform(g, n, k, bits, group, False)
+        perm = torch.randperm(k, generator=g) if act_order else None
+        y = qgemm.uniform_matmul(x, packed, scales, zeros, bits, group, k, bias, perm, out=out, path=path)
+        w = packing.dequantize_uniform(packed, scales, zeros, bits, group, k)
+        if perm is not None:
+            w_orig = torch.empty_like(w)
+            w_orig[:, perm] = w
+            w = w_orig
+    else:
+        codes, centroids, column_bits, outliers = _codebook(g, n, k, (1, 2, 3, 4, 8), 40)
+        lin = CodebookQuantLinear.from_parts(codes, centroids, column_bits, outliers)
+        y = qgemm.codebook_matmul(x, lin.qweight, lin.codebooks, lin.perm, lin.layout, bias, lin._outliers(),
+                                  out=out, path=path)
+        w = lin.dequantized_weight()
+    assert y.data_ptr() == out.data_ptr()
+    check(y, x, w, bias, dtype)
+
+
+@pytest.mark.parametrize("m,config", [(1, dict(DECODE, SPLIT_K=3)), (9, dict(DECODE, BLOCK_N=16, SPLIT_K=4))])
+def test_split_k_leaves_the_workspace_clean(m, config, gen, poisoned, check):
+    from calm_kernels import _qgemm_triton as T
+
+    n, k, bits, group = 21, 512, 3, 128
+    packed, scales, zeros = _uniform(gen(m), n, k, bits, group, True)
+    w = packing.dequantize_uniform(packed, scales, zeros, bits, group, k)
+    weight = qgemm.prepare_uniform(packed, scales, zeros, bits, group, k)
+    for seed in (1, 2):  # the second launch relies on the first leaving sums and tickets at zero
+        x = torch.randn(m, k, generator=gen(seed))
+        y = qgemm.matmul_prepared(x, weight, None, poisoned((m, n), x.dtype), config=config)
+        check(y, x, w, None, torch.float32)
+        ws, tickets = T.split_k_workspace(m, n, x.device)
+        assert not ws.any() and not tickets.any()
+
+
+def test_modules_cache_the_kernel_weight_and_keep_the_stored_format(gen, check, tmp_path):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(96, 24)
+    u = UniformQuantLinear.from_float(lin, bits=3, group_size=32)
+    stored = u.qweight.clone()
+    x = torch.randn(3, 96)
+    check(u(x), x, u.dequantized_weight(), u.bias, torch.float32)
+    kernel_weight = u._kernel_cache
+    assert kernel_weight is not None and not torch.equal(kernel_weight.words, stored)  # the 3-bit planes
+    assert torch.equal(u.qweight, stored)  # what is saved keeps the documented format
+    u(x)
+    assert u._kernel_cache is kernel_weight  # prepared once
+    torch.save(u.state_dict(), tmp_path / "u.pt")
+    u.load_state_dict(torch.load(tmp_path / "u.pt"))
+    assert u._kernel_cache is None  # loading drops the derived copy; the next forward rebuilds it
+    check(u(x), x, u.dequantized_weight(), u.bias, torch.float32)
+
+
+def test_autotune_key_leaves_out_slab_widths():
+    from calm_kernels import _qgemm_triton as T
+
+    assert not [name for name in T._KEY if name[0] in "BC" and name[1:].isdigit()]
+    assert {"M_BUCKET", "N", "K", "TUNE_BITS"} <= set(T._KEY)
+
+
+def _compile_sm90(every_config: bool) -> list[dict]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    helper = Path(__file__).with_name("qgemm_sm90.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(helper)] + (["--all"] if every_config else []), env=env,
+                         capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """One variant per path and format compiles for sm90 (no GPU needed) and ptxas reports no spills."""
+    rows = _compile_sm90(every_config=False)
+    assert len(rows) >= 7
+    spilled = [r["name"] for r in rows if r["spill_bytes"]]
+    assert not spilled, f"register spills in {spilled}"
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles_for_sm90():
+    rows = _compile_sm90(every_config=True)
+    assert len(rows) > 100  # every config of every path, uniform 3/4-bit and codebook 3/4 with outliers
+    spilled = [r["name"] for r in rows if r["spill_bytes"]]
+    assert not spilled, f"register spills in {spilled}"
