@@ -193,7 +193,7 @@ def test_bad_input_raises_clear_value_error(call, match):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rows,cols", [(4096, 300), (14336, 40), (1000, 129)])
+@pytest.mark.parametrize("rows,cols", [(4096, 300), (14336, 40), (1000, 129), (40000, 6)])
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_cuda_kernels_match_the_reference(rows, cols, bits, weighted):
@@ -205,8 +205,9 @@ def test_cuda_kernels_match_the_reference(rows, cols, bits, weighted):
     ref_codes, ref_cent = K.kmeans_columns_reference(w, bits, imp)
     assert bool((cent[:, 1:] >= cent[:, :-1]).all())
     assert torch.equal(codes, K.assign_columns_reference(w, cent))
-    # float32 sums on the device vs float64 in the reference: a borderline value may flip and the two Lloyd
-    # runs part ways, so the fit is judged by its inertia.
+    # float64 prefix differences on the device vs float64 scatter sums in the reference: a centroid may differ
+    # in its last bit, a borderline value flip and the two Lloyd runs part ways, so the fit is judged by its
+    # inertia.
     assert K.weighted_inertia(w, codes, cent, imp) <= K.weighted_inertia(w, ref_codes, ref_cent, imp) * (1 + 1e-5)
     assert torch.equal(K.assign_columns(w.cuda(), ref_cent.cuda()).cpu(), ref_codes)
     assert torch.equal(K.assign_columns(w.half().cuda(), ref_cent.cuda()).cpu(),

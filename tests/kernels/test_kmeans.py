@@ -158,3 +158,16 @@ def test_optimal_method_through_the_public_launcher(gen):
     assert torch.equal(cent, ref_cent) and torch.equal(codes, ref_codes)
     lloyd = K.kmeans_columns(w, 3, imp)
     assert K.weighted_inertia(w, codes, cent, imp) <= K.weighted_inertia(w, *lloyd, imp) * (1 + 1e-9)
+
+
+@pytest.mark.slow  # ~1 min in the interpreter, almost all of it the prefix pass's 2063 row tiles
+def test_column_taller_than_the_old_on_chip_limit(gen, kernel_fit):
+    # 33000 rows: above the 32768 the previous whole-column-in-registers kernel took; here only the prefix pass
+    # grows with the height (2063 row tiles of 16 in the interpreter), the searches take 16 steps.
+    g = gen(24)
+    w = torch.randn(33000, 1, generator=g)
+    imp = torch.rand(33000, generator=g)
+    codes, cent = kernel_fit(w, 4, imp, iters=3)
+    ref_codes, ref_cent = K.kmeans_columns_reference(w, 4, imp, iters=3)
+    assert torch.allclose(cent, ref_cent, rtol=1e-5, atol=1e-6)
+    assert torch.equal(codes, K.assign_columns_reference(w, cent))
