@@ -20,7 +20,9 @@ sorted column, so a Lloyd step needs only the K-1 range boundaries and prefix su
      centroid j than to centroid j-1 (the reference's float32 |v - c| comparison, so ties stay with the lower
      index), found by binary search, then a suffix minimum (an exactly repeated centroid owns nothing, as
      with the reference's ties to the lower index); each centroid moves to (moment difference) / (mass
-     difference) rounded from float64, or keeps its value when its range holds no weight.
+     difference) rounded from float64 (with importance, clamped into its range's values: a range holding a
+     tiny fraction of the column's weight loses digits to cancellation), or keeps its value when its range
+     holds no weight.
   4. sort the centroids and store them.
   Work per column: O(rows) once for the prefix sums, then O(K log rows) loads per step (plus O(K^2) register
   selects to shift lanes), all on (BLOCK_C, K) lane tiles: the register footprint does not depend on the
@@ -159,6 +161,13 @@ def _kmeans_sorted_kernel(
         else:
             has_mass = end > start
         mean = (moment / tl.where(has_mass, mass, 1.0)).to(tl.float32)
+        if HAS_IMP:
+            # The weighted mean lies within the cluster's values; a prefix difference can miss that when the
+            # cluster holds a tiny fraction of the column's weight (cancellation), so clamp it there (a no-op
+            # otherwise). Unit weights need no clamp: the mass is an exact count, the error ~1e-16 * rows.
+            first = tl.load(vs_ptr + vbase + start, mask=lane_ok & has_mass, other=0.0)
+            last = tl.load(vs_ptr + vbase + end - 1, mask=lane_ok & has_mass, other=0.0)
+            mean = tl.minimum(tl.maximum(mean, first), last)
         cent = tl.where(has_mass, mean, cent)
 
     # --- 4. sorted centroids out (the launcher's assignment pass writes the codes) -----------------------

@@ -90,7 +90,7 @@ def test_fit_matches_reference_lloyd(name, gen, kernel_fit):
 
 
 def test_init_equals_reference_quantiles_exactly(gen, kernel_fit):
-    # Unit weights: cumulative weights are exact integers in float32, so the bisection hits the same values.
+    # Unit weights: cumulative weights are exact integers, so the binary search hits the same values.
     w = torch.randn(45, 5, generator=gen(3)).half()
     w[:, 0] = 1.0  # constant column: every quantile is that value
     w[:25, 1] = -2.0  # a heavy repeated value
@@ -170,4 +170,17 @@ def test_column_taller_than_the_old_on_chip_limit(gen, kernel_fit):
     codes, cent = kernel_fit(w, 4, imp, iters=3)
     ref_codes, ref_cent = K.kmeans_columns_reference(w, 4, imp, iters=3)
     assert torch.allclose(cent, ref_cent, rtol=1e-5, atol=1e-6)
+    assert torch.equal(codes, K.assign_columns_reference(w, cent))
+
+
+def test_weights_spanning_ten_orders_of_magnitude(gen, kernel_fit):
+    # Light clusters next to heavy values: their means are differences of large float64 prefix sums.
+    g = gen(25)
+    w = torch.randn(120, 3, generator=g)
+    imp = torch.ones(120, 3)
+    imp[:6] = 1e10
+    codes, cent = kernel_fit(w, 3, imp, iters=5)
+    ref_codes, ref_cent = K.kmeans_columns_reference(w, 3, imp, iters=5)
+    assert bool((cent[:, 1:] >= cent[:, :-1]).all())
+    assert torch.allclose(cent, ref_cent, rtol=1e-4, atol=1e-5)
     assert torch.equal(codes, K.assign_columns_reference(w, cent))
