@@ -159,7 +159,7 @@ def test_optimal_method_reaches_the_brute_force_optimum(rows, cols, bits, kind):
 
 
 def test_optimal_method_chunks_columns_and_keeps_the_default_unchanged():
-    w = torch.randn(50, 7, generator=_gen(8))
+    w = torch.randn(50, 3, generator=_gen(8))
     whole = K.optimal_centroids_reference(w, 8)
     assert torch.equal(K.optimal_centroids_reference(w, 8, max_elements=60), whole)  # one column per chunk
     # The default stays quantile init + 25 Lloyd steps (CLAQ's numbers do not move).
