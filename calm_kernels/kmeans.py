@@ -36,7 +36,9 @@ clustering is contiguous), by dynamic programming over prefix sums with the divi
 (the optimal split point is monotone, since the 1-D cost is Monge): O(k rows log rows) per column,
 vectorized over columns; float64 costs on mean-centred values, so "exact" is up to float64 rounding of
 near-ties. Centroids are the clusters' weighted means (a cluster without weight: the midpoint of its values),
-padded with the largest when rows < k; the codes are `assign_columns` against them, as in step 3.
+padded with the largest when rows < k; the codes are `assign_columns` against them, as in step 3. On a
+random 576x576 float32 matrix, one torch thread of the shared 2-core CPU: 2.0 s at 2 bits and 8.1 s at 4 bits
+(the Lloyd reference: 0.2 s and 0.4 s).
 
 Numerics: values and centroids are float32; distances are one float32 subtraction and an abs, so kernel and
 reference assign identically for the same centroids.
