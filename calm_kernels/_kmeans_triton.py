@@ -3,24 +3,38 @@
 Imported only by the launchers in kmeans.py once `use_triton` said yes, so `import calm_kernels` never
 imports triton.
 
-K-means kernel: one program owns BLOCK_C whole columns as a (BLOCK_R, BLOCK_C) register tile (BLOCK_R = the
-row count padded to a power of two). W and the importance are read once, codes and centroids written once;
-everything in between (quantile init, every Lloyd iteration, the final sort and assignment) stays on chip.
-- Weighted-quantile init without sorting the column: the float32 values are mapped to order-preserving int32
-  keys and, per centroid, a 32-step bisection over the key range finds the smallest key whose cumulative
-  weight (sum of weights of values <= key) reaches the target. That key is always one of the column's values,
-  so the init equals the reference's sort-and-cumsum result (exactly when the weight sums are exact, e.g.
-  unit weights; float32 weight sums can move a quantile that sits on a boundary to its neighbour).
-- Lloyd: K passes of (subtract, abs, compare, select) for the assignment and K masked weighted sums for the
-  update per iteration. Work per column is O(rows * K * (iters + 32)): at K = 16 this is compute bound,
-  not memory bound.
-- Centroids live in a (BLOCK_C, K) tile; centroid j is read out with a masked row sum (no register
-  indexing in Triton).
+Lloyd on sorted columns. 1-D K-means with sorted centroids assigns each cluster a contiguous range of the
+sorted column, so a Lloyd step needs only the K-1 range boundaries and prefix sums:
+- The launcher sorts every column once with torch.sort (values in (cols, rows) order, the importance gathered
+  into the same order).
+- `_kmeans_sorted_kernel`, one program per BLOCK_C columns:
+  1. prefix sums over the sorted column, tiled over BLOCK_R rows with a carry: moment sum(imp * v) in
+     float64 (a cluster's moment is a difference of two prefix sums: float32 would cancel catastrophically
+     at 32768 rows), and with importance the mass sum(imp) in float64 and the count of nonzero weights in
+     int32 (an exact test for "this cluster has no weight": two float prefix sums over a run of zero weights
+     can round differently). Without importance the mass is the index itself. Written to scratch in global
+     memory (L2-resident per program), then a barrier.
+  2. weighted-quantile init: per centroid, a binary search for the first sorted position whose cumulative
+     mass reaches (j + 1/2) T / K.
+  3. `iters` Lloyd steps: boundary j (1..K-1) is the first sorted position whose value is strictly closer to
+     centroid j than to centroid j-1 (the reference's float32 |v - c| comparison, so ties stay with the lower
+     index), found by binary search, then a suffix minimum (an exactly repeated centroid owns nothing, as
+     with the reference's ties to the lower index); each centroid moves to (moment difference) / (mass
+     difference) rounded from float64 (with importance, clamped into its range's values: a range holding a
+     tiny fraction of the column's weight loses digits to cancellation), or keeps its value when its range
+     holds no weight.
+  4. sort the centroids and store them.
+  Work per column: O(rows) once for the prefix sums, then O(K log rows) loads per step (plus O(K^2) register
+  selects to shift lanes), all on (BLOCK_C, K) lane tiles: the register footprint does not depend on the
+  column height (no spills at any height).
+- The final codes come from `_assign_kernel` on the unsorted W, so they are exactly the nearest centroids of
+  the returned ones.
 
 Assignment kernel: elementwise over (BLOCK_R, BLOCK_C) tiles of W; the centroids of a column are loaded as K
 vectors; strict `<` keeps ties at the lower index, as the reference does.
 
-Config lists are guesses: no GPU has run these kernels yet (interpreter only).
+Config lists are guesses: no GPU has run these kernels yet (interpreter, and compiled for sm90/sm100 by
+tests/kernels/test_compile_sm90.py).
 """
 from __future__ import annotations
 
@@ -31,107 +45,134 @@ import triton
 import triton.language as tl
 
 from calm_kernels._dispatch import interpreter_enabled
-from calm_kernels.kmeans import MAX_KERNEL_ROWS as MAX_ROWS  # a taller column tile would not fit one program
-
-_TILE_ELEMS = 16384  # BLOCK_R * BLOCK_C cap: ~5 live fp32/int32 tiles of 16k values across <= 32 warps
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @triton.jit
-def _orderable_key(v):
-    """float32 -> int32 with the same order (negatives: flip the magnitude bits). Involution on its image."""
-    bits = v.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+def _min_combine(a, b):
+    return tl.minimum(a, b)
 
 
 @triton.jit
-def _key_to_float(key):
-    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _column_of(tile, kk, j):
-    """Column j of a (BLOCK_C, K) tile as a (BLOCK_C,) vector."""
-    return tl.sum(tl.where(kk[None, :] == j, tile, 0.0), axis=1)
-
-
-@triton.jit
-def _assign_tile(w, cent, kk, K: tl.constexpr):
-    """Nearest centroid per value of a (BLOCK_R, BLOCK_C) tile; ties to the lower index."""
-    best = tl.abs(w - _column_of(cent, kk, 0)[None, :])
-    code = tl.zeros(w.shape, dtype=tl.int32)
-    for j in tl.static_range(1, K):
-        d = tl.abs(w - _column_of(cent, kk, j)[None, :])
-        closer = d < best
-        best = tl.where(closer, d, best)
-        code = tl.where(closer, j, code)
-    return code
-
-
-@triton.jit
-def _kmeans_kernel(
-    w_ptr, imp_ptr, codes_ptr, cent_ptr,
-    rows, cols, iters,
-    stride_wr, stride_wc, stride_ir, stride_ic, stride_qr, stride_qc, stride_cc,
-    K: tl.constexpr, HAS_IMP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    cc = pid * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    kk = tl.arange(0, K)
-    row_ok = rr < rows
-    col_ok = cc < cols
-    mask = row_ok[:, None] & col_ok[None, :]
-
-    w = tl.load(w_ptr + rr[:, None] * stride_wr + cc[None, :] * stride_wc, mask=mask, other=0.0).to(tl.float32)
-    ones = tl.where(mask, 1.0, 0.0)
+def _mass_at(pw_ptr, col_base, idx, lane_ok, HAS_IMP: tl.constexpr):
+    """Cumulative mass of the first idx sorted values of each lane's column, float64."""
     if HAS_IMP:
-        imp = tl.load(imp_ptr + rr[:, None] * stride_ir + cc[None, :] * stride_ic, mask=mask, other=0.0)
-        total = tl.sum(imp, axis=0)
-        # A column without weight is fitted with unit weights (the reference does the same).
-        imp = tl.where(total[None, :] == 0.0, ones, imp)
-    else:
-        imp = ones
-    total = tl.sum(imp, axis=0)
+        return tl.load(pw_ptr + col_base + idx, mask=lane_ok, other=0.0)
+    return idx.to(tl.float64)
 
-    # --- init: weighted quantiles by bisection over order-preserving integer keys -----------------------
-    key = _orderable_key(w)
-    # The bisection bounds are int64 (hi - lo can reach 2^32); every midpoint lies in [lo, hi], so the
-    # comparison against the int32 keys is done in int32.
-    key_lo = tl.min(tl.where(mask, key, 2147483647), axis=0).to(tl.int64)
-    key_hi = tl.max(tl.where(mask, key, -2147483647 - 1), axis=0).to(tl.int64)
-    cent = tl.zeros((BLOCK_C, K), dtype=tl.float32)
-    for j in tl.static_range(K):
-        target = total * ((j + 0.5) / K)
-        lo = key_lo
-        hi = key_hi
-        for _ in range(32):  # the key range spans < 2^32 values
-            mid = lo + ((hi - lo) >> 1)
-            reached = tl.sum(tl.where(key <= mid.to(tl.int32)[None, :], imp, 0.0), axis=0) >= target
-            hi = tl.where(reached, mid, hi)
-            lo = tl.where(reached, lo, mid + 1)
-        cent = tl.where(kk[None, :] == j, _key_to_float(hi.to(tl.int32))[:, None], cent)
 
-    # --- Lloyd iterations --------------------------------------------------------------------------------
-    wimp = w * imp
+@triton.jit
+def _kmeans_sorted_kernel(
+    vs_ptr, is_ptr, pm_ptr, pw_ptr, pn_ptr, cent_ptr,
+    rows, cols, iters, search_steps,
+    stride_vc, stride_ic, stride_cc,
+    K: tl.constexpr, HAS_IMP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # The program's first column moves the base pointers (64-bit, once); the lanes' offsets within the
+    # program's columns stay 32-bit (BLOCK_C * (rows + 1) < 2^31): half the address registers.
+    col0 = tl.program_id(0).to(tl.int64) * BLOCK_C
+    vs_ptr += col0 * stride_vc
+    is_ptr += col0 * stride_ic
+    pm_ptr += col0 * (rows + 1)  # prefix arrays: (cols, rows + 1), entry i sums the first i sorted values
+    pw_ptr += col0 * (rows + 1)
+    pn_ptr += col0 * (rows + 1)
+    cent_ptr += col0 * stride_cc
+    cl = tl.arange(0, BLOCK_C)
+    col_ok = cl < cols - col0
+    pre = cl * (rows + 1)
+
+    # --- 1. prefix sums over the sorted column, BLOCK_R rows at a time ------------------------------------
+    rr0 = tl.arange(0, BLOCK_R)
+    zero64 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    tl.store(pm_ptr + pre, zero64, mask=col_ok)
+    if HAS_IMP:
+        tl.store(pw_ptr + pre, zero64, mask=col_ok)
+        tl.store(pn_ptr + pre, tl.zeros((BLOCK_C,), dtype=tl.int32), mask=col_ok)
+    carry_m = zero64
+    carry_w = zero64
+    carry_n = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    for r0 in range(0, rows, BLOCK_R):
+        rr = r0 + rr0
+        mask = col_ok[:, None] & (rr < rows)[None, :]
+        v = tl.load(vs_ptr + cl[:, None] * stride_vc + rr[None, :], mask=mask, other=0.0).to(tl.float64)
+        if HAS_IMP:
+            imp = tl.load(is_ptr + cl[:, None] * stride_ic + rr[None, :], mask=mask, other=0.0).to(tl.float64)
+            cw = carry_w[:, None] + tl.cumsum(imp, axis=1)
+            cn = carry_n[:, None] + tl.cumsum((imp != 0.0).to(tl.int32), axis=1)
+            tl.store(pw_ptr + pre[:, None] + 1 + rr[None, :], cw, mask=mask)
+            tl.store(pn_ptr + pre[:, None] + 1 + rr[None, :], cn, mask=mask)
+            v = v * imp
+        cm = carry_m[:, None] + tl.cumsum(v, axis=1)
+        tl.store(pm_ptr + pre[:, None] + 1 + rr[None, :], cm, mask=mask)
+        # The next tile continues from this tile's last valid entry (a row sum would round differently).
+        is_last = rr0[None, :] == tl.minimum(rows - r0, BLOCK_R) - 1
+        carry_m = tl.sum(tl.where(is_last, cm, 0.0), axis=1)
+        if HAS_IMP:
+            carry_w = tl.sum(tl.where(is_last, cw, 0.0), axis=1)
+            carry_n = tl.sum(tl.where(is_last, cn, 0), axis=1)
+    tl.debug_barrier()  # the searches below read prefix entries other threads wrote
+
+    # --- 2. weighted-quantile init: first position whose cumulative mass reaches (j + 1/2) T / K ---------
+    kk = tl.arange(0, K)
+    lane_ok = col_ok[:, None] & (kk[None, :] < K)
+    base = pre[:, None] + tl.zeros((BLOCK_C, K), dtype=tl.int32)
+    vbase = cl[:, None] * stride_vc + tl.zeros((BLOCK_C, K), dtype=tl.int32)
+    total = _mass_at(pw_ptr, base, tl.zeros((BLOCK_C, K), dtype=tl.int32) + rows, lane_ok, HAS_IMP)
+    target = ((kk.to(tl.float64) + 0.5) / K)[None, :] * total
+    lo = tl.zeros((BLOCK_C, K), dtype=tl.int32)
+    hi = lo + (rows - 1)
+    for _ in range(search_steps):
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        reached = _mass_at(pw_ptr, base, mid + 1, lane_ok & active, HAS_IMP) >= target
+        hi = tl.where(active & reached, mid, hi)
+        lo = tl.where(active & ~reached, mid + 1, lo)
+    cent = tl.load(vs_ptr + vbase + lo, mask=lane_ok, other=0.0).to(tl.float32)
+
+    # --- 3. Lloyd steps by binary-searched boundaries and prefix differences ----------------------------
     for _ in range(iters):
-        code = _assign_tile(w, cent, kk, K)
-        for j in tl.static_range(K):
-            mine = code == j
-            mass = tl.sum(tl.where(mine, imp, 0.0), axis=0)
-            moment = tl.sum(tl.where(mine, wimp, 0.0), axis=0)
-            old = _column_of(cent, kk, j)
-            new = tl.where(mass > 0.0, tl.math.div_rn(moment, tl.where(mass > 0.0, mass, 1.0)), old)
-            cent = tl.where(kk[None, :] == j, new[:, None], cent)
+        # Lane shifts by K masked row sums: tl.gather made ptxas spill (sm90/sm100).
+        c_prev = cent
+        for j in tl.static_range(1, K):
+            cj = tl.sum(tl.where(kk[None, :] == j - 1, cent, 0.0), axis=1)
+            c_prev = tl.where(kk[None, :] == j, cj[:, None], c_prev)
+        lo = tl.zeros((BLOCK_C, K), dtype=tl.int32)
+        hi = lo + rows
+        for _ in range(search_steps):
+            active = lo < hi
+            mid = (lo + hi) >> 1
+            v = tl.load(vs_ptr + vbase + mid, mask=lane_ok & active, other=0.0).to(tl.float32)
+            closer = tl.abs(v - cent) < tl.abs(v - c_prev)
+            hi = tl.where(active & closer, mid, hi)
+            lo = tl.where(active & ~closer, mid + 1, lo)
+        start = tl.where(kk[None, :] == 0, 0, lo)
+        start = tl.associative_scan(start, 1, _min_combine, reverse=True)
+        end = start
+        for j in tl.static_range(0, K - 1):
+            sj = tl.sum(tl.where(kk[None, :] == j + 1, start, 0), axis=1)
+            end = tl.where(kk[None, :] == j, sj[:, None], end)
+        end = tl.where(kk[None, :] == K - 1, rows, end)
+        moment = (tl.load(pm_ptr + base + end, mask=lane_ok, other=0.0)
+                  - tl.load(pm_ptr + base + start, mask=lane_ok, other=0.0))
+        mass = _mass_at(pw_ptr, base, end, lane_ok, HAS_IMP) - _mass_at(pw_ptr, base, start, lane_ok, HAS_IMP)
+        if HAS_IMP:
+            weighted = (tl.load(pn_ptr + base + end, mask=lane_ok, other=0)
+                        - tl.load(pn_ptr + base + start, mask=lane_ok, other=0)) > 0
+            has_mass = weighted & (mass > 0.0)
+        else:
+            has_mass = end > start
+        mean = (moment / tl.where(has_mass, mass, 1.0)).to(tl.float32)
+        if HAS_IMP:
+            # The weighted mean lies within the cluster's values; a prefix difference can miss that when the
+            # cluster holds a tiny fraction of the column's weight (cancellation), so clamp it there (a no-op
+            # otherwise). Unit weights need no clamp: the mass is an exact count, the error ~1e-16 * rows.
+            first = tl.load(vs_ptr + vbase + start, mask=lane_ok & has_mass, other=0.0)
+            last = tl.load(vs_ptr + vbase + end - 1, mask=lane_ok & has_mass, other=0.0)
+            mean = tl.minimum(tl.maximum(mean, first), last)
+        cent = tl.where(has_mass, mean, cent)
 
+    # --- 4. sorted centroids out (the launcher's assignment pass writes the codes) -----------------------
     cent = tl.sort(cent, dim=1)
-    code = _assign_tile(w, cent, kk, K)
-    tl.store(codes_ptr + rr[:, None] * stride_qr + cc[None, :] * stride_qc, code.to(tl.uint8), mask=mask)
-    tl.store(cent_ptr + cc[:, None] * stride_cc + kk[None, :], cent, mask=col_ok[:, None] & (kk[None, :] < K))
+    tl.store(cent_ptr + cl[:, None] * stride_cc + kk[None, :], cent, mask=lane_ok)
 
 
 @triton.jit
@@ -159,29 +200,28 @@ def _assign_kernel(
     tl.store(codes_ptr + rr[:, None] * stride_qr + cc[None, :] * stride_qc, code.to(tl.uint8), mask=mask)
 
 
-def _kmeans_configs(block_r: int) -> list[triton.Config]:
+def kmeans_configs(k: int) -> list[triton.Config]:
+    """Search lanes are (BLOCK_C, K): 1-2 lanes per thread, 64..256 lanes a program, so there are many
+    programs per SM (the binary searches are load-latency bound: occupancy hides them); the prefix tile
+    (BLOCK_C, BLOCK_R) holds 2 float64 values per thread. Every config here compiles without spills on sm90
+    and sm100 (tests/kernels/test_compile_sm90.py); 4 values per thread, 1 or 8 warps spilled a few."""
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_C": 2}, num_warps=4)]
-    # 16 or 32 values of each live tile per thread; each variant compiles in 4-12 s (K = 16 unrolls 16 x 32
-    # bisection steps), so the list stays short.
+        return [triton.Config({"BLOCK_C": 2, "BLOCK_R": 16}, num_warps=4)]
     out = []
-    for bc in (1, 2, 4):
-        elems = block_r * bc
-        if elems > _TILE_ELEMS and bc > 1:
-            continue
-        for per_thread in (16, 32):
-            nw = min(max(elems // (32 * per_thread), 4), 32)
-            if triton.Config({"BLOCK_C": bc}, num_warps=nw) not in out:
-                out.append(triton.Config({"BLOCK_C": bc}, num_warps=nw))
+    for lanes in (64, 128, 256):
+        for nw in (2, 4):
+            if 32 * nw <= lanes <= 64 * nw:
+                bc = max(1, lanes // k)
+                out.append(triton.Config({"BLOCK_C": bc, "BLOCK_R": max(8, 2 * 32 * nw // bc)}, num_warps=nw))
     return out
 
 
 @functools.cache
-def _kmeans_tuned(block_r: int):
-    return triton.autotune(_kmeans_configs(block_r), key=["BLOCK_R", "K", "HAS_IMP"])(_kmeans_kernel)
+def _kmeans_tuned(k: int):
+    return triton.autotune(kmeans_configs(k), key=["K", "HAS_IMP", "search_steps"])(_kmeans_sorted_kernel)
 
 
-def _assign_configs() -> list[triton.Config]:
+def assign_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_R": 32, "BLOCK_C": 16}, num_warps=4)]
     return [triton.Config({"BLOCK_R": br, "BLOCK_C": bc}, num_warps=nw)
@@ -190,7 +230,19 @@ def _assign_configs() -> list[triton.Config]:
 
 @functools.cache
 def _assign_tuned():
-    return triton.autotune(_assign_configs(), key=["K", "cols"])(_assign_kernel)
+    return triton.autotune(assign_configs(), key=["K", "cols"])(_assign_kernel)
+
+
+def sort_columns(w: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every column of w sorted ascending as (cols, rows) float32 rows, and the importance in the same order.
+
+    `importance`: float32 (rows, cols) or (rows, 1), with unit weights already put in zero-sum columns."""
+    rows, cols = w.shape
+    values, order = torch.sort(w.to(torch.float32).T, dim=1, stable=True)
+    values = values.contiguous()
+    if importance is None:
+        return values, None
+    return values, torch.gather(importance.expand(rows, cols).T, 1, order).contiguous()
 
 
 def kmeans_columns(w: torch.Tensor, k: int, importance: torch.Tensor | None, iters: int,
@@ -198,28 +250,31 @@ def kmeans_columns(w: torch.Tensor, k: int, importance: torch.Tensor | None, ite
     """Launcher; inputs already validated by kmeans.kmeans_columns (importance float32 (rows, cols|1)).
 
     `out` (codes uint8 (rows, cols), centroids float32 contiguous (cols, k)) lets tests pass poisoned buffers."""
+    from calm_kernels.kmeans import _unit_where_zero
+
     rows, cols = w.shape
-    if rows > MAX_ROWS:
-        raise ValueError(f"the K-means kernel keeps a column on chip and takes at most {MAX_ROWS} rows, got "
-                         f"{rows}; transpose the problem or set CALM_FORCE_REFERENCE=1")
     if w.dtype == torch.float64:
         w = w.to(torch.float32)
     if out is None:
         out = (torch.empty((rows, cols), dtype=torch.uint8, device=w.device),
                torch.empty((cols, k), dtype=torch.float32, device=w.device))
     codes, cent = out
-    if importance is not None:
-        imp_stride = (importance.stride(0), importance.stride(1) if importance.shape[1] == cols else 0)
+    imp = None if importance is None else _unit_where_zero(importance, cols)
+    values, imp_sorted = sort_columns(w, imp)
+    prefix_moment = torch.empty((cols, rows + 1), dtype=torch.float64, device=w.device)
+    if imp_sorted is not None:
+        prefix_mass = torch.empty((cols, rows + 1), dtype=torch.float64, device=w.device)
+        prefix_count = torch.empty((cols, rows + 1), dtype=torch.int32, device=w.device)
     else:
-        imp_stride = (0, 0)
-    block_r = _next_pow2(rows)
+        prefix_mass, prefix_count = prefix_moment, prefix_moment  # never read without importance
     grid = lambda meta: (triton.cdiv(cols, meta["BLOCK_C"]),)  # noqa: E731
-    _kmeans_tuned(block_r)[grid](
-        w, importance if importance is not None else w, codes, cent,
-        rows, cols, iters,
-        w.stride(0), w.stride(1), imp_stride[0], imp_stride[1], codes.stride(0), codes.stride(1), cent.stride(0),
-        K=k, HAS_IMP=importance is not None, BLOCK_R=block_r,
+    _kmeans_tuned(k)[grid](
+        values, imp_sorted if imp_sorted is not None else values, prefix_moment, prefix_mass, prefix_count, cent,
+        rows, cols, iters, rows.bit_length(),
+        values.stride(0), imp_sorted.stride(0) if imp_sorted is not None else 0, cent.stride(0),
+        K=k, HAS_IMP=imp_sorted is not None,
     )
+    assign_columns(w, cent, out=codes)
     return codes, cent
 
 

@@ -1,15 +1,16 @@
 """Per-column weighted 1-D K-means (the codebook fit of CLAQ and SqueezeLLM-style quantizers).
 
 Contract
-- `kmeans_columns(w, bits, importance=None, iters=25) -> (codes, centroids)`: every column of w (rows, cols)
-  gets k = 2^bits centroids (bits 1..4) fitted to its `rows` values; codes (rows, cols) uint8 index the
-  column's centroids; centroids (cols, k) float32, ascending in each column.
+- `kmeans_columns(w, bits, importance=None, iters=25, method="lloyd") -> (codes, centroids)`: every column of
+  w (rows, cols) gets k = 2^bits centroids (bits 1..4) fitted to its `rows` values; codes (rows, cols) uint8
+  index the column's centroids; centroids (cols, k) float32, ascending in each column.
 - `assign_columns(w, centroids) -> codes`: nearest centroid per value, ties to the lower index.
 - `importance`: nonnegative finite weights per value, (rows, cols) or (rows,) (one weight per row, shared by
   every column). A column whose weights sum to zero is fitted with unit weights, so its codes stay
   meaningful.
+- `method`: "lloyd" (the default, below) or "optimal" (exact 1-D weighted K-means, below; `iters` unused).
 
-The algorithm, identical in the reference and the kernel (the kernel is tested against this text):
+The "lloyd" algorithm, identical in the reference and the kernel (the kernel is tested against this text):
 1. Init, weighted quantiles: sort the column, take the cumulative weight c and total T; centroid j is the
    smallest value v whose cumulative weight (all values <= v) reaches (j + 1/2) T / k.
 2. `iters` Lloyd iterations, a fixed count (no early exit, so the work and the result do not depend on
@@ -20,23 +21,42 @@ The algorithm, identical in the reference and the kernel (the kernel is tested a
 3. Sort the centroids (a no-op in exact arithmetic: 1-D Lloyd preserves the order; it guards rounding),
    then the final codes are `assign_columns` against the returned centroids.
 
+The reference (`lloyd_reference`, the CPU path) assigns every value to every centroid, O(rows * k) per
+iteration, and sums the weighted means in float64. The kernel (`_kmeans_triton.py`) runs the same steps on
+sorted columns: with sorted centroids each cluster is a contiguous range of the sorted column, so a step is
+k - 1 binary-searched boundaries (the first sorted value strictly closer to c_j than to c_{j-1}, the same
+float32 comparison) and differences of float64 prefix sums: O(rows) once, then O(k log rows) per iteration,
+and its registers do not depend on the column height. The two agree exactly on assignments except where
+two centroids are within float32 rounding of each other without being equal (the nearest-centroid map is
+then not monotone in the value), and on centroids to the last bits (float64 sums in a different order).
+
+The "optimal" method (`optimal_reference`, on any device, no kernel): the exact minimum of the weighted
+inertia over all partitions of the sorted column into min(k, rows) contiguous clusters (an optimal 1-D
+clustering is contiguous), by dynamic programming over prefix sums with the divide-and-conquer speed-up
+(the optimal split point is monotone, since the 1-D cost is Monge): O(k rows log rows) per column,
+vectorized over columns; float64 costs on mean-centred values, so "exact" is up to float64 rounding of
+near-ties. Centroids are the clusters' weighted means (a cluster without weight: the midpoint of its values),
+padded with the largest when rows < k; the codes are `assign_columns` against them, as in step 3. On a
+random 576x576 float32 matrix, one torch thread of the shared 2-core CPU: 2.0 s at 2 bits and 8.1 s at 4 bits
+(the Lloyd reference: 0.2 s and 0.4 s).
+
 Numerics: values and centroids are float32; distances are one float32 subtraction and an abs, so kernel and
-reference assign identically for the same centroids. The reference sums the weighted means in float64, the
-kernel in float32, so centroids may differ in the last bits.
+reference assign identically for the same centroids.
 
 Dispatch: Triton (`_kmeans_triton.py`) for CUDA tensors or under TRITON_INTERPRET=1, the reference
-otherwise; columns taller than MAX_KERNEL_ROWS always run the reference. On a shared 2-core CPU, call the
-reference under one torch thread (calm.algorithms.gptq.single_thread): measured 4-10x faster than two
-contended threads on 576x576 .. 1536x576 weights (0.4-3.5 s for 25 iterations at 2-4 bits, one thread).
-Lloyd from quantile init is a local method: on the bench's smoke shapes (64 and 131 rows, 1% of values 4x
-larger) kmeans1d's exact 1-D optimum reached 0.42-0.99x this inertia at 2-4 bits. On the default model's
-layer-5 q_proj (576x576) and down_proj (576x1536), per column over the output rows, the optimum reached
-0.99x / 0.94-0.96x / 0.63-0.68x of it at 2 / 3 / 4 bits, and 100 iterations instead of 25 gained 0% / 0.3% /
-1.5-3.6%: at 4 bits the fit, not the iteration count, limits it.
+otherwise. On a shared 2-core CPU, call the reference under one torch thread (calm.algorithms.gptq.single_thread):
+measured 4-10x faster than two contended threads on 576x576 .. 1536x576 weights (0.4-3.5 s for 25 iterations
+at 2-4 bits, one thread). Lloyd from quantile init is a local method: on the bench's smoke shapes (64 and 131
+rows, 1% of values 4x larger) kmeans1d's exact 1-D optimum reached 0.42-0.99x this inertia at 2-4 bits. On the
+default model's layer-5 q_proj (576x576) and down_proj (576x1536), per column over the output rows, the optimum
+reached 0.99x / 0.94-0.96x / 0.63-0.68x of it at 2 / 3 / 4 bits, and 100 iterations instead of 25 gained 0% /
+0.3% / 1.5-3.6%: at 4 bits the fit, not the iteration count, limits it (method="optimal" closes that gap).
 
-Tested: the reference on the CPU (tests/test_kmeans.py); the kernels under the interpreter
-(tests/kernels/test_kmeans.py) and compiled for sm90 without a device (tests/test_kernel_compile.py). Not
-yet run on a GPU: configs untuned, no performance figure.
+Tested: the references on the CPU (tests/test_kmeans.py); the kernels under the interpreter
+(tests/kernels/test_kmeans.py, up to 33000 rows) and compiled for sm90/sm100 without a device, with no
+register spills in any config; the height is a runtime argument that sizes no register tile
+(tests/kernels/test_compile_sm90.py). Not yet run on a GPU: configs untuned, no performance
+figure.
 """
 from __future__ import annotations
 
@@ -45,8 +65,7 @@ import torch
 from calm_kernels._dispatch import use_triton
 
 MAX_BITS = 4  # codes are uint8 and the kernel keeps k centroids per column in registers
-# The fit kernel holds a whole column in one program's registers; taller columns run the reference.
-MAX_KERNEL_ROWS = 32768
+METHODS = ("lloyd", "optimal")
 
 
 def _check_bits(bits: int) -> int:
@@ -92,6 +111,12 @@ def _check_importance(importance: torch.Tensor | None, w: torch.Tensor) -> torch
 def _check_iters(iters: int) -> None:
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be a nonnegative integer, got {iters!r}")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} ('lloyd': quantile init and `iters` Lloyd steps; "
+                         f"'optimal': exact 1-D K-means by dynamic programming), got {method!r}")
 
 
 def _unit_where_zero(imp: torch.Tensor, cols: int) -> torch.Tensor:
@@ -158,12 +183,108 @@ def lloyd_reference(w: torch.Tensor, centroids: torch.Tensor, importance: torch.
     return assign_columns_reference(w32, c), c
 
 
+def _optimal_chunk(w32: torch.Tensor, imp: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact weighted 1-D K-means centroids (cols, k) of the columns of w32 (rows, cols); imp (rows, cols) > 0 sum."""
+    rows, cols = w32.shape
+    dev = w32.device
+    values, order = torch.sort(w32.T, dim=1, stable=True)
+    x = values.to(torch.float64)
+    wt = torch.gather(imp.T.to(torch.float64), 1, order)
+    shift = x.mean(1, keepdim=True)  # centred values: the prefix-sum cost formula cancels less
+    xc = x - shift
+    pad = torch.zeros(cols, 1, dtype=torch.float64, device=dev)
+    mass_p = torch.cat([pad, wt.cumsum(1)], 1).reshape(-1)  # flat (cols * (rows + 1)): entry i sums i values
+    s1_p = torch.cat([pad, (wt * xc).cumsum(1)], 1).reshape(-1)
+    s2_p = torch.cat([pad, (wt * xc * xc).cumsum(1)], 1).reshape(-1)
+    stride = rows + 1
+
+    def cost(col: torch.Tensor, j: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of squared deviations from the weighted mean of sorted values [j, i) of column col."""
+        a, b = col * stride + j, col * stride + i
+        m = mass_p[b] - mass_p[a]
+        s = s1_p[b] - s1_p[a]
+        q = s2_p[b] - s2_p[a]
+        return torch.where(m > 0, q - s * s / torch.where(m > 0, m, 1.0), 0.0).clamp_min(0.0)
+
+    all_cols = torch.arange(cols, device=dev)
+    positions = torch.arange(stride, device=dev)
+    k_eff = min(k, rows)
+    best = cost(all_cols.repeat_interleave(stride), torch.zeros(cols * stride, dtype=torch.long, device=dev),
+                positions.repeat(cols)).view(cols, stride)  # one cluster over the first i values
+    splits = []  # per layer: (cols, rows + 1) start of the last cluster in the best partition of the first i
+    for layer in range(2, k_eff + 1):
+        new = torch.full((cols, stride), float("inf"), dtype=torch.float64, device=dev)
+        split = torch.zeros((cols, stride), dtype=torch.long, device=dev)
+        # Divide and conquer over i in [layer, rows], breadth first so every column advances together: the
+        # best split of the midpoint bounds the splits of the halves (monotone for the leftmost minimum).
+        seg_lo = torch.tensor([layer], device=dev)
+        seg_hi = torch.tensor([rows], device=dev)
+        opt_lo = torch.full((1, cols), layer - 1, dtype=torch.long, device=dev)
+        opt_hi = torch.full((1, cols), rows - 1, dtype=torch.long, device=dev)
+        while seg_lo.numel():
+            mid = (seg_lo + seg_hi) // 2
+            first = opt_lo
+            last = torch.minimum(opt_hi, mid[:, None] - 1)
+            counts = (last - first + 1).reshape(-1)
+            group = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)
+            offsets = torch.cumsum(counts, 0) - counts
+            j = first.reshape(-1)[group] + torch.arange(group.numel(), device=dev) - offsets[group]
+            col = group % cols
+            i = mid[group // cols]
+            val = best.reshape(-1)[col * stride + j] + cost(col, j, i)
+            gmin = torch.full((counts.numel(),), float("inf"), dtype=torch.float64, device=dev)
+            gmin = gmin.scatter_reduce(0, group, val, "amin")
+            hit = val == gmin[group]
+            jbest = torch.full((counts.numel(),), rows, dtype=torch.long, device=dev)
+            jbest = jbest.scatter_reduce(0, group[hit], j[hit], "amin").view(-1, cols)
+            new[:, mid] = gmin.view(-1, cols).T
+            split[:, mid] = jbest.T
+            left = seg_lo <= mid - 1
+            right = mid + 1 <= seg_hi
+            seg_lo = torch.cat([seg_lo[left], (mid + 1)[right]])
+            seg_hi = torch.cat([(mid - 1)[left], seg_hi[right]])
+            opt_lo, opt_hi = torch.cat([opt_lo[left], jbest[right]]), torch.cat([jbest[left], opt_hi[right]])
+        best = new
+        splits.append(split)
+    bounds = [torch.full((cols,), rows, dtype=torch.long, device=dev)]
+    for split in reversed(splits):
+        bounds.insert(0, split[all_cols, bounds[0]])
+    bounds.insert(0, torch.zeros(cols, dtype=torch.long, device=dev))
+    b = torch.stack(bounds, 1)  # (cols, k_eff + 1), nondecreasing, clusters [b_j, b_j+1) nonempty
+    lo, hi = b[:, :-1], b[:, 1:]
+    flat_lo, flat_hi = all_cols[:, None] * stride + lo, all_cols[:, None] * stride + hi
+    mass = mass_p[flat_hi] - mass_p[flat_lo]
+    mean = (s1_p[flat_hi] - s1_p[flat_lo]) / torch.where(mass > 0, mass, 1.0) + shift
+    midpoint = (x.gather(1, lo) + x.gather(1, hi - 1)) / 2  # a cluster without weight: any value in it will do
+    cent = torch.where(mass > 0, mean, midpoint).to(torch.float32)
+    if k_eff < k:
+        cent = torch.cat([cent, cent[:, -1:].expand(cols, k - k_eff)], 1)
+    return torch.sort(cent, dim=1).values.contiguous()
+
+
+def optimal_centroids_reference(w: torch.Tensor, k: int, importance: torch.Tensor | None = None,
+                                max_elements: int = 1 << 22) -> torch.Tensor:
+    """Exact weighted 1-D K-means centroids (cols, k) float32 (method "optimal" of the module docstring).
+
+    Columns run in chunks of about `max_elements` prefix entries (memory is a few dozen bytes per entry)."""
+    w32 = w.to(torch.float32)
+    rows, cols = w32.shape
+    imp = _unit_where_zero(importance if importance is not None else torch.ones(rows, 1, device=w.device), cols)
+    chunk = max(1, max_elements // (rows + 1))
+    return torch.cat([_optimal_chunk(w32[:, c0:c0 + chunk], imp[:, c0:c0 + chunk], k)
+                      for c0 in range(0, cols, chunk)], 0)
+
+
 def kmeans_columns_reference(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
-                             iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+                             iters: int = 25, method: str = "lloyd") -> tuple[torch.Tensor, torch.Tensor]:
     k = _check_bits(bits)
     _check_weights(w)
     _check_iters(iters)
+    _check_method(method)
     imp = _check_importance(importance, w)
+    if method == "optimal":
+        cent = optimal_centroids_reference(w, k, imp)
+        return assign_columns_reference(w, cent), cent
     init = quantile_init_reference(w, k, imp)
     return lloyd_reference(w, init, imp, iters)
 
@@ -185,22 +306,35 @@ def weighted_inertia(w: torch.Tensor, codes: torch.Tensor, centroids: torch.Tens
 # ----------------------------------------------------------------------------------------------------------
 
 def kmeans_columns(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
-                   iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+                   iters: int = 25, method: str = "lloyd") -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted K-means of every column of w (rows, cols) into 2^bits centroids.
 
     Returns (codes uint8 (rows, cols), centroids float32 (cols, 2^bits) ascending per column);
-    `centroids.gather(1, codes.T.long()).T` is the quantized matrix.
+    `centroids.gather(1, codes.T.long()).T` is the quantized matrix. `method="optimal"` fits the exact 1-D
+    optimum instead of `iters` Lloyd steps (slower; a PyTorch implementation on any device).
     """
     k = _check_bits(bits)
     _check_weights(w)
     _check_iters(iters)
+    _check_method(method)
     imp = _check_importance(importance, w)
-    if w.shape[0] <= MAX_KERNEL_ROWS and use_triton(w):
+    if method == "optimal":
+        cent = optimal_centroids_reference(w, k, imp)
+        return _assign(w, cent), cent
+    if use_triton(w):
         from calm_kernels import _kmeans_triton
 
         return _kmeans_triton.kmeans_columns(w, k, imp, iters)
     init = quantile_init_reference(w, k, imp)
     return lloyd_reference(w, init, imp, iters)
+
+
+def _assign(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    if use_triton(w, centroids):
+        from calm_kernels import _kmeans_triton
+
+        return _kmeans_triton.assign_columns(w, centroids)
+    return assign_columns_reference(w, centroids)
 
 
 def assign_columns(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -216,8 +350,4 @@ def assign_columns(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         raise ValueError("centroids must be finite floating-point values")
     if centroids.device != w.device:
         raise ValueError(f"centroids are on {centroids.device} but w is on {w.device}; move one of them")
-    if use_triton(w, centroids):
-        from calm_kernels import _kmeans_triton
-
-        return _kmeans_triton.assign_columns(w, centroids)
-    return assign_columns_reference(w, centroids)
+    return _assign(w, centroids)

@@ -1,4 +1,5 @@
-"""Compile the CKA and K-means Triton kernels for sm90 (H100/H200) on a machine without a GPU.
+"""Compile the CKA Triton kernels for sm90 (H100/H200) on a machine without a GPU (every kernel, with every
+autotune config and sm100 too: tests/kernels/test_compile_sm90.py).
 
 The interpreter runs kernels as NumPy and accepts code the GPU compiler refuses (type merges across a
 dynamic `if`, shared memory beyond the device, ...). `triton.compile` with an explicit target runs the whole
@@ -29,30 +30,6 @@ def _compile(fn, signature: dict, constants: dict, num_warps: int, num_stages: i
     src = ASTSource(fn, signature, constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-_KMEANS_SIG = {"w_ptr": "*fp32", "imp_ptr": "*fp32", "codes_ptr": "*u8", "cent_ptr": "*fp32",
-               "rows": "i32", "cols": "i32", "iters": "i32", "stride_wr": "i32", "stride_wc": "i32",
-               "stride_ir": "i32", "stride_ic": "i32", "stride_qr": "i32", "stride_qc": "i32", "stride_cc": "i32",
-               "K": "constexpr", "HAS_IMP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
-
-
-@pytest.mark.parametrize("k,has_imp,block_r,block_c,warps", [(4, False, 4096, 2, 8), (16, True, 1024, 4, 4)])
-def test_kmeans_kernel_compiles_for_sm90(k, has_imp, block_r, block_c, warps):
-    from calm_kernels import _kmeans_triton as KT
-
-    compiled = _compile(KT._kmeans_kernel, _KMEANS_SIG,
-                        {"K": k, "HAS_IMP": has_imp, "BLOCK_R": block_r, "BLOCK_C": block_c}, warps, 1)
-    assert compiled.asm["cubin"]
-
-
-def test_assign_kernel_compiles_for_sm90():
-    from calm_kernels import _kmeans_triton as KT
-
-    sig = {"w_ptr": "*fp16", "cent_ptr": "*fp32", "codes_ptr": "*u8", "rows": "i32", "cols": "i32",
-           "stride_wr": "i32", "stride_wc": "i32", "stride_cc": "i32", "stride_ck": "i32", "stride_qr": "i32",
-           "stride_qc": "i32", "K": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
-    assert _compile(KT._assign_kernel, sig, {"K": 8, "BLOCK_R": 64, "BLOCK_C": 64}, 4, 1).asm["cubin"]
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
