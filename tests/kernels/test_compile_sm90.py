@@ -65,16 +65,16 @@ class KernelSpec:
     no_spills: bool = False
 
 
-_QGEMM_TYPES = {"x_ptr": "*fp16", "w_ptr": "*i32", "meta0_ptr": "*fp16", "meta1_ptr": "*u8", "perm_ptr": "*i32",
-                "bias_ptr": "*fp16", "rowptr_ptr": "*i32", "ocol_ptr": "*i16", "odelta_ptr": "*fp16",
-                "y_ptr": "*fp16", "ws_ptr": "*fp32"}
-_QGEMM_UNIFORM4 = {"B0": 4, "B1": 0, "B2": 0, "B3": 0, "B4": 0, "MODE": 0, "GROUP": 128, "HAS_PERM": False,
-                   "HAS_BIAS": False, "HAS_OUTLIERS": False, "DOT_PRECISION": "tf32"}
-_QGEMM_CODEBOOK = {"B0": 2, "B1": 3, "B2": 4, "B3": 0, "B4": 0, "MODE": 1, "GROUP": 0, "HAS_PERM": True,
-                   "HAS_BIAS": True, "HAS_OUTLIERS": True, "DOT_PRECISION": "tf32"}
 _ROTATED_QUANT_TYPES = {"x_ptr": "*fp16", "f_ptr": "*fp16", "f1_ptr": "*fp16", "f2_ptr": "*fp16",
                         "codes_ptr": "*i8", "scales_ptr": "*fp32", "norm": "fp32", "scale_mult": "fp32"}
 _W4A4 = {"QMIN": -8, "QMAX": 7}
+
+# Kernels with a compile check of their own (same method: a worker without the interpreter, ptxas spill report),
+# kept beside their tests; the coverage test counts them as listed.
+CHECKED_ELSEWHERE = {
+    "_qgemm_triton._qgemm_kernel": "tests/kernels/qgemm_sm90.py (test_qgemm.py::test_kernels_compile_for_sm90_*)",
+    "_qgemm_triton._dequant_kernel": "tests/kernels/qgemm_sm90.py (test_qgemm.py::test_kernels_compile_for_sm90_*)",
+}
 
 TABLE: list[KernelSpec] = [
     KernelSpec(
@@ -90,14 +90,6 @@ TABLE: list[KernelSpec] = [
         {"k16-fp16": Variant({"K": 16}, ("assign_configs",)),
          "k8-fp32": Variant({"K": 8}, ("assign_configs",), {"w_ptr": "*fp32"}),
          "k4-bf16": Variant({"K": 4}, ("assign_configs",), {"w_ptr": "*bf16"})}),
-    KernelSpec(
-        "_qgemm_triton._qgemm_kernel", _QGEMM_TYPES,
-        {"w4-decode-m1": Variant({**_QGEMM_UNIFORM4, "BLOCK_M": 1}, ("_decode_configs",)),
-         "w3-decode-m16-bf16": Variant({**_QGEMM_UNIFORM4, "B0": 3, "BLOCK_M": 16}, ("_decode_configs",),
-                                       {"x_ptr": "*bf16", "y_ptr": "*bf16", "bias_ptr": "*bf16"}),
-         "w4-prefill": Variant(_QGEMM_UNIFORM4, ("_prefill_configs",)),
-         "codebook-2-3-4-prefill": Variant(_QGEMM_CODEBOOK, ("_prefill_configs",)),
-         "codebook-2-3-4-decode-m1": Variant({**_QGEMM_CODEBOOK, "BLOCK_M": 1}, ("_decode_configs",))}),
     KernelSpec(
         "_rotated_triton._quantize_rows_kernel", _ROTATED_QUANT_TYPES,
         {"factor128-w4": Variant({"HAS_FACTOR": True, "D": 128, **_W4A4}, ("_rows_configs", 128, True)),
@@ -304,7 +296,7 @@ def _check(records: list[dict], spec: KernelSpec, every_config: bool = False) ->
 
 
 def test_every_kernel_is_in_the_table(fast_results):
-    listed = {s.kernel for s in TABLE}
+    listed = {s.kernel for s in TABLE} | set(CHECKED_ELSEWHERE)
     missing = sorted(set(fast_results["discovered"]) - listed)
     assert not missing, f"kernels without a compile check: {missing}; add a KernelSpec to TABLE ({__file__})"
     gone = sorted(listed - set(fast_results["discovered"]))
