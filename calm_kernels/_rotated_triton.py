@@ -119,6 +119,86 @@ def _kron2_quantize_kernel(
         tl.store(scales_ptr + t64, scale * inv * norm, mask=live)
 
 
+@triton.jit
+def _mix_chunks_kernel(
+    x_ptr, f_ptr, y_ptr, stride_xt, stride_yt, T_BUCKET,
+    m: tl.constexpr, P: tl.constexpr, M1: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+):
+    """Chunked transform, pass 1: the token row as an (m, P) matrix X (chunk i = row i); Y = F1^T X on the
+    tensor cores, one (M1, BJ) column block per program, written in float32. Each column is normalized by its
+    own power of two before the fp16 cast (a column's outputs depend on that column only)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    col_mask = cols < P
+    out_rows = tl.arange(0, M1)
+    x_tok = x_ptr + t * stride_xt
+    amax = tl.zeros((BJ,), dtype=tl.float32)
+    for i0 in tl.static_range(0, M1, BI):
+        ri = i0 + tl.arange(0, BI)
+        mask = (ri < m)[:, None] & col_mask[None, :]
+        v = tl.load(x_tok + ri[:, None] * P + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+    f, inv = _pow2_normalizer(amax)
+    acc = tl.zeros((M1, BJ), dtype=tl.float32)
+    for i0 in tl.static_range(0, M1, BI):
+        ri = i0 + tl.arange(0, BI)
+        mask = (ri < m)[:, None] & col_mask[None, :]
+        v = tl.load(x_tok + ri[:, None] * P + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        f1_t = tl.load(f_ptr + ri[None, :] * M1 + out_rows[:, None])  # F1^T[:, ri], fp16, zero-padded
+        acc = tl.dot(f1_t, (v * f[None, :]).to(tl.float16), acc)
+    out_mask = (out_rows < m)[:, None] & col_mask[None, :]
+    tl.store(y_ptr + t * stride_yt + out_rows[:, None] * P + cols[None, :], acc * inv[None, :], mask=out_mask)
+
+
+@triton.jit
+def _chunk_transform_kernel(
+    y_ptr, f2_ptr, f3_ptr, amax_ptr, stride_yt, T_BUCKET,
+    m: tl.constexpr, d2: tl.constexpr, d3: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+    RESCALE: tl.constexpr,
+):
+    """Chunked transform, pass 2: each chunk C (d2, d3) of the mixed row becomes F2^T C F3 in place (two
+    tensor-core dots, as `_kron2_quantize_kernel`), and its max |value| goes to amax[t, chunk]."""
+    t = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    r2 = tl.arange(0, D2)
+    r3 = tl.arange(0, D3)
+    mask = (r2 < d2)[:, None] & (r3 < d3)[None, :]
+    ptrs = y_ptr + t * stride_yt + chunk * (d2 * d3) + r2[:, None] * d3 + r3[None, :]
+    c = tl.load(ptrs, mask=mask, other=0.0)
+    f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(c), axis=1), axis=0))
+    f2_t = tl.load(f2_ptr + r2[None, :] * D2 + r2[:, None])
+    f3 = tl.load(f3_ptr + r3[:, None] * D3 + r3[None, :])
+    z = tl.dot(f2_t, (c * f).to(tl.float16))
+    if RESCALE:
+        g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
+        z = z * g
+        inv = inv * inv_g
+    w = tl.dot(z.to(tl.float16), f3) * inv
+    tl.store(ptrs, w, mask=mask)
+    tl.store(amax_ptr + t * m + chunk, tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+
+
+@triton.jit
+def _quantize_chunked_kernel(
+    y_ptr, amax_ptr, codes_ptr, scales_ptr, stride_yt, stride_ct, norm, scale_mult, T_BUCKET,
+    K: tl.constexpr, m: tl.constexpr, MP: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Chunked transform, pass 3: the token's scale from its chunk maxima, then codes for BLOCK elements."""
+    t = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    chunks = tl.arange(0, MP)
+    amax = tl.max(tl.load(amax_ptr + t * m + chunks, mask=chunks < m, other=0.0), axis=0)
+    scale = amax * scale_mult
+    safe = tl.where(scale > 0, scale, 1.0)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    y = tl.load(y_ptr + t * stride_yt + offs, mask=mask, other=0.0)
+    codes = _quantize(y, tl.full((BLOCK,), 1.0, tl.float32) * safe, QMIN, QMAX)
+    tl.store(codes_ptr + t * stride_ct + offs, codes, mask=mask)
+    tl.store(scales_ptr + t, scale * norm, mask=blk == 0)
+
+
 def _rows_configs(d: int, has_factor: bool) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_T": 16}, num_warps=4)]
@@ -133,6 +213,65 @@ def _kron2_configs(d1: int, d2: int) -> list[triton.Config]:
     warps = (4, 8) if d1 * d2 <= 4096 else (8, 16)
     return [triton.Config({"TOKENS_PER_PROG": tpp}, num_warps=w, num_stages=s)
             for tpp in (1, 2, 4, 8) for w in warps for s in (1, 2)]
+
+
+def _mix_configs(m1: int) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BI": 16, "BJ": 16}, num_warps=4)]
+    # (M1, BJ) float32 accumulator: at most 16K values (64 per thread at 8 warps)
+    return [triton.Config({"BI": bi, "BJ": bj}, num_warps=w, num_stages=s)
+            for bi in (32, 64) for bj in (32, 64, 128) if m1 * bj <= 16384 and bi <= m1
+            for w in (4, 8) for s in (1, 2)]
+
+
+def _chunk_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+
+
+def _quant_chunked_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK": 256}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
+
+
+@functools.cache
+def _mix_kernel(m1: int):
+    return triton.autotune(_mix_configs(m1), key=["T_BUCKET", "m", "P"])(_mix_chunks_kernel)
+
+
+@functools.cache
+def _chunk_kernel():
+    # In place: every trial must start from the mixed rows again.
+    return triton.autotune(_chunk_configs(), key=["T_BUCKET", "m", "d2", "d3", "RESCALE"],
+                           restore_value=["y_ptr"])(_chunk_transform_kernel)
+
+
+@functools.cache
+def _quant_chunked_kernel():
+    return triton.autotune(_quant_chunked_configs(), key=["T_BUCKET", "K", "m"])(_quantize_chunked_kernel)
+
+
+def _transform_quantize_chunked(x, qmin: int, qmax: int, scale_mult: float, orders: tuple[int, int, int],
+                                padded: tuple[torch.Tensor, ...], norm: float, rescale: bool,
+                                codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Three launches over a float32 scratch row per token: mix the chunks (F1), transform inside each chunk
+    (F2, F3) with per-chunk maxima, quantize with the token's scale."""
+    t, k = x.shape
+    m, d2, d3 = orders
+    p = d2 * d3
+    m1 = padded[0].shape[0]
+    scratch = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    chunk_amax = torch.empty((t, m), dtype=torch.float32, device=x.device)
+    bucket = _bucket(t)
+    _mix_kernel(m1)[lambda meta: (t, triton.cdiv(p, meta["BJ"]))](
+        x, padded[0], scratch, x.stride(0), scratch.stride(0), bucket, m=m, P=p, M1=m1)
+    _chunk_kernel()[(t, m)](scratch, padded[1], padded[2], chunk_amax, scratch.stride(0), bucket, m=m, d2=d2,
+                            d3=d3, D2=padded[1].shape[0], D3=padded[2].shape[0], RESCALE=rescale)
+    _quant_chunked_kernel()[lambda meta: (t, triton.cdiv(k, meta["BLOCK"]))](
+        scratch, chunk_amax, codes, scales, scratch.stride(0), codes.stride(0), norm, scale_mult, bucket,
+        K=k, m=m, MP=_next_pow2(m), QMIN=qmin, QMAX=qmax)
 
 
 @functools.cache
@@ -157,7 +296,9 @@ def transform_quantize(x: torch.Tensor, bits: int, scale_mult: float, orders: tu
         if f.device != x.device or f.dtype != torch.float16 or not f.is_contiguous():
             raise ValueError("kernel factors must be contiguous float16 on the activations' device "
                              "(build them with rotated.kernel_factors(transform, device))")
-    if len(orders) == 2:
+    if len(orders) == 3:
+        _transform_quantize_chunked(x, qmin, qmax, scale_mult, orders, padded, norm, rescale, codes, scales)
+    elif len(orders) == 2:
         d1, d2 = orders
         kernel = _kron2_kernel(padded[0].shape[0], padded[1].shape[0])
         grid = lambda meta: (triton.cdiv(t, meta["TOKENS_PER_PROG"]),)  # noqa: E731

@@ -67,6 +67,7 @@ MAX_FACTOR_ORDER = 128  # a factor's padded (D, D) fp16 matrix must fit one tens
 MIN_PADDED_FACTOR = 16  # tl.dot needs every dimension >= 16
 MAX_PADDED_ROW = 16384  # two factors of padded order <= 128; a whole padded token row lives in registers
 MAX_PLAIN_ROW = 32768  # transform 'none': one padded row per program, no dot operands beside it
+MAX_MIX_ORDER = 256  # a chunked transform's first factor: (256, BJ) fp32 accumulator tiles in the mixing kernel
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,7 +302,8 @@ class KroneckerTransform:
     """R = norm * kron(factors[0], factors[1], ...), applied as x' = x R; weights fold as W' = W R^-T.
 
     Args:
-        factors: 1 or 2 square float32 matrices, each of order <= 128; their orders multiply to `size`.
+        factors: 1 or 2 square float32 matrices, each of order <= 128, or 3 with the first of order <= 256
+            (a chunked transform: see `chunked`); their orders multiply to `size`.
         norm: scalar multiplier (1/sqrt(n) for a Hadamard; 1 for learned factors).
         orthogonal: True when R R^T = I (Hadamard); then R^-T = R and no inverse is computed.
     """
@@ -310,17 +312,25 @@ class KroneckerTransform:
     orthogonal: bool
 
     def __post_init__(self):
-        if not 1 <= len(self.factors) <= 2:
-            raise ValueError(f"a Kronecker transform takes 1 or 2 factors, got {len(self.factors)}")
-        for f in self.factors:
+        if not 1 <= len(self.factors) <= 3:
+            raise ValueError(f"a Kronecker transform takes 1 to 3 factors, got {len(self.factors)}")
+        for i, f in enumerate(self.factors):
             if f.dim() != 2 or f.shape[0] != f.shape[1]:
                 raise ValueError(f"Kronecker factors must be square matrices, got shape {tuple(f.shape)}")
-            if f.shape[0] > MAX_FACTOR_ORDER:
-                raise ValueError(f"a Kronecker factor of order {f.shape[0]} exceeds {MAX_FACTOR_ORDER}: split it "
-                                 f"into smaller factors")
+            limit = MAX_MIX_ORDER if (i == 0 and len(self.factors) == 3) else MAX_FACTOR_ORDER
+            if f.shape[0] > limit:
+                raise ValueError(f"a Kronecker factor of order {f.shape[0]} exceeds {limit}: split it into smaller "
+                                 f"factors")
         if self.padded_size > MAX_PADDED_ROW:
+            what = "chunk" if self.chunked else "row"
             raise ValueError(f"transform of size {self.size} pads to {self.padded_size} > {MAX_PADDED_ROW} "
-                             f"elements per token, more than the fused kernel holds in registers")
+                             f"elements per token {what}, more than the fused kernel holds in registers")
+
+    @property
+    def chunked(self) -> bool:
+        """Three factors: the first mixes the token's contiguous chunks, the other two act inside each chunk
+        (the kernel's multi-pass path for rows too wide for registers)."""
+        return len(self.factors) == 3
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -332,7 +342,8 @@ class KroneckerTransform:
 
     @property
     def padded_size(self) -> int:
-        return math.prod(padded_order(d) for d in self.orders)
+        """Padded elements the kernel holds per token row, or per chunk for a chunked transform."""
+        return math.prod(padded_order(d) for d in (self.orders[1:] if self.chunked else self.orders))
 
     def matrix(self) -> torch.Tensor:
         """Dense R (float64): for tests and small sizes only."""
@@ -383,19 +394,41 @@ def _hadamard_split(n: int, max_order: int) -> tuple[int, ...] | None:
     return best
 
 
+def _hadamard_chunked_split(n: int) -> tuple[int, int, int] | None:
+    """QuaRot's decomposition for rows too wide for `_hadamard_split`: n = m * 2^k with m the smallest
+    constructible Hadamard order (<= MAX_MIX_ORDER) that leaves a power of two 2^k = a * b (Sylvester, so
+    exactly H_a kron H_b) with a <= b <= MAX_FACTOR_ORDER as square as possible. None when no m fits (e.g.
+    11008 = 2^8 * 43 needs order 172, a Williamson-type matrix not built here)."""
+    for m in hadamard_orders(MAX_MIX_ORDER):
+        p = n // m
+        if n % m or p & (p - 1) or p > MAX_FACTOR_ORDER ** 2:
+            continue
+        b = min(MAX_FACTOR_ORDER, 1 << ((p.bit_length() - 1 + 1) // 2))
+        return m, p // b, b
+    return None
+
+
+def _hadamard_orders_for(n: int, max_order: int) -> tuple[int, ...] | None:
+    # Sizes the one/two-factor split reaches keep it (a saved model's folded weights depend on the exact
+    # matrix); the chunked split only adds sizes that were refused before.
+    return _hadamard_split(n, max_order) or (_hadamard_chunked_split(n) if max_order == MAX_FACTOR_ORDER else None)
+
+
 def supported_hadamard_size(n: int, max_order: int = MAX_FACTOR_ORDER) -> bool:
     """True when hadamard_transform(n) exists."""
-    return n >= 1 and _hadamard_split(n, max_order) is not None
+    return n >= 1 and _hadamard_orders_for(n, max_order) is not None
 
 
 def hadamard_transform(n: int, max_order: int = MAX_FACTOR_ORDER) -> KroneckerTransform:
-    """Normalized Hadamard of order n as one or two Kronecker factors of order <= max_order."""
-    split = _hadamard_split(n, max_order) if n >= 1 else None
+    """Normalized Hadamard of order n as one or two Kronecker factors of order <= max_order, or (wider rows)
+    three: H_m kron H_a kron H_b with m <= 256 and a, b powers of two (`_hadamard_chunked_split`)."""
+    split = _hadamard_orders_for(n, max_order) if n >= 1 else None
     if split is None:
         raise ValueError(
             f"no online Hadamard of size {n}: it must be one Hadamard order or a product of two, each <= {max_order} "
             f"(constructible: {', '.join(map(str, hadamard_orders(max_order)))}) with a padded row <= "
-            f"{MAX_PADDED_ROW}; use transform='none' or Kronecker factors for this layer")
+            f"{MAX_PADDED_ROW}, or m * 2^k with m a constructible order <= {MAX_MIX_ORDER}; use transform='none' "
+            f"or Kronecker factors for this layer")
     factors = tuple(hadamard_matrix(d).to(torch.float32) for d in split)
     return KroneckerTransform(factors, 1.0 / math.sqrt(n), orthogonal=True)
 

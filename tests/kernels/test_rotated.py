@@ -37,8 +37,18 @@ TRANSFORMS = {
     "hadamard-12-one-factor": lambda: R.hadamard_transform(12),
     "learned-12x20": lambda: _learned((12, 20), 1),
     "learned-24-one-factor": lambda: _learned((24,), 2),
+    # chunked (three factors: mix the chunks, then two dots inside each chunk), small enough for the interpreter
+    "chunked-hadamard-12x4x4": lambda: _chunked_hadamard(12, 4, 4),
+    "chunked-hadamard-20x1x8": lambda: _chunked_hadamard(20, 1, 8),
+    "chunked-learned-12x4x4": lambda: _learned((12, 4, 4), 3),
     "none": lambda: None,
 }
+
+
+def _chunked_hadamard(m: int, a: int, b: int) -> R.KroneckerTransform:
+    """H_m kron H_a kron H_b: the structure hadamard_transform builds for widths like 18944 and 28672."""
+    return R.KroneckerTransform(tuple(R.hadamard_matrix(d).float() for d in (m, a, b)), 1 / math.sqrt(m * a * b),
+                                orthogonal=True)
 
 
 def _size(name: str, transform) -> int:
@@ -64,7 +74,7 @@ def test_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
 
 
 @pytest.mark.parametrize("name", ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor",
-                                  "learned-12x20", "none"])
+                                  "learned-12x20", "chunked-hadamard-12x4x4", "chunked-learned-12x4x4", "none"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype, gen, quant_out):
@@ -181,3 +191,26 @@ def test_launcher_errors(rng):
     with pytest.raises(TypeError, match="int8"):
         R.int_matmul(torch.zeros(2, 64), packed, 4)
     assert math.isclose(R.hadamard_transform(576).norm, 1 / 24)
+
+
+def test_chunked_path_with_a_dense_factor_past_128(gen, quant_out):
+    # 148 (Paley II, the dense factor of 18944 = 148 x 8 x 16) pads to 256 rows in the mixing kernel
+    transform = _chunked_hadamard(148, 2, 2)
+    x = torch.randint(-1, 2, (2, transform.size), generator=gen(148)).to(torch.float16)
+    codes, scales = R.transform_quantize(x, 4, 1.0, transform, out=quant_out(2, transform.size))
+    ref_codes, ref_scales = R.transform_quantize_reference(x, 4, 1.0, transform)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [18944, 28672])
+def test_llm_mlp_widths_take_the_chunked_path(n, gen, quant_out):
+    transform = R.hadamard_transform(n)
+    assert transform.chunked
+    x = torch.randn(1, n, generator=gen(n)).to(torch.float16)
+    x[0, 5] = 300.0
+    codes, scales = R.transform_quantize(x, 4, 1.0, transform, out=quant_out(1, n))
+    ref_codes, ref_scales = R.transform_quantize_reference(x, 4, 1.0, transform)
+    assert (codes.to(torch.int32) - ref_codes.to(torch.int32)).abs().max() <= 1
+    assert (codes != ref_codes).float().mean() < 0.01
+    assert torch.allclose(scales, ref_scales, rtol=2e-3)
