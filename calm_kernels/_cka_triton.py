@@ -309,3 +309,33 @@ def sample_space_terms(x: torch.Tensor, y: torch.Tensor, shift_x: torch.Tensor, 
     tiles = triton.cdiv(n, kernel.best_config.kwargs["BLOCK"]) ** 2
     xy, xx, yy = parts[: 3 * tiles].view(-1, 3).sum(0).tolist()
     return xy, xx, yy
+
+
+def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) for the no-GPU sm90 compile check: every autotune config
+    of the Gram kernel in the split (PARTIAL) epilogue plus each other epilogue and the sample-space kernel
+    once; without `full`, the largest config only (bf16 operands, d = 576)."""
+    configs = _configs() if full else [max(_configs(), key=lambda c: (c.kwargs["BLOCK"] * c.kwargs["BLOCK_K"],
+                                                                      c.num_stages))]
+    ints = dict.fromkeys(("n", "da", "db", "stride_an", "stride_ad", "stride_bn", "stride_bd", "stride_or",
+                          "stride_oc", "N_BUCKET", "split_len", "stride_os"), "i32")
+    flags = dict.fromkeys(("SYMMETRIC", "ACCUMULATE", "PARTIAL", "OP_DTYPE", "BLOCK", "BLOCK_K"), "constexpr")
+    specs = []
+    for i, cfg in enumerate(configs):
+        modes = [(True, False, True)] + ([(False, False, False), (True, True, False)] if i == 0 else [])
+        for symmetric, accumulate, partial in modes:
+            out = "*fp32" if partial else "*fp64"
+            sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "out_ptr": out,
+                   **ints, **flags}
+            specs.append((f"gram[sym={symmetric} acc={accumulate} partial={partial} {cfg.kwargs} "
+                          f"w{cfg.num_warps} s{cfg.num_stages}]", _gram_kernel, sig,
+                          {"SYMMETRIC": symmetric, "ACCUMULATE": accumulate, "PARTIAL": partial,
+                           "OP_DTYPE": tl.bfloat16, **cfg.kwargs},
+                          {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    cfg = configs[0]
+    sample_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "sx_ptr": "*fp32", "sy_ptr": "*fp32", "part_ptr": "*fp64",
+                  **dict.fromkeys(("n", "dx", "dy", "stride_xn", "stride_xd", "stride_yn", "stride_yd", "N_BUCKET"),
+                                  "i32"), **dict.fromkeys(("OP_DTYPE", "BLOCK", "BLOCK_K"), "constexpr")}
+    specs.append((f"sample[{cfg.kwargs}]", _sample_kernel, sample_sig, {"OP_DTYPE": tl.bfloat16, **cfg.kwargs},
+                  {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    return specs

@@ -6,6 +6,7 @@ imports triton. Every config list here is a guess: no GPU has run these kernels 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -435,3 +436,70 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor | None, w_packe
         m, n, a_codes.stride(0), w_packed.stride(0), out.stride(0), _bucket(m),
         K=k, W_BITS=w_bits, HAS_BIAS=bias is not None and not int_out, OUT_INT32=int_out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile specs for the no-GPU sm90 check (tests/kernels/test_rotated.py compiles them in a process without
+# TRITON_INTERPRET, so the config lists are the GPU ones)
+# ----------------------------------------------------------------------------------------------------------
+
+def _i32(*names: str) -> dict[str, str]:
+    return dict.fromkeys(names, "i32")
+
+
+def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) for triton.compile: every autotune config of every
+    kernel when `full`, else the largest config of each list (the likeliest to exceed shared memory)."""
+    def opts(cfg: triton.Config) -> dict:
+        return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    def label(cfg: triton.Config) -> str:
+        return f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+
+    def pick(configs: list[triton.Config]) -> list[triton.Config]:
+        return configs if full else [max(configs, key=lambda c: (math.prod(v for v in c.kwargs.values()),
+                                                                 c.kwargs.get("BLOCK_M", 0), c.num_stages))]
+
+    specs = []
+    gemm_sig = {"a_ptr": "*i8", "w_ptr": "*i32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
+                "bias_ptr": "*bf16", "out_ptr": "*bf16", **_i32("M", "N", "stride_am", "stride_wn", "stride_om",
+                                                             "M_BUCKET"),
+                **dict.fromkeys(("K", "W_BITS", "HAS_BIAS", "OUT_INT32", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                 "GROUP_M"), "constexpr")}
+    for regime in ("decode", "medium", "large"):
+        for i, cfg in enumerate(pick(_gemm_configs(regime))):
+            bits = (4, 3, 2)[i % 3] if full else 3  # 3-bit: the widest unpacking
+            specs.append((f"rotated_matmul[{regime} w{bits} {label(cfg)}]", _rotated_matmul_kernel, gemm_sig,
+                          {"K": 4096, "W_BITS": bits, "HAS_BIAS": True, "OUT_INT32": False, **cfg.kwargs},
+                          opts(cfg)))
+    rows_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32",
+                **_i32("T", "K", "stride_xt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
+                **dict.fromkeys(("HAS_FACTOR", "D", "QMIN", "QMAX", "BLOCK_T"), "constexpr")}
+    for cfg in pick(_rows_configs(128, True)):
+        specs.append((f"quantize_rows[{label(cfg)}]", _quantize_rows_kernel, rows_sig,
+                      {"HAS_FACTOR": True, "D": 128, "QMIN": -8, "QMAX": 7, **cfg.kwargs}, opts(cfg)))
+    kron_sig = {"x_ptr": "*bf16", "f1_ptr": "*fp16", "f2_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32",
+                **_i32("T", "stride_xt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
+                **dict.fromkeys(("d1", "d2", "D1", "D2", "RESCALE", "QMIN", "QMAX", "TOKENS_PER_PROG"), "constexpr")}
+    for cfg in pick(_kron2_configs(112, 128)):
+        specs.append((f"kron2_quantize[112x128 {label(cfg)}]", _kron2_quantize_kernel, kron_sig,
+                      {"d1": 112, "d2": 128, "D1": 128, "D2": 128, "RESCALE": False, "QMIN": -8, "QMAX": 7,
+                       **cfg.kwargs}, opts(cfg)))
+    mix_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "y_ptr": "*fp32", **_i32("stride_xt", "stride_yt", "T_BUCKET"),
+               **dict.fromkeys(("m", "P", "M1", "BI", "BJ"), "constexpr")}
+    for cfg in pick(_mix_configs(256)):  # 18944 = 148 x 128: the dense factor pads to 256
+        specs.append((f"mix_chunks[148x128 {label(cfg)}]", _mix_chunks_kernel, mix_sig,
+                      {"m": 148, "P": 128, "M1": 256, **cfg.kwargs}, opts(cfg)))
+    chunk_sig = {"y_ptr": "*fp32", "f2_ptr": "*fp16", "f3_ptr": "*fp16", "amax_ptr": "*fp32",
+                 **_i32("stride_yt", "T_BUCKET"), **dict.fromkeys(("m", "d2", "d3", "D2", "D3", "RESCALE"),
+                                                                   "constexpr")}
+    for cfg in pick(_chunk_configs()):  # 28672 = 28 x 32 x 32
+        specs.append((f"chunk_transform[28x32x32 {label(cfg)}]", _chunk_transform_kernel, chunk_sig,
+                      {"m": 28, "d2": 32, "d3": 32, "D2": 32, "D3": 32, "RESCALE": False, **cfg.kwargs}, opts(cfg)))
+    quant_sig = {"y_ptr": "*fp32", "amax_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32",
+                 **_i32("stride_yt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
+                 **dict.fromkeys(("K", "m", "MP", "QMIN", "QMAX", "BLOCK"), "constexpr")}
+    for cfg in pick(_quant_chunked_configs()):
+        specs.append((f"quantize_chunked[28672 {label(cfg)}]", _quantize_chunked_kernel, quant_sig,
+                      {"K": 28672, "m": 28, "MP": 32, "QMIN": -4, "QMAX": 3, **cfg.kwargs}, opts(cfg)))
+    return specs

@@ -214,3 +214,24 @@ def test_llm_mlp_widths_take_the_chunked_path(n, gen, quant_out):
     assert (codes.to(torch.int32) - ref_codes.to(torch.int32)).abs().max() <= 1
     assert (codes != ref_codes).float().mean() < 0.01
     assert torch.allclose(scales, ref_scales, rtol=2e-3)
+
+
+def _check_sm90(full: bool) -> None:
+    from _sm90_compile import SM90_SHARED_BYTES, compile_for_sm90
+
+    from calm_kernels import _rotated_triton
+
+    records = compile_for_sm90("calm_kernels._rotated_triton", full)
+    assert len(records) == len(_rotated_triton.compile_specs(full))
+    too_big = [r for r in records if r["shared"] > SM90_SHARED_BYTES]
+    assert not too_big, f"configs over the sm90 shared-memory limit: {too_big}"
+
+
+def test_kernels_compile_for_sm90():
+    """The largest autotune config of each kernel (BLOCK_M = 256 for prefill, 3-bit) compiles for sm90."""
+    _check_sm90(full=False)
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles_for_sm90():
+    _check_sm90(full=True)
