@@ -219,10 +219,12 @@ def test_llm_mlp_widths_take_the_chunked_path(n, gen, quant_out):
 def _check_sm90(full: bool) -> None:
     from _sm90_compile import SM90_SHARED_BYTES, compile_for_sm90
 
-    from calm_kernels import _rotated_triton
-
     records = compile_for_sm90("calm_kernels._rotated_triton", full)
-    assert len(records) == len(_rotated_triton.compile_specs(full))
+    # the GPU config lists (this process runs under the interpreter, whose lists hold one config each):
+    labels = {r["label"].split("[")[0] for r in records}
+    assert labels == {"rotated_matmul", "quantize_rows", "kron2_quantize", "mix_chunks", "chunk_transform",
+                      "quantize_chunked"}
+    assert len(records) >= (95 if full else 8)
     too_big = [r for r in records if r["shared"] > SM90_SHARED_BYTES]
     assert not too_big, f"configs over the sm90 shared-memory limit: {too_big}"
 
