@@ -398,6 +398,116 @@ def _rotated_matmul_kernel(
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _fused_decode_kernel(
+    x_ptr, f1_ptr, f2_ptr, codes_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, stride_xm, stride_wn, stride_om, norm, scale_mult,
+    K: tl.constexpr, FACTORS: tl.constexpr, d1: tl.constexpr, d2: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, RESCALE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, W_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode (M <= BLOCK_M = 16): the transform + quantization of all M tokens runs in every program's
+    prologue, then the int8 GEMM of the program's BLOCK_N columns; one launch instead of two.
+
+    Every program writes the same codes and scales to the (M, K) / (M,) buffers (identical bytes, so the
+    overlapping writes are benign), passes a CTA barrier, and reads them back through L2 (.cg) for its dots.
+    The redundant transform costs each program M * (d1 + d2) * K multiply-adds on the tensor cores."""
+    WORDS_PER_ROW: tl.constexpr = (K + 31) // 32 * W_BITS
+    if FACTORS == 2:
+        r1 = tl.arange(0, D1)
+        r2 = tl.arange(0, D2)
+        offs = r1[:, None] * d2 + r2[None, :]
+        tile_mask = (r1 < d1)[:, None] & (r2 < d2)[None, :]
+        f1_t = tl.load(f1_ptr + r1[None, :] * D1 + r1[:, None])
+        f2 = tl.load(f2_ptr + r2[:, None] * D2 + r2[None, :])
+        for t in range(M):
+            x = tl.load(x_ptr + t * stride_xm + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+            z = tl.dot(f1_t, (x * f).to(tl.float16))
+            if RESCALE:
+                g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
+                z = z * g
+                inv = inv * inv_g
+            y = tl.dot(z.to(tl.float16), f2)
+            scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * scale_mult
+            safe = tl.where(scale > 0, scale, 1.0)
+            codes = _quantize(y, tl.full((D1, D2), 1.0, tl.float32) * safe, QMIN, QMAX)
+            tl.store(codes_ptr + t * K + offs, codes, mask=tile_mask)
+            tl.store(a_scale_ptr + t, scale * inv * norm)
+    else:  # one factor of order K = d1: the tokens as rows of one (BLOCK_M, D1) tile
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, D1)
+        mask = (rows < M)[:, None] & (cols < d1)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        f, inv = _pow2_normalizer(tl.max(tl.abs(x), axis=1))
+        factor = tl.load(f1_ptr + cols[:, None] * D1 + cols[None, :])
+        y = tl.dot((x * f[:, None]).to(tl.float16), factor)
+        scale = tl.max(tl.abs(y), axis=1) * scale_mult
+        safe = tl.where(scale > 0, scale, 1.0)
+        codes = _quantize(y, tl.broadcast_to(safe[:, None], (BLOCK_M, D1)), QMIN, QMAX)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], codes, mask=mask)
+        tl.store(a_scale_ptr + rows, scale * inv * norm, mask=rows < M)
+    tl.debug_barrier()  # this CTA's code writes are visible to all its threads from here on
+
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(codes_ptr + rm[:, None] * K + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0,
+                    cache_modifier=".cg")
+        w = _signed_weight_tile(w_ptr, rn, n_mask, stride_wn, k0, WORDS_PER_ROW, W_BITS, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0, cache_modifier=".cg")
+    w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+    y_out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y_out = y_out + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y_out.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+FUSED_MAX_M = 16  # the fused decode kernel's BLOCK_M: all tokens of the call in one row tile
+
+
+def _fused_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8) for s in (3, 4)]
+
+
+@functools.cache
+def _fused_kernel():
+    # Overwrites the codes/scales buffers with identical values on every trial: no restore needed.
+    return triton.autotune(_fused_configs(), key=["N", "K", "W_BITS", "FACTORS", "d1", "d2", "RESCALE"]
+                           )(_fused_decode_kernel)
+
+
+def fused_decode(x: torch.Tensor, bits: int, scale_mult: float, orders: tuple[int, ...],
+                 factors: tuple[tuple[torch.Tensor, ...], float], rescale: bool, w_packed: torch.Tensor,
+                 w_scales: torch.Tensor, w_bits: int, bias: torch.Tensor | None, out: torch.Tensor,
+                 codes: torch.Tensor, a_scales: torch.Tensor) -> torch.Tensor:
+    """One launch for M <= FUSED_MAX_M tokens: transform + quantize (into `codes`, `a_scales`) + GEMM."""
+    m, k = x.shape
+    n = w_packed.shape[0]
+    padded, norm = factors
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    d1, d2 = (orders + (1,))[:2]
+    f2 = padded[1] if len(orders) == 2 else padded[0]
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_kernel()[grid](
+        x, padded[0], f2, codes, a_scales, w_packed, w_scales, bias if bias is not None else w_scales, out,
+        m, n, x.stride(0), w_packed.stride(0), out.stride(0), norm, scale_mult,
+        K=k, FACTORS=len(orders), d1=d1, d2=d2, D1=padded[0].shape[0], D2=f2.shape[0], RESCALE=rescale,
+        QMIN=qmin, QMAX=qmax, W_BITS=w_bits, HAS_BIAS=bias is not None)
+    return out
+
+
 def _gemm_configs(regime: str) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
@@ -472,6 +582,16 @@ def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dic
             specs.append((f"rotated_matmul[{regime} w{bits} {label(cfg)}]", _rotated_matmul_kernel, gemm_sig,
                           {"K": 4096, "W_BITS": bits, "HAS_BIAS": True, "OUT_INT32": False, **cfg.kwargs},
                           opts(cfg)))
+    fused_sig = {"x_ptr": "*bf16", "f1_ptr": "*fp16", "f2_ptr": "*fp16", "codes_ptr": "*i8", "a_scale_ptr": "*fp32",
+                 "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                 **_i32("M", "N", "stride_xm", "stride_wn", "stride_om"), "norm": "fp32", "scale_mult": "fp32",
+                 **dict.fromkeys(("K", "FACTORS", "d1", "d2", "D1", "D2", "RESCALE", "QMIN", "QMAX", "W_BITS",
+                                  "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")}
+    for i, cfg in enumerate(pick(_fused_configs())):  # 4096 = 64 x 64 (the two-factor prologue)
+        bits = (4, 3, 2)[i % 3] if full else 3
+        specs.append((f"fused_decode[64x64 w{bits} {label(cfg)}]", _fused_decode_kernel, fused_sig,
+                      {"K": 4096, "FACTORS": 2, "d1": 64, "d2": 64, "D1": 64, "D2": 64, "RESCALE": False,
+                       "QMIN": -4, "QMAX": 3, "W_BITS": bits, "HAS_BIAS": True, **cfg.kwargs}, opts(cfg)))
     rows_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32",
                 **_i32("T", "K", "stride_xt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
                 **dict.fromkeys(("HAS_FACTOR", "D", "QMIN", "QMAX", "BLOCK_T"), "constexpr")}

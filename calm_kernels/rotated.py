@@ -604,3 +604,44 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torc
     return _rotated_triton.rotated_matmul(a_codes.contiguous(), a_scales.to(torch.float32).contiguous(),
                                           w_packed.contiguous(), w_scales.to(torch.float32).contiguous(), w_bits,
                                           None if bias is None else bias.contiguous(), out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole rotated linear: transform + quantize + GEMM
+# ----------------------------------------------------------------------------------------------------------
+
+def rotated_linear(x: torch.Tensor, a_bits: int, clip_ratio: float, transform: KroneckerTransform | None,
+                   w_packed: torch.Tensor, w_scales: torch.Tensor, w_bits: int, bias: torch.Tensor | None = None,
+                   factors: tuple[tuple[torch.Tensor, ...], float] | None = None) -> torch.Tensor:
+    """y = quantize(x R) (W R^-T)^T + bias for x (M, K), in x's dtype: what RotatedQuantLinear computes.
+
+    On the Triton path, M <= 16 tokens with a one- or two-factor transform take one fused launch (the
+    transform and quantization in every program's prologue, `_rotated_triton.fused_decode`); otherwise
+    `transform_quantize` then `rotated_matmul`. `factors`: kernel_factors(transform) built in advance."""
+    _check_activations(x, transform)
+    _check_activation_bits(a_bits)
+    _check_clip(clip_ratio)
+    m, k = x.shape
+    fused = (transform is not None and not transform.chunked and 0 < m and use_triton(x, w_packed)
+             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    if fused:
+        from calm_kernels import _rotated_triton
+
+        fused = m <= _rotated_triton.FUSED_MAX_M
+    if not fused:
+        codes, scales = transform_quantize(x, a_bits, clip_ratio, transform, factors)
+        return rotated_matmul(codes, scales, w_packed, w_scales, w_bits, bias, x.dtype)
+    codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    _check_gemm(codes, w_packed, w_bits)
+    n = w_packed.shape[0]
+    if w_scales.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"w_scales and bias must have shape ({n},)")
+    if factors is None:
+        factors = kernel_factors(transform, x.device)
+    x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    return _rotated_triton.fused_decode(
+        x, a_bits, float(_scale_multiplier(a_bits, clip_ratio)), transform.orders, factors,
+        not transform.orthogonal, w_packed.contiguous(), w_scales.to(torch.float32).contiguous(), w_bits,
+        None if bias is None else bias.contiguous(), out, codes, torch.empty((m,), dtype=torch.float32,
+                                                                              device=x.device))

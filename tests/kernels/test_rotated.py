@@ -216,15 +216,59 @@ def test_llm_mlp_widths_take_the_chunked_path(n, gen, quant_out):
     assert torch.allclose(scales, ref_scales, rtol=2e-3)
 
 
+@pytest.mark.parametrize("name", ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor",
+                                  "learned-12x20"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("w_bits,a_bits", [(3, 3), (4, 4)])
+def test_fused_decode_equals_transform_then_gemm(name, m, w_bits, a_bits, gen, poisoned):
+    """M <= 16: one launch (transform + quantize in the prologue, then the GEMM) gives the two-launch result:
+    codes and scales bit for bit (integer inputs), outputs to the output dtype's rounding."""
+    from calm_kernels import _rotated_triton
+
+    transform = TRANSFORMS[name]()
+    k, n = transform.size, 37
+    g = gen(m * k + w_bits)
+    x = torch.randint(-3, 4, (m, k), generator=g).to(torch.float16)
+    w_codes, w_scales = R.quantize_weights_rtn(transform.fold_into_weight(torch.randn(n, k, generator=g)), w_bits)
+    packed = R.pack_weight_codes(w_codes, w_bits)
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    codes, scales, out = poisoned((m, k), torch.int8), poisoned(m), poisoned((m, n), torch.float16)
+    _rotated_triton.fused_decode(x, a_bits, float(R._scale_multiplier(a_bits, 0.9)), transform.orders,
+                                 R.kernel_factors(transform), not transform.orthogonal, packed, w_scales, w_bits,
+                                 bias, out, codes, scales)
+    ref_codes, ref_scales = R.transform_quantize_reference(x, a_bits, 0.9, transform)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    ref = R.rotated_matmul_reference(ref_codes, ref_scales, packed, w_scales, w_bits, bias, torch.float16)
+    assert torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
+    # the public entry point routes M <= 16 here and larger M through the two launches
+    assert torch.allclose(R.rotated_linear(x, a_bits, 0.9, transform, packed, w_scales, w_bits, bias).float(),
+                          ref.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_rotated_linear_two_launch_paths(gen):
+    """Past 16 tokens, with no transform and with a chunked one, rotated_linear takes transform_quantize +
+    rotated_matmul: same result as the references."""
+    g = gen(99)
+    for transform, m in ((R.hadamard_transform(240), 20), (None, 3), (_chunked_hadamard(12, 4, 4), 2)):
+        k = 240 if transform is None or not transform.chunked else transform.size
+        x = torch.randint(-3, 4, (m, k), generator=g).to(torch.float32)
+        w_codes = torch.randint(-4, 4, (9, k), generator=g).to(torch.int8)
+        w_scales = torch.rand(9, generator=g) + 0.1
+        packed = R.pack_weight_codes(w_codes, 3)
+        y = R.rotated_linear(x, 4, 1.0, transform, packed, w_scales, 3)
+        c, s = R.transform_quantize_reference(x, 4, 1.0, transform)
+        assert torch.allclose(y, R.rotated_matmul_reference(c, s, packed, w_scales, 3), rtol=1e-6, atol=1e-6)
+
+
 def _check_sm90(full: bool) -> None:
     from _sm90_compile import SM90_SHARED_BYTES, compile_for_sm90
 
     records = compile_for_sm90("calm_kernels._rotated_triton", full)
     # the GPU config lists (this process runs under the interpreter, whose lists hold one config each):
     labels = {r["label"].split("[")[0] for r in records}
-    assert labels == {"rotated_matmul", "quantize_rows", "kron2_quantize", "mix_chunks", "chunk_transform",
-                      "quantize_chunked"}
-    assert len(records) >= (95 if full else 8)
+    assert labels == {"rotated_matmul", "fused_decode", "quantize_rows", "kron2_quantize", "mix_chunks",
+                      "chunk_transform", "quantize_chunked"}
+    assert len(records) >= (119 if full else 9)
     too_big = [r for r in records if r["shared"] > SM90_SHARED_BYTES]
     assert not too_big, f"configs over the sm90 shared-memory limit: {too_big}"
 
