@@ -2,6 +2,15 @@
 
 Imported only by the launchers in rotated.py once `use_triton` said yes, so `import calm_kernels` never
 imports triton. Every config list here is a guess: no GPU has run these kernels yet.
+
+Weight unpacking, tried and not kept: int8-lane (SWAR) unpacking in plain Triton (one mask + bias add + XOR
+turning four offset-binary fields into four int8 lanes of one int32, then a byte shift and truncation per
+code, and a 32-bit funnel shift for 3-bit instead of int64 pairs) compiled for sm90 to more instructions than
+the shift pairs below (SASS of the decode config BLOCK 16x64x256, 4 warps: 4-bit 412 LOP3 + 265 SHF +
+158 VIADD vs 283 LOP3 + 265 SHF; 3-bit and 2-bit also larger), because the byte extraction still costs a
+shift per code and the tile then goes through the same register-to-shared layout conversion. The gain
+needs the four bytes to land in one mma operand register (Marlin's lop3/prmt), which Triton's layouts do
+not expose; position-dependent inline PTX on packed elements would rely on an unverified register order.
 """
 from __future__ import annotations
 

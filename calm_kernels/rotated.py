@@ -12,10 +12,14 @@ Contract
     Paley II (2(q + 1), q a prime power = 1 mod 4) and doublings. Every matrix is checked H H^T = d I in
     integers. Reached: every multiple of 4 up to 128 except 92 and 116 (Williamson-type, not built), so for
     example 576 = 36 x 16, 896 = 28 x 32, 1536 = 24 x 64, 4096 = 64 x 64, 4864 = 76 x 64, 14336 = 112 x 128.
-    Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): odd n and 2 * odd;
-    n that needs an order outside that set (11008 = 2^8 * 43 of LLaMA-2-7B needs 172; 18944 = 2^8 * 74 of
-    Qwen2-7B needs 148 > 128); n whose padded row (each factor padded to a power of two >= 16) exceeds
-    16384 (e.g. 28672).
+    Wider rows (padded past 16384, or a factor past 128) take QuaRot's decomposition n = m * 2^k, m the
+    smallest constructible order <= 256 (Sylvester, Paley I/II up to 256): three factors H_m kron H_a kron H_b
+    with a * b = 2^k (Sylvester, so exactly the fast Walsh-Hadamard transform of 2^k), e.g. 18944 (Qwen2-7B
+    MLP) = 148 (Paley II over GF(73)) x 8 x 16, 28672 = 28 (Paley I over GF(27)) x 32 x 32, 32768 = 2 x 128
+    x 128. Sizes the one/two-factor split reaches keep that matrix (saved models fold it into their weights).
+    Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): odd n, 2 * odd,
+    and n whose odd part needs an order this file does not build, e.g. 11008 = 2^8 * 43 of LLaMA-2-7B (needs
+    172 = 4 * 43, a Williamson-type matrix: no Sylvester/Paley construction reaches it) and 368 = 16 * 23.
   - `kronecker_transform(p1[, p2])`: learned invertible factors (the FlatQuant-style affine path), each of
     order <= 128.
 - Activation quantization, per token, symmetric, b in {3, 4, 8}:
@@ -34,11 +38,21 @@ Kernels (Triton, in `calm_kernels/_rotated_triton.py`, imported only when a laun
   input magnitude), F1^T X then (.) F2 as two fp16 tensor-core dots with fp32 accumulation, amax,
   quantization, one write of int8 codes and a float32 scale. One factor or none: tokens as rows of a
   (BLOCK_T, K) tile, one dot. Rows are limited to 16384 padded elements (32768 without a transform).
+- Chunked transform (three factors, rows too wide for registers): three launches over a float32 scratch
+  row per token: (1) the row as an (m, 2^k) matrix, F1^T X on the tensor cores per column block (each column
+  normalized by its own power of two), (2) each 2^k chunk as an (a, b) tile, F2^T C F3 in place plus the
+  chunk's max, (3) the token's scale from the chunk maxima and the codes. Costs about 3 float32 row reads
+  and writes beyond the one-pass kernel; unmeasured on a GPU.
 - GEMM: int8 x int8 -> int32 `tl.dot`; the packed weight tile is sign-extended in registers (XOR with the
   fields' top bits turns offset-binary into two's complement, then shift left, arithmetic shift right; 3-bit
   codes straddle 32-bit words, so they are cut from 64-bit word pairs); scales and bias in the epilogue.
   K is a compile-time constant. No split-K: at M = 1 parallelism comes from narrow column tiles only.
-
+  Prefill configs go up to BLOCK_M = 256.
+- Fused decode (`rotated_linear`, M <= 16 with a one/two-factor transform): one launch; every program
+  transforms and quantizes all M tokens in its prologue (the same bytes into shared (M, K) codes and (M,)
+  scales buffers), passes a CTA barrier, and runs the GEMM of its column tile reading them back through L2.
+  The transform is recomputed by every program (M * (d1 + d2) * K tensor-core multiply-adds each), which the
+  saved launch must outweigh: bench_rotated.py times it beside the two launches (`calm:two-launch`).
 Numerics: the kernel rounds each dot's activation operand to fp16 (11-bit significand, relative to the
 token's normalized max); the reference transforms in float32. Codes therefore agree exactly when the
 transform is exact in both (integer inputs and factors, as the tests use) and otherwise differ by one only
@@ -46,9 +60,10 @@ next to a rounding tie (measured: within 0.06 of a tie at 8 bits, 0.002 at 4 bit
 8 bits). Division is IEEE (`div_rn`) and rounding is half-to-even on both sides; the fp32 magic-number
 rounding in Triton matches `torch.round` exactly.
 
-Tested: the references on the CPU; the Triton kernels under TRITON_INTERPRET=1 only (exact codes, exact
-int32 GEMM, epilogue, module). Not yet run on a GPU: compilation on real hardware, the autotune lists and
-every performance figure are unverified.
+Tested: the references on the CPU; the Triton kernels under TRITON_INTERPRET=1 (exact codes, exact int32
+GEMM, epilogue, module, chunked and fused paths); every autotune config compiles for sm90 without a GPU
+(tests/kernels/test_rotated.py, shared memory within 227 KiB). Not yet run on a GPU: every performance
+figure is unverified.
 """
 from __future__ import annotations
 
