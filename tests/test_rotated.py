@@ -251,6 +251,20 @@ def test_module_state_dict_round_trip(transform):
     assert math.isclose(layer.effective_bits, expected)
 
 
+def test_module_with_a_chunked_hadamard_round_trips_and_matches_the_reference():
+    """18944 inputs (Qwen2-7B down_proj): three non-persistent factors rebuilt from the size on load."""
+    torch.manual_seed(4)
+    lin = nn.Linear(18944, 6)
+    layer = RotatedQuantLinear.from_float(lin, 4, 4)
+    assert layer.hadamard and layer.transform_orders == (148, 8, 16)
+    fresh = build_quantized_linear(layer.quant_config())
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 18944)
+    assert torch.equal(fresh(x), layer(x))
+    expect = _fake_quant_reference(layer, lin, x)
+    assert ((layer(x) - expect).norm() / expect.norm()) < 1e-5
+
+
 def test_module_takes_precomputed_weight_codes():
     torch.manual_seed(2)
     lin = nn.Linear(64, 10, bias=False)
