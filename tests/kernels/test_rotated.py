@@ -37,11 +37,14 @@ TRANSFORMS = {
     "hadamard-12-one-factor": lambda: R.hadamard_transform(12),
     "learned-12x20": lambda: _learned((12, 20), 1),
     "learned-24-one-factor": lambda: _learned((24,), 2),
-    # chunked (three factors: mix the chunks, then two dots inside each chunk), small enough for the interpreter
+    "none": lambda: None,
+}
+# chunked (three factors: mix the chunks, then two dots inside each chunk), small enough for the interpreter;
+# slower there (one program per chunk), so tested on fewer bit widths below
+CHUNKED = {
     "chunked-hadamard-12x4x4": lambda: _chunked_hadamard(12, 4, 4),
     "chunked-hadamard-20x1x8": lambda: _chunked_hadamard(20, 1, 8),
     "chunked-learned-12x4x4": lambda: _learned((12, 4, 4), 3),
-    "none": lambda: None,
 }
 
 
@@ -59,8 +62,11 @@ def _size(name: str, transform) -> int:
 @pytest.mark.parametrize("bits,clip", [(3, 1.0), (4, 0.9), (8, 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
-    transform = TRANSFORMS[name]()
-    k = _size(name, transform)
+    _check_integer_codes(TRANSFORMS[name](), bits, clip, dtype, gen, quant_out)
+
+
+def _check_integer_codes(transform, bits, clip, dtype, gen, quant_out):
+    k = transform.size if transform is not None else 131
     t = 7
     x = torch.randint(-3, 4, (t, k), generator=gen(k + bits)).to(dtype)
     x[3] = 0  # an all-zero token: scale 0, codes 0
@@ -73,12 +79,18 @@ def test_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
     assert scales[3] == 0 and not codes[3].any()
 
 
-@pytest.mark.parametrize("name", ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor",
-                                  "learned-12x20", "chunked-hadamard-12x4x4", "chunked-learned-12x4x4", "none"])
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("name", list(CHUNKED))
+@pytest.mark.parametrize("bits,clip,dtype", [(3, 1.0, torch.float16), (8, 0.9, torch.float32)])
+def test_chunked_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
+    _check_integer_codes(CHUNKED[name](), bits, clip, dtype, gen, quant_out)
+
+
+@pytest.mark.parametrize("name,bits,dtype", [
+    *[(n, b, d) for n in ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor", "learned-12x20",
+                          "none"] for b in (4, 8) for d in (torch.float16, torch.float32)],
+    ("chunked-hadamard-12x4x4", 8, torch.float16), ("chunked-learned-12x4x4", 4, torch.float32)])
 def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype, gen, quant_out):
-    transform = TRANSFORMS[name]()
+    transform = {**TRANSFORMS, **CHUNKED}[name]()
     k = _size(name, transform)
     t = 9
     g = gen(bits * 1000 + k)
