@@ -228,10 +228,11 @@ def _kron2_configs(d1: int, d2: int) -> list[triton.Config]:
 def _mix_configs(m1: int) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BI": 16, "BJ": 16}, num_warps=4)]
-    # (M1, BJ) float32 accumulator: at most 16K values (64 per thread at 8 warps)
+    # The (M1, BJ) float32 accumulator at most 64 registers per thread: ptxas (sm90) spills 340 bytes at
+    # M1 = 256, BJ = 64 with 4 warps (128 per thread) and none at 64.
     return [triton.Config({"BI": bi, "BJ": bj}, num_warps=w, num_stages=s)
-            for bi in (32, 64) for bj in (32, 64, 128) if m1 * bj <= 16384 and bi <= m1
-            for w in (4, 8) for s in (1, 2)]
+            for bi in (16, 32, 64) for bj in (16, 32, 64, 128) if bi <= m1
+            for w in (4, 8) if m1 * bj <= 64 * 32 * w for s in (1, 2)]
 
 
 def _chunk_configs() -> list[triton.Config]:
@@ -483,17 +484,20 @@ def _fused_decode_kernel(
 FUSED_MAX_M = 16  # the fused decode kernel's BLOCK_M: all tokens of the call in one row tile
 
 
-def _fused_configs() -> list[triton.Config]:
+def _fused_configs(padded_tile: int) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    # The prologue holds a padded (D1, D2) float32 token tile: past 4096 elements 4 warps spill (ptxas, sm90:
+    # 8 bytes at 128 x 128 with 4 warps, none with 8).
+    warps = (4, 8) if padded_tile <= 4096 else (8,)
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn in (16, 32, 64) for bk in (128, 256) for w in (4, 8) for s in (3, 4)]
+            for bn in (16, 32, 64) for bk in (128, 256) for w in warps for s in (3, 4)]
 
 
 @functools.cache
-def _fused_kernel():
+def _fused_kernel(padded_tile: int):
     # Overwrites the codes/scales buffers with identical values on every trial: no restore needed.
-    return triton.autotune(_fused_configs(), key=["N", "K", "W_BITS", "FACTORS", "d1", "d2", "RESCALE"]
+    return triton.autotune(_fused_configs(padded_tile), key=["N", "K", "W_BITS", "FACTORS", "d1", "d2", "RESCALE"]
                            )(_fused_decode_kernel)
 
 
@@ -509,7 +513,7 @@ def fused_decode(x: torch.Tensor, bits: int, scale_mult: float, orders: tuple[in
     d1, d2 = (orders + (1,))[:2]
     f2 = padded[1] if len(orders) == 2 else padded[0]
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _fused_kernel()[grid](
+    _fused_kernel(padded[0].shape[0] * f2.shape[0] if len(orders) == 2 else 16 * padded[0].shape[0])[grid](
         x, padded[0], f2, codes, a_scales, w_packed, w_scales, bias if bias is not None else w_scales, out,
         m, n, x.stride(0), w_packed.stride(0), out.stride(0), norm, scale_mult,
         K=k, FACTORS=len(orders), d1=d1, d2=d2, D1=padded[0].shape[0], D2=f2.shape[0], RESCALE=rescale,
@@ -596,7 +600,7 @@ def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dic
                  **_i32("M", "N", "stride_xm", "stride_wn", "stride_om"), "norm": "fp32", "scale_mult": "fp32",
                  **dict.fromkeys(("K", "FACTORS", "d1", "d2", "D1", "D2", "RESCALE", "QMIN", "QMAX", "W_BITS",
                                   "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")}
-    for i, cfg in enumerate(pick(_fused_configs())):  # 4096 = 64 x 64 (the two-factor prologue)
+    for i, cfg in enumerate(pick(_fused_configs(64 * 64))):  # 4096 = 64 x 64 (the two-factor prologue)
         bits = (4, 3, 2)[i % 3] if full else 3
         specs.append((f"fused_decode[64x64 w{bits} {label(cfg)}]", _fused_decode_kernel, fused_sig,
                       {"K": 4096, "FACTORS": 2, "d1": 64, "d2": 64, "D1": 64, "D2": 64, "RESCALE": False,
