@@ -528,10 +528,17 @@ def _gemm_configs(regime: str) -> list[triton.Config]:
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     if regime == "decode":  # weight-bandwidth bound: many narrow column tiles, long K steps
         return [c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4) for s in (3, 4)]
+    # medium and large: chosen by ptxas's sm90 register report (K = 4096, bias, bf16 out). The 32-bit word
+    # unpacking keeps BLOCK_N x BLOCK_K int32 temporaries live beside the int32 accumulator, so the earlier
+    # lists spilled in every large config (188 to 2956 bytes; 128x128x64 at 4 warps 540). All configs below
+    # spill nothing at 4 bits; at 3 bits 128x256x32 spills 124 and 64x128x128 364 bytes. Every BLOCK_M = 256
+    # variant tried spills (256x128x32 at 8 warps: 60 / 104 bytes at 4 / 3 bits, the least; 16 warps cap the
+    # registers at 128 and spill 356+), kept for the prefill tuning to weigh on a GPU.
     if regime == "medium":
-        return [c(bm, bn, bk, 4, s) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for s in (3, 4)]
-    return [c(128, 128, 64, 4, 4), c(128, 128, 128, 8, 3), c(128, 256, 64, 8, 3), c(256, 128, 64, 8, 3),
-            c(128, 256, 128, 8, 3), c(256, 128, 128, 8, 3), c(64, 256, 128, 4, 3), c(128, 64, 128, 4, 4)]
+        return ([c(bm, bn, bk, 4, s) for bm, bn, bk in ((32, 64, 64), (32, 64, 128), (32, 128, 128), (64, 64, 64))
+                 for s in (3, 4)] + [c(64, 128, 64, 8, s) for s in (3, 4)])
+    return [c(128, 128, 64, 8, 3), c(128, 128, 64, 8, 4), c(64, 128, 64, 8, 3), c(64, 128, 128, 8, 3),
+            c(128, 256, 32, 8, 3), c(256, 128, 32, 8, 3), c(256, 128, 32, 8, 4)]
 
 
 @functools.cache
