@@ -527,7 +527,9 @@ def _gemm_configs(regime: str) -> list[triton.Config]:
     c = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     if regime == "decode":  # weight-bandwidth bound: many narrow column tiles, long K steps
-        return [c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4) for s in (3, 4)]
+        # 2 warps spill a 64 x 256 weight tile (sm90 ptxas: 260 / 472 bytes at 3 / 4 bits); 4 warps do not
+        return [c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4)
+                if w == 4 or bn * bk <= 8192 for s in (3, 4)]
     # medium and large: chosen by ptxas's sm90 register report (K = 4096, bias, bf16 out). The 32-bit word
     # unpacking keeps BLOCK_N x BLOCK_K int32 temporaries live beside the int32 accumulator, so the earlier
     # lists spilled in every large config (188 to 2956 bytes; 128x128x64 at 4 warps 540). All configs below
