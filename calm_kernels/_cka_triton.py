@@ -92,12 +92,17 @@ def _gram_kernel(
             b = _centered_tile(b_ptr, tok, rj, stride_bn, stride_bd, sb_ptr, tok_end, db, OP_DTYPE)
             acc = _dot(tl.trans(a), b, acc, OP_DTYPE)
         if PARTIAL:
-            mask = (ri[:, None] < da) & (rj[None, :] < db)
+            # int32 offsets inside one (da, db) slice (the launcher keeps da * db < 2^31): int64 pointer tiles
+            # of 128 x 128 cost sm90 about 100 bytes of spills per program
+            i32 = pid_m * BLOCK + tl.arange(0, BLOCK)
+            j32 = pid_n * BLOCK + tl.arange(0, BLOCK)
             base = out_ptr + tl.program_id(2).to(tl.int64) * stride_os
-            tl.store(base + ri[:, None] * stride_or + rj[None, :] * stride_oc, acc, mask=mask)
+            tl.store(base + (i32[:, None] * stride_or + j32[None, :]), acc,
+                     mask=(i32[:, None] < da) & (j32[None, :] < db))
             if SYMMETRIC:
-                if pid_m < pid_n:
-                    tl.store(base + rj[None, :] * stride_or + ri[:, None] * stride_oc, acc, mask=mask)
+                if pid_m < pid_n:  # the mirror tile, row by row from the transposed accumulator
+                    tl.store(base + (j32[:, None] * stride_or + i32[None, :]), tl.trans(acc),
+                             mask=(j32[:, None] < db) & (i32[None, :] < da))
         elif ACCUMULATE:
             mask = (ri[:, None] < da) & (rj[None, :] < db)
             ptrs = out_ptr + ri[:, None] * stride_or + rj[None, :] * stride_oc
@@ -206,6 +211,8 @@ def token_splits(n: int, da: int, db: int, symmetric: bool, device: torch.device
     waves of the SMs, each range at least MIN_SPLIT_TOKENS tokens; 1 when the tiles alone fill the device."""
     tm, tn = triton.cdiv(da, PLANNING_BLOCK), triton.cdiv(db, PLANNING_BLOCK)
     tiles = tm * (tm + 1) // 2 if symmetric else tm * tn
+    if da * db >= 1 << 31:  # the partial tiles' int32 offsets; such Grams have tiles enough anyway
+        return 1
     wanted = triton.cdiv(2 * _sm_count(device), tiles)
     return max(1, min(wanted, n // MIN_SPLIT_TOKENS))
 
@@ -229,7 +236,8 @@ def _split_gram(a, b, shift_a, shift_b, symmetric: bool, splits: int) -> torch.T
     n, da = a.shape
     db = b.shape[1]
     length, ranges = _split_len(n, splits)
-    work = torch.empty((ranges, da, db), dtype=torch.float32, device=a.device)
+    work = torch.empty((ranges, da, db), dtype=torch.float32, device=a.device)  # contiguous: the kernel's
+    # PARTIAL epilogue indexes a slice with int32 row * stride + column offsets
 
     def grid(meta):
         return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]), ranges)
@@ -248,7 +256,7 @@ def gram_squared_sum(a: torch.Tensor, b: torch.Tensor | None, shift_a: torch.Ten
     a, b, shift_b, symmetric = _prepare(a, b, shift_a, shift_b)
     n, da = a.shape
     db = b.shape[1]
-    splits = token_splits(n, da, db, symmetric, a.device) if splits is None else splits
+    splits = token_splits(n, da, db, symmetric, a.device) if splits is None or da * db >= 1 << 31 else splits
     if _split_len(n, splits)[1] > 1:
         return float(_split_gram(a, b, shift_a, shift_b, symmetric, splits).square().sum())
     op = _op_dtype(a, b)
@@ -275,7 +283,7 @@ def gram_accumulate(state: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None
     a, b, shift_b, symmetric = _prepare(a, b, shift_a, shift_b)
     n, da = a.shape
     db = b.shape[1]
-    splits = token_splits(n, da, db, symmetric, a.device) if splits is None else splits
+    splits = token_splits(n, da, db, symmetric, a.device) if splits is None or da * db >= 1 << 31 else splits
     if _split_len(n, splits)[1] > 1:
         state += _split_gram(a, b, shift_a, shift_b, symmetric, splits)
         return
