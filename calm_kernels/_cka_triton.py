@@ -104,15 +104,20 @@ def _gram_kernel(
                     tl.store(base + (j32[:, None] * stride_or + i32[None, :]), tl.trans(acc),
                              mask=(j32[:, None] < db) & (i32[None, :] < da))
         elif ACCUMULATE:
-            mask = (ri[:, None] < da) & (rj[None, :] < db)
-            ptrs = out_ptr + ri[:, None] * stride_or + rj[None, :] * stride_oc
+            # int32 offsets (the launcher checks they fit) and the mirror from the transposed tile, as PARTIAL
+            i32 = pid_m * BLOCK + tl.arange(0, BLOCK)
+            j32 = pid_n * BLOCK + tl.arange(0, BLOCK)
+            mask = (i32[:, None] < da) & (j32[None, :] < db)
+            ptrs = out_ptr + (i32[:, None] * stride_or + j32[None, :] * stride_oc)
             tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc.to(tl.float64), mask=mask)
             mirrored = pid_m < pid_n
             if not SYMMETRIC:
                 mirrored = False
             if mirrored:
-                mirror = out_ptr + rj[None, :] * stride_or + ri[:, None] * stride_oc
-                tl.store(mirror, tl.load(mirror, mask=mask, other=0.0) + acc.to(tl.float64), mask=mask)
+                mirror = out_ptr + (j32[:, None] * stride_or + i32[None, :] * stride_oc)
+                mirror_mask = (j32[:, None] < db) & (i32[None, :] < da)
+                tl.store(mirror, tl.load(mirror, mask=mirror_mask, other=0.0) + tl.trans(acc).to(tl.float64),
+                         mask=mirror_mask)
         else:
             acc64 = acc.to(tl.float64)
             part = tl.sum(tl.sum(acc64 * acc64, axis=1), axis=0)
@@ -287,6 +292,9 @@ def gram_accumulate(state: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None
     if _split_len(n, splits)[1] > 1:
         state += _split_gram(a, b, shift_a, shift_b, symmetric, splits)
         return
+    if (da - 1) * state.stride(0) + (db - 1) * state.stride(1) >= 1 << 31:
+        raise ValueError(f"a ({da}, {db}) co-moment state with strides {state.stride()} is past the kernel's int32 "
+                         f"offsets; pass a contiguous state of fewer than 2^31 elements")
 
     def grid(meta):
         return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]), 1)
