@@ -27,7 +27,10 @@ of the centered value, relative 2^-11 / 2^-8); anything else multiplies float32 
 input_precision="tf32x3" (about float32 accuracy on tensor cores). Accumulation is float32 within a
 program's token loop, float64 across programs and batches.
 
-Config lists are guesses: no GPU has run these kernels yet (interpreter only).
+Config lists are guesses: no GPU has run these kernels yet (interpreter only). Compiled for sm90 without a
+GPU (`compile_specs`, tests/kernels/test_cka_kernel.py), ptxas reports for BLOCK 128 / BLOCK_K 64 / 8 warps:
+the squared-sum and split (PARTIAL) epilogues spill nothing, the float64 read-modify-write of ACCUMULATE
+still spills 528 bytes and the sample-space kernel 1500 (not reworked yet).
 """
 from __future__ import annotations
 
