@@ -27,7 +27,11 @@ from calm_kernels import rotated as R  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (N, K) = (out_features, in_features)
 TOKENS = [1, 16, 256, 2048, 8192]
+# MLP down-projections whose K needs the chunked Hadamard (148 x 8 x 16 and 28 x 32 x 32), fewer M values
+WIDE_SHAPES = [(3584, 18944), (8192, 28672)]
+WIDE_TOKENS = [1, 16, 2048]
 SMOKE_SHAPES = [(64, 576), (48, 896)]
+SMOKE_WIDE_SHAPES = [(16, 264)]  # 132 x 1 x 2: the chunked path at interpreter size
 SMOKE_TOKENS = [1, 5]
 SCHEMES = {"W3A3": (3, 3), "W4A4": (4, 4), "W4A8": (4, 8)}
 
@@ -76,12 +80,17 @@ def bench_shape(n: int, k: int, m: int, scheme: str, device: str, dtype: torch.d
     def add(provider: str, us: float, roof: float, bits: int | None = w_bits, extra: dict | None = None):
         rec.append({"kernel": "rotated", "provider": provider, "shape": shape, "dtype": str(dtype).split(".")[-1],
                     "bits": bits, "a_bits": a_bits if bits is not None else None, "scheme": scheme,
-                    "median_us": us, "roofline_us": roof, **(extra or {})})
+                    "transform": "x".join(map(str, t.orders)), "median_us": us, "roofline_us": roof,
+                    **(extra or {})})
 
     xb, out_b, w_b = m * k * 2, m * n * 2, n * k * w_bits / 8
     gemm_ops = 2 * m * n * k
-    add("calm", timer(lambda: layer(x)),
+    add("calm", timer(lambda: layer(x)),  # M <= 16 with a one/two-factor transform: the fused decode launch
         B.roofline_us(ceilings, xb + 2 * m * k + w_b + out_b + 8 * m + 4 * n, gemm_ops, "int8"))
+    if m <= 16 and not t.chunked:  # `calm` is the fused one-launch decode here; the two launches it replaces:
+        add("calm:two-launch", timer(lambda: R.rotated_matmul(*R.transform_quantize(x, a_bits, 1.0, t, factors),
+                                                              layer.qweight, layer.w_scales, w_bits, None, dtype)),
+            B.roofline_us(ceilings, xb + 2 * m * k + w_b + out_b + 8 * m + 4 * n, gemm_ops, "int8"))
     add("calm:transform+quantize", timer(lambda: R.transform_quantize(x, a_bits, 1.0, t, factors)),
         B.roofline_us(ceilings, xb + m * k + 4 * m))
     add("calm:gemm", timer(lambda: R.rotated_matmul(codes, scales, layer.qweight, layer.w_scales, w_bits,
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: plumbing check, no real timings")
     ap.add_argument("--schemes", nargs="+", default=["W3A3", "W4A4"], choices=sorted(SCHEMES))
     ap.add_argument("--tokens", nargs="+", type=int, default=None, help=f"M values (default {TOKENS})")
+    ap.add_argument("--no-wide", action="store_true", help=f"skip the chunked-Hadamard widths {WIDE_SHAPES}")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/rotated-<device>.json; "
                                                             "smoke runs write to a temp folder)")
     args = ap.parse_args(argv)
@@ -189,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if args.smoke else torch.bfloat16  # bf16 matmul on the CPU is slow and not the point
     device_name = B.device_name(args.smoke)
     timer = B.make_timer(args.smoke, interpreter_reps=3)
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
+    cases = [(shape, args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS))
+             for shape in (SMOKE_SHAPES if args.smoke else SHAPES)]
+    if not args.no_wide:  # the interpreter runs the chunked path slowly: one token in a smoke run
+        cases += [(shape, args.tokens or ([1] if args.smoke else WIDE_TOKENS))
+                  for shape in (SMOKE_WIDE_SHAPES if args.smoke else WIDE_SHAPES)]
     print(f"device: {device_name}; torch {torch.__version__}; triton {triton_version}"
           + (f"; smoke run on the CPU ({B.path_mode()} path), timings mean nothing" if args.smoke else ""))
     ceilings = B.measure_ceilings(device, timer, args.smoke, peaks=("bf16", "int8", "fp8"),
@@ -199,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
           f"int8 {ceilings['int8'] / 1e12:.1f}, fp8 {ceilings['fp8'] / 1e12:.1f} T(FL)OP/s")
     records, notes = [], []
     for scheme in args.schemes:
-        for n, k in shapes:
+        for (n, k), tokens in cases:
+            if args.smoke and (n, k) in SMOKE_WIDE_SHAPES and scheme != args.schemes[0]:
+                continue
             for m in tokens:
                 records += bench_shape(n, k, m, scheme, device, dtype, timer, ceilings, notes)
                 if not args.smoke:

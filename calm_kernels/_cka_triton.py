@@ -11,6 +11,13 @@ rows become exact zeros after the subtraction), so no centered copy exists. Two 
   Gram itself is never written.
 - ACCUMULATE: the tile is added to a float64 (da, db) co-moment state (streaming over batches); a symmetric
   Gram computes the upper tiles and writes each off-diagonal tile to its mirror position too.
+Token split (small d): with few Gram tiles (d=576 has 5 x 5 tiles of 128, 15 of them on or above the
+diagonal, for 132 SMs) the tokens are also split across programs: grid axis 2 walks `split_len`-token
+ranges and each program writes its float32 partial tile (and, symmetric, its mirror) into its own slice of a
+(splits, da, db) workspace (PARTIAL epilogue). The partials are then summed over the split axis in float64
+by one torch reduction (no atomics: the order is fixed, so the result is deterministic run to run), and
+squared-summed or added to the state. `token_splits` picks the count: enough programs for about two waves
+of the device's SMs, at least MIN_SPLIT_TOKENS tokens each.
 Sample-space kernel (`_sample_kernel`): one program owns a (BLOCK, BLOCK) tile of both n x n Grams
 K = Xc Xc^T and L = Yc Yc^T (upper tiles only), built over the features of X and of Y, and reduces
 <K, L>, <K, K> and <L, L> of the tile in float64.
@@ -20,7 +27,10 @@ of the centered value, relative 2^-11 / 2^-8); anything else multiplies float32 
 input_precision="tf32x3" (about float32 accuracy on tensor cores). Accumulation is float32 within a
 program's token loop, float64 across programs and batches.
 
-Config lists are guesses: no GPU has run these kernels yet (interpreter only).
+Config lists are guesses: no GPU has run these kernels yet (interpreter only). Compiled for sm90 without a
+GPU (`compile_specs`, tests/kernels/test_cka_kernel.py), ptxas reports for BLOCK 128 / BLOCK_K 64 / 8 warps:
+the squared-sum and split (PARTIAL) epilogues spill nothing, the float64 read-modify-write of ACCUMULATE
+still spills 528 bytes and the sample-space kernel 1500 (not reworked yet).
 """
 from __future__ import annotations
 
@@ -56,39 +66,61 @@ def _gram_kernel(
     a_ptr, b_ptr, sa_ptr, sb_ptr, out_ptr,
     n, da, db,
     stride_an, stride_ad, stride_bn, stride_bd, stride_or, stride_oc, N_BUCKET,
-    SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, OP_DTYPE: tl.constexpr,
+    split_len, stride_os,
+    SYMMETRIC: tl.constexpr, ACCUMULATE: tl.constexpr, PARTIAL: tl.constexpr, OP_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid = pid_m * tl.num_programs(1) + pid_n
+    # Token range of this program: all n tokens unless the launcher split them (PARTIAL).
+    tok_start = tl.program_id(2).to(tl.int64) * split_len
+    tok_end = tl.minimum(tok_start + split_len, n)
     # A symmetric Gram's tiles below the diagonal are skipped (counted twice / mirrored by their twin).
     skip = pid_m > pid_n
     if not SYMMETRIC:
         skip = False
     if skip:
-        if not ACCUMULATE:
+        if not ACCUMULATE and not PARTIAL:
             tl.store(out_ptr + pid, 0.0)
     else:
         ri = pid_m.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         rj = pid_n.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         kk = tl.arange(0, BLOCK_K).to(tl.int64)
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k0 in range(0, n, BLOCK_K):
+        for k0 in range(tok_start, tok_end, BLOCK_K):
             tok = k0 + kk
-            a = _centered_tile(a_ptr, tok, ri, stride_an, stride_ad, sa_ptr, n, da, OP_DTYPE)  # (BLOCK_K, BLOCK)
-            b = _centered_tile(b_ptr, tok, rj, stride_bn, stride_bd, sb_ptr, n, db, OP_DTYPE)
+            # (BLOCK_K, BLOCK) tiles; tokens past this program's range load as zeros
+            a = _centered_tile(a_ptr, tok, ri, stride_an, stride_ad, sa_ptr, tok_end, da, OP_DTYPE)
+            b = _centered_tile(b_ptr, tok, rj, stride_bn, stride_bd, sb_ptr, tok_end, db, OP_DTYPE)
             acc = _dot(tl.trans(a), b, acc, OP_DTYPE)
-        if ACCUMULATE:
-            mask = (ri[:, None] < da) & (rj[None, :] < db)
-            ptrs = out_ptr + ri[:, None] * stride_or + rj[None, :] * stride_oc
+        if PARTIAL:
+            # int32 offsets inside one (da, db) slice (the launcher keeps da * db < 2^31): int64 pointer tiles
+            # of 128 x 128 cost sm90 about 100 bytes of spills per program
+            i32 = pid_m * BLOCK + tl.arange(0, BLOCK)
+            j32 = pid_n * BLOCK + tl.arange(0, BLOCK)
+            base = out_ptr + tl.program_id(2).to(tl.int64) * stride_os
+            tl.store(base + (i32[:, None] * stride_or + j32[None, :]), acc,
+                     mask=(i32[:, None] < da) & (j32[None, :] < db))
+            if SYMMETRIC:
+                if pid_m < pid_n:  # the mirror tile, row by row from the transposed accumulator
+                    tl.store(base + (j32[:, None] * stride_or + i32[None, :]), tl.trans(acc),
+                             mask=(j32[:, None] < db) & (i32[None, :] < da))
+        elif ACCUMULATE:
+            # int32 offsets (the launcher checks they fit) and the mirror from the transposed tile, as PARTIAL
+            i32 = pid_m * BLOCK + tl.arange(0, BLOCK)
+            j32 = pid_n * BLOCK + tl.arange(0, BLOCK)
+            mask = (i32[:, None] < da) & (j32[None, :] < db)
+            ptrs = out_ptr + (i32[:, None] * stride_or + j32[None, :] * stride_oc)
             tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + acc.to(tl.float64), mask=mask)
             mirrored = pid_m < pid_n
             if not SYMMETRIC:
                 mirrored = False
             if mirrored:
-                mirror = out_ptr + rj[None, :] * stride_or + ri[:, None] * stride_oc
-                tl.store(mirror, tl.load(mirror, mask=mask, other=0.0) + acc.to(tl.float64), mask=mask)
+                mirror = out_ptr + (j32[:, None] * stride_or + i32[None, :] * stride_oc)
+                mirror_mask = (j32[:, None] < db) & (i32[None, :] < da)
+                tl.store(mirror, tl.load(mirror, mask=mirror_mask, other=0.0) + tl.trans(acc).to(tl.float64),
+                         mask=mirror_mask)
         else:
             acc64 = acc.to(tl.float64)
             part = tl.sum(tl.sum(acc64 * acc64, axis=1), axis=0)
@@ -145,7 +177,8 @@ def _configs() -> list[triton.Config]:
 @functools.cache
 def _gram_tuned():
     # ACCUMULATE read-modify-writes its output, so autotuning must restore it between trials.
-    return triton.autotune(_configs(), key=["da", "db", "N_BUCKET", "SYMMETRIC", "ACCUMULATE", "OP_DTYPE"],
+    return triton.autotune(_configs(), key=["da", "db", "N_BUCKET", "SYMMETRIC", "ACCUMULATE", "PARTIAL",
+                                                "OP_DTYPE"],
                            restore_value=["out_ptr"])(_gram_kernel)
 
 
@@ -169,18 +202,75 @@ def _ready(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32) if t.dtype == torch.float64 else t
 
 
-def gram_squared_sum(a: torch.Tensor, b: torch.Tensor | None, shift_a: torch.Tensor,
-                     shift_b: torch.Tensor | None = None) -> float:
-    """||(A - shift_a)^T (B - shift_b)||_F^2 in float64 without writing the Gram; B None means B = A."""
+MIN_SPLIT_TOKENS = 4096  # below this a split's partial tile costs more to write and reduce than it saves
+SPLIT_ALIGN = 64  # split lengths are a multiple of every config's BLOCK_K
+PLANNING_BLOCK = 128  # the split count is planned for the largest tile of the config list
+INTERPRETER_SMS = 132  # under TRITON_INTERPRET=1 plan as for an H100 SXM (only the split count depends on it)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def token_splits(n: int, da: int, db: int, symmetric: bool, device: torch.device) -> int:
+    """How many token ranges a feature-space Gram is split into: enough (tile, range) programs for about two
+    waves of the SMs, each range at least MIN_SPLIT_TOKENS tokens; 1 when the tiles alone fill the device."""
+    tm, tn = triton.cdiv(da, PLANNING_BLOCK), triton.cdiv(db, PLANNING_BLOCK)
+    tiles = tm * (tm + 1) // 2 if symmetric else tm * tn
+    if da * db >= 1 << 31:  # the partial tiles' int32 offsets; such Grams have tiles enough anyway
+        return 1
+    wanted = triton.cdiv(2 * _sm_count(device), tiles)
+    return max(1, min(wanted, n // MIN_SPLIT_TOKENS))
+
+
+def _split_len(n: int, splits: int) -> tuple[int, int]:
+    """(tokens per range, ranges actually launched): ranges are SPLIT_ALIGN-aligned, the last one ragged."""
+    length = triton.cdiv(triton.cdiv(max(n, 1), splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return length, triton.cdiv(max(n, 1), length)
+
+
+def _prepare(a, b, shift_a, shift_b):
     a = _ready(a)
     symmetric = b is None
     b, shift_b = (a, shift_a) if symmetric else (_ready(b), shift_b)
+    return a, b, shift_b, symmetric
+
+
+def _split_gram(a, b, shift_a, shift_b, symmetric: bool, splits: int) -> torch.Tensor:
+    """(A - shift_a)^T (B - shift_b) as a float64 (da, db) matrix from `splits` token ranges: float32 partial
+    tiles in a workspace, summed over the ranges in a fixed order (deterministic, no atomics)."""
     n, da = a.shape
     db = b.shape[1]
+    length, ranges = _split_len(n, splits)
+    work = torch.empty((ranges, da, db), dtype=torch.float32, device=a.device)  # contiguous: the kernel's
+    # PARTIAL epilogue indexes a slice with int32 row * stride + column offsets
+
+    def grid(meta):
+        return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]), ranges)
+
+    _gram_tuned()[grid](a, b, shift_a, shift_b, work, n, da, db,
+                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), work.stride(1), work.stride(2),
+                        _bucket(length), length, work.stride(0),
+                        SYMMETRIC=symmetric, ACCUMULATE=False, PARTIAL=True, OP_DTYPE=_op_dtype(a, b))
+    return work.sum(0, dtype=torch.float64)
+
+
+def gram_squared_sum(a: torch.Tensor, b: torch.Tensor | None, shift_a: torch.Tensor,
+                     shift_b: torch.Tensor | None = None, splits: int | None = None) -> float:
+    """||(A - shift_a)^T (B - shift_b)||_F^2 in float64; B None means B = A. `splits`: token ranges (None:
+    `token_splits`); with one range the Gram is never written, with more its partials are (see module doc)."""
+    a, b, shift_b, symmetric = _prepare(a, b, shift_a, shift_b)
+    n, da = a.shape
+    db = b.shape[1]
+    splits = token_splits(n, da, db, symmetric, a.device) if splits is None or da * db >= 1 << 31 else splits
+    if _split_len(n, splits)[1] > 1:
+        return float(_split_gram(a, b, shift_a, shift_b, symmetric, splits).square().sum())
     op = _op_dtype(a, b)
 
     def grid(meta):
-        return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]))
+        return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]), 1)
 
     # NaN-filled and sized for the smallest tile of the config list: every program of the launched grid must
     # write its slot (skipped tiles write 0), and only the launched grid's slots are summed.
@@ -188,27 +278,34 @@ def gram_squared_sum(a: torch.Tensor, b: torch.Tensor | None, shift_a: torch.Ten
                        device=a.device)
     kernel = _gram_tuned()
     kernel[grid](a, b, shift_a, shift_b, parts, n, da, db,
-                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), 0, 0, _bucket(n),
-                        SYMMETRIC=symmetric, ACCUMULATE=False, OP_DTYPE=op)
+                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), 0, 0, _bucket(n), n, 0,
+                 SYMMETRIC=symmetric, ACCUMULATE=False, PARTIAL=False, OP_DTYPE=op)
     block = kernel.best_config.kwargs["BLOCK"]
     return float(parts[: triton.cdiv(da, block) * triton.cdiv(db, block)].sum())
 
 
 def gram_accumulate(state: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None, shift_a: torch.Tensor,
-                    shift_b: torch.Tensor | None = None) -> None:
-    """state (da, db) float64 += (A - shift_a)^T (B - shift_b); B None means B = A (upper tiles, mirrored)."""
-    a = _ready(a)
-    symmetric = b is None
-    b, shift_b = (a, shift_a) if symmetric else (_ready(b), shift_b)
+                    shift_b: torch.Tensor | None = None, splits: int | None = None) -> None:
+    """state (da, db) float64 += (A - shift_a)^T (B - shift_b); B None means B = A (upper tiles, mirrored).
+    `splits` as in gram_squared_sum."""
+    a, b, shift_b, symmetric = _prepare(a, b, shift_a, shift_b)
     n, da = a.shape
     db = b.shape[1]
+    splits = token_splits(n, da, db, symmetric, a.device) if splits is None or da * db >= 1 << 31 else splits
+    if _split_len(n, splits)[1] > 1:
+        state += _split_gram(a, b, shift_a, shift_b, symmetric, splits)
+        return
+    if (da - 1) * state.stride(0) + (db - 1) * state.stride(1) >= 1 << 31:
+        raise ValueError(f"a ({da}, {db}) co-moment state with strides {state.stride()} is past the kernel's int32 "
+                         f"offsets; pass a contiguous state of fewer than 2^31 elements")
 
     def grid(meta):
-        return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]))
+        return (triton.cdiv(da, meta["BLOCK"]), triton.cdiv(db, meta["BLOCK"]), 1)
 
     _gram_tuned()[grid](a, b, shift_a, shift_b, state, n, da, db,
                         a.stride(0), a.stride(1), b.stride(0), b.stride(1), state.stride(0), state.stride(1),
-                        _bucket(n), SYMMETRIC=symmetric, ACCUMULATE=True, OP_DTYPE=_op_dtype(a, b))
+                        _bucket(n), n, 0, SYMMETRIC=symmetric, ACCUMULATE=True, PARTIAL=False,
+                        OP_DTYPE=_op_dtype(a, b))
 
 
 def sample_space_terms(x: torch.Tensor, y: torch.Tensor, shift_x: torch.Tensor, shift_y: torch.Tensor
@@ -231,3 +328,33 @@ def sample_space_terms(x: torch.Tensor, y: torch.Tensor, shift_x: torch.Tensor, 
     tiles = triton.cdiv(n, kernel.best_config.kwargs["BLOCK"]) ** 2
     xy, xx, yy = parts[: 3 * tiles].view(-1, 3).sum(0).tolist()
     return xy, xx, yy
+
+
+def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) for the no-GPU sm90 compile check: every autotune config
+    of the Gram kernel in the split (PARTIAL) epilogue plus each other epilogue and the sample-space kernel
+    once; without `full`, the largest config only (bf16 operands, d = 576)."""
+    configs = _configs() if full else [max(_configs(), key=lambda c: (c.kwargs["BLOCK"] * c.kwargs["BLOCK_K"],
+                                                                      c.num_stages))]
+    ints = dict.fromkeys(("n", "da", "db", "stride_an", "stride_ad", "stride_bn", "stride_bd", "stride_or",
+                          "stride_oc", "N_BUCKET", "split_len", "stride_os"), "i32")
+    flags = dict.fromkeys(("SYMMETRIC", "ACCUMULATE", "PARTIAL", "OP_DTYPE", "BLOCK", "BLOCK_K"), "constexpr")
+    specs = []
+    for i, cfg in enumerate(configs):
+        modes = [(True, False, True)] + ([(False, False, False), (True, True, False)] if i == 0 else [])
+        for symmetric, accumulate, partial in modes:
+            out = "*fp32" if partial else "*fp64"
+            sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "out_ptr": out,
+                   **ints, **flags}
+            specs.append((f"gram[sym={symmetric} acc={accumulate} partial={partial} {cfg.kwargs} "
+                          f"w{cfg.num_warps} s{cfg.num_stages}]", _gram_kernel, sig,
+                          {"SYMMETRIC": symmetric, "ACCUMULATE": accumulate, "PARTIAL": partial,
+                           "OP_DTYPE": tl.bfloat16, **cfg.kwargs},
+                          {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    cfg = configs[0]
+    sample_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "sx_ptr": "*fp32", "sy_ptr": "*fp32", "part_ptr": "*fp64",
+                  **dict.fromkeys(("n", "dx", "dy", "stride_xn", "stride_xd", "stride_yn", "stride_yd", "N_BUCKET"),
+                                  "i32"), **dict.fromkeys(("OP_DTYPE", "BLOCK", "BLOCK_K"), "constexpr")}
+    specs.append((f"sample[{cfg.kwargs}]", _sample_kernel, sample_sig, {"OP_DTYPE": tl.bfloat16, **cfg.kwargs},
+                  {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    return specs

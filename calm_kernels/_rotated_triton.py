@@ -2,10 +2,20 @@
 
 Imported only by the launchers in rotated.py once `use_triton` said yes, so `import calm_kernels` never
 imports triton. Every config list here is a guess: no GPU has run these kernels yet.
+
+Weight unpacking, tried and not kept: int8-lane (SWAR) unpacking in plain Triton (one mask + bias add + XOR
+turning four offset-binary fields into four int8 lanes of one int32, then a byte shift and truncation per
+code, and a 32-bit funnel shift for 3-bit instead of int64 pairs) compiled for sm90 to more instructions than
+the shift pairs below (SASS of the decode config BLOCK 16x64x256, 4 warps: 4-bit 412 LOP3 + 265 SHF +
+158 VIADD vs 283 LOP3 + 265 SHF; 3-bit and 2-bit also larger), because the byte extraction still costs a
+shift per code and the tile then goes through the same register-to-shared layout conversion. The gain
+needs the four bytes to land in one mma operand register (Marlin's lop3/prmt), which Triton's layouts do
+not expose; position-dependent inline PTX on packed elements would rely on an unverified register order.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -119,6 +129,86 @@ def _kron2_quantize_kernel(
         tl.store(scales_ptr + t64, scale * inv * norm, mask=live)
 
 
+@triton.jit
+def _mix_chunks_kernel(
+    x_ptr, f_ptr, y_ptr, stride_xt, stride_yt, T_BUCKET,
+    m: tl.constexpr, P: tl.constexpr, M1: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+):
+    """Chunked transform, pass 1: the token row as an (m, P) matrix X (chunk i = row i); Y = F1^T X on the
+    tensor cores, one (M1, BJ) column block per program, written in float32. Each column is normalized by its
+    own power of two before the fp16 cast (a column's outputs depend on that column only)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    col_mask = cols < P
+    out_rows = tl.arange(0, M1)
+    x_tok = x_ptr + t * stride_xt
+    amax = tl.zeros((BJ,), dtype=tl.float32)
+    for i0 in tl.static_range(0, M1, BI):
+        ri = i0 + tl.arange(0, BI)
+        mask = (ri < m)[:, None] & col_mask[None, :]
+        v = tl.load(x_tok + ri[:, None] * P + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+    f, inv = _pow2_normalizer(amax)
+    acc = tl.zeros((M1, BJ), dtype=tl.float32)
+    for i0 in tl.static_range(0, M1, BI):
+        ri = i0 + tl.arange(0, BI)
+        mask = (ri < m)[:, None] & col_mask[None, :]
+        v = tl.load(x_tok + ri[:, None] * P + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        f1_t = tl.load(f_ptr + ri[None, :] * M1 + out_rows[:, None])  # F1^T[:, ri], fp16, zero-padded
+        acc = tl.dot(f1_t, (v * f[None, :]).to(tl.float16), acc)
+    out_mask = (out_rows < m)[:, None] & col_mask[None, :]
+    tl.store(y_ptr + t * stride_yt + out_rows[:, None] * P + cols[None, :], acc * inv[None, :], mask=out_mask)
+
+
+@triton.jit
+def _chunk_transform_kernel(
+    y_ptr, f2_ptr, f3_ptr, amax_ptr, stride_yt, T_BUCKET,
+    m: tl.constexpr, d2: tl.constexpr, d3: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+    RESCALE: tl.constexpr,
+):
+    """Chunked transform, pass 2: each chunk C (d2, d3) of the mixed row becomes F2^T C F3 in place (two
+    tensor-core dots, as `_kron2_quantize_kernel`), and its max |value| goes to amax[t, chunk]."""
+    t = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    r2 = tl.arange(0, D2)
+    r3 = tl.arange(0, D3)
+    mask = (r2 < d2)[:, None] & (r3 < d3)[None, :]
+    ptrs = y_ptr + t * stride_yt + chunk * (d2 * d3) + r2[:, None] * d3 + r3[None, :]
+    c = tl.load(ptrs, mask=mask, other=0.0)
+    f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(c), axis=1), axis=0))
+    f2_t = tl.load(f2_ptr + r2[None, :] * D2 + r2[:, None])
+    f3 = tl.load(f3_ptr + r3[:, None] * D3 + r3[None, :])
+    z = tl.dot(f2_t, (c * f).to(tl.float16))
+    if RESCALE:
+        g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
+        z = z * g
+        inv = inv * inv_g
+    w = tl.dot(z.to(tl.float16), f3) * inv
+    tl.store(ptrs, w, mask=mask)
+    tl.store(amax_ptr + t * m + chunk, tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+
+
+@triton.jit
+def _quantize_chunked_kernel(
+    y_ptr, amax_ptr, codes_ptr, scales_ptr, stride_yt, stride_ct, norm, scale_mult, T_BUCKET,
+    K: tl.constexpr, m: tl.constexpr, MP: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Chunked transform, pass 3: the token's scale from its chunk maxima, then codes for BLOCK elements."""
+    t = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    chunks = tl.arange(0, MP)
+    amax = tl.max(tl.load(amax_ptr + t * m + chunks, mask=chunks < m, other=0.0), axis=0)
+    scale = amax * scale_mult
+    safe = tl.where(scale > 0, scale, 1.0)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    y = tl.load(y_ptr + t * stride_yt + offs, mask=mask, other=0.0)
+    codes = _quantize(y, tl.full((BLOCK,), 1.0, tl.float32) * safe, QMIN, QMAX)
+    tl.store(codes_ptr + t * stride_ct + offs, codes, mask=mask)
+    tl.store(scales_ptr + t, scale * norm, mask=blk == 0)
+
+
 def _rows_configs(d: int, has_factor: bool) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_T": 16}, num_warps=4)]
@@ -133,6 +223,66 @@ def _kron2_configs(d1: int, d2: int) -> list[triton.Config]:
     warps = (4, 8) if d1 * d2 <= 4096 else (8, 16)
     return [triton.Config({"TOKENS_PER_PROG": tpp}, num_warps=w, num_stages=s)
             for tpp in (1, 2, 4, 8) for w in warps for s in (1, 2)]
+
+
+def _mix_configs(m1: int) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BI": 16, "BJ": 16}, num_warps=4)]
+    # The (M1, BJ) float32 accumulator at most 64 registers per thread: ptxas (sm90) spills 340 bytes at
+    # M1 = 256, BJ = 64 with 4 warps (128 per thread) and none at 64.
+    return [triton.Config({"BI": bi, "BJ": bj}, num_warps=w, num_stages=s)
+            for bi in (16, 32, 64) for bj in (16, 32, 64, 128) if bi <= m1
+            for w in (4, 8) if m1 * bj <= 64 * 32 * w for s in (1, 2)]
+
+
+def _chunk_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+
+
+def _quant_chunked_configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK": 256}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
+
+
+@functools.cache
+def _mix_kernel(m1: int):
+    return triton.autotune(_mix_configs(m1), key=["T_BUCKET", "m", "P"])(_mix_chunks_kernel)
+
+
+@functools.cache
+def _chunk_kernel():
+    # In place: every trial must start from the mixed rows again.
+    return triton.autotune(_chunk_configs(), key=["T_BUCKET", "m", "d2", "d3", "RESCALE"],
+                           restore_value=["y_ptr"])(_chunk_transform_kernel)
+
+
+@functools.cache
+def _quant_chunked_kernel():
+    return triton.autotune(_quant_chunked_configs(), key=["T_BUCKET", "K", "m"])(_quantize_chunked_kernel)
+
+
+def _transform_quantize_chunked(x, qmin: int, qmax: int, scale_mult: float, orders: tuple[int, int, int],
+                                padded: tuple[torch.Tensor, ...], norm: float, rescale: bool,
+                                codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Three launches over a float32 scratch row per token: mix the chunks (F1), transform inside each chunk
+    (F2, F3) with per-chunk maxima, quantize with the token's scale."""
+    t, k = x.shape
+    m, d2, d3 = orders
+    p = d2 * d3
+    m1 = padded[0].shape[0]
+    scratch = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    chunk_amax = torch.empty((t, m), dtype=torch.float32, device=x.device)
+    bucket = _bucket(t)
+    _mix_kernel(m1)[lambda meta: (t, triton.cdiv(p, meta["BJ"]))](
+        x, padded[0], scratch, x.stride(0), scratch.stride(0), bucket, m=m, P=p, M1=m1)
+    _chunk_kernel()[(t, m)](scratch, padded[1], padded[2], chunk_amax, scratch.stride(0), bucket, m=m, d2=d2,
+                            d3=d3, D2=padded[1].shape[0], D3=padded[2].shape[0], RESCALE=rescale)
+    _quant_chunked_kernel()[lambda meta: (t, triton.cdiv(k, meta["BLOCK"]))](
+        scratch, chunk_amax, codes, scales, scratch.stride(0), codes.stride(0), norm, scale_mult, bucket,
+        K=k, m=m, MP=_next_pow2(m), QMIN=qmin, QMAX=qmax)
 
 
 @functools.cache
@@ -157,7 +307,9 @@ def transform_quantize(x: torch.Tensor, bits: int, scale_mult: float, orders: tu
         if f.device != x.device or f.dtype != torch.float16 or not f.is_contiguous():
             raise ValueError("kernel factors must be contiguous float16 on the activations' device "
                              "(build them with rotated.kernel_factors(transform, device))")
-    if len(orders) == 2:
+    if len(orders) == 3:
+        _transform_quantize_chunked(x, qmin, qmax, scale_mult, orders, padded, norm, rescale, codes, scales)
+    elif len(orders) == 2:
         d1, d2 = orders
         kernel = _kron2_kernel(padded[0].shape[0], padded[1].shape[0])
         grid = lambda meta: (triton.cdiv(t, meta["TOKENS_PER_PROG"]),)  # noqa: E731
@@ -256,17 +408,139 @@ def _rotated_matmul_kernel(
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _fused_decode_kernel(
+    x_ptr, f1_ptr, f2_ptr, codes_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, N, stride_xm, stride_wn, stride_om, norm, scale_mult,
+    K: tl.constexpr, FACTORS: tl.constexpr, d1: tl.constexpr, d2: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, RESCALE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, W_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode (M <= BLOCK_M = 16): the transform + quantization of all M tokens runs in every program's
+    prologue, then the int8 GEMM of the program's BLOCK_N columns; one launch instead of two.
+
+    Every program writes the same codes and scales to the (M, K) / (M,) buffers (identical bytes, so the
+    overlapping writes are benign), passes a CTA barrier, and reads them back through L2 (.cg) for its dots.
+    The redundant transform costs each program M * (d1 + d2) * K multiply-adds on the tensor cores."""
+    WORDS_PER_ROW: tl.constexpr = (K + 31) // 32 * W_BITS
+    if FACTORS == 2:
+        r1 = tl.arange(0, D1)
+        r2 = tl.arange(0, D2)
+        offs = r1[:, None] * d2 + r2[None, :]
+        tile_mask = (r1 < d1)[:, None] & (r2 < d2)[None, :]
+        f1_t = tl.load(f1_ptr + r1[None, :] * D1 + r1[:, None])
+        f2 = tl.load(f2_ptr + r2[:, None] * D2 + r2[None, :])
+        for t in range(M):
+            x = tl.load(x_ptr + t * stride_xm + offs, mask=tile_mask, other=0.0).to(tl.float32)
+            f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+            z = tl.dot(f1_t, (x * f).to(tl.float16))
+            if RESCALE:
+                g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
+                z = z * g
+                inv = inv * inv_g
+            y = tl.dot(z.to(tl.float16), f2)
+            scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * scale_mult
+            safe = tl.where(scale > 0, scale, 1.0)
+            codes = _quantize(y, tl.full((D1, D2), 1.0, tl.float32) * safe, QMIN, QMAX)
+            tl.store(codes_ptr + t * K + offs, codes, mask=tile_mask)
+            tl.store(a_scale_ptr + t, scale * inv * norm)
+    else:  # one factor of order K = d1: the tokens as rows of one (BLOCK_M, D1) tile
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, D1)
+        mask = (rows < M)[:, None] & (cols < d1)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        f, inv = _pow2_normalizer(tl.max(tl.abs(x), axis=1))
+        factor = tl.load(f1_ptr + cols[:, None] * D1 + cols[None, :])
+        y = tl.dot((x * f[:, None]).to(tl.float16), factor)
+        scale = tl.max(tl.abs(y), axis=1) * scale_mult
+        safe = tl.where(scale > 0, scale, 1.0)
+        codes = _quantize(y, tl.broadcast_to(safe[:, None], (BLOCK_M, D1)), QMIN, QMAX)
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], codes, mask=mask)
+        tl.store(a_scale_ptr + rows, scale * inv * norm, mask=rows < M)
+    tl.debug_barrier()  # this CTA's code writes are visible to all its threads from here on
+
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(codes_ptr + rm[:, None] * K + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0,
+                    cache_modifier=".cg")
+        w = _signed_weight_tile(w_ptr, rn, n_mask, stride_wn, k0, WORDS_PER_ROW, W_BITS, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0, cache_modifier=".cg")
+    w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+    y_out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y_out = y_out + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y_out.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+FUSED_MAX_M = 16  # the fused decode kernel's BLOCK_M: all tokens of the call in one row tile
+
+
+def _fused_configs(padded_tile: int) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
+    # The prologue holds a padded (D1, D2) float32 token tile: past 4096 elements 4 warps spill (ptxas, sm90:
+    # 8 bytes at 128 x 128 with 4 warps, none with 8).
+    warps = (4, 8) if padded_tile <= 4096 else (8,)
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn in (16, 32, 64) for bk in (128, 256) for w in warps for s in (3, 4)]
+
+
+@functools.cache
+def _fused_kernel(padded_tile: int):
+    # Overwrites the codes/scales buffers with identical values on every trial: no restore needed.
+    return triton.autotune(_fused_configs(padded_tile), key=["N", "K", "W_BITS", "FACTORS", "d1", "d2", "RESCALE"]
+                           )(_fused_decode_kernel)
+
+
+def fused_decode(x: torch.Tensor, bits: int, scale_mult: float, orders: tuple[int, ...],
+                 factors: tuple[tuple[torch.Tensor, ...], float], rescale: bool, w_packed: torch.Tensor,
+                 w_scales: torch.Tensor, w_bits: int, bias: torch.Tensor | None, out: torch.Tensor,
+                 codes: torch.Tensor, a_scales: torch.Tensor) -> torch.Tensor:
+    """One launch for M <= FUSED_MAX_M tokens: transform + quantize (into `codes`, `a_scales`) + GEMM."""
+    m, k = x.shape
+    n = w_packed.shape[0]
+    padded, norm = factors
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    d1, d2 = (orders + (1,))[:2]
+    f2 = padded[1] if len(orders) == 2 else padded[0]
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_kernel(padded[0].shape[0] * f2.shape[0] if len(orders) == 2 else 16 * padded[0].shape[0])[grid](
+        x, padded[0], f2, codes, a_scales, w_packed, w_scales, bias if bias is not None else w_scales, out,
+        m, n, x.stride(0), w_packed.stride(0), out.stride(0), norm, scale_mult,
+        K=k, FACTORS=len(orders), d1=d1, d2=d2, D1=padded[0].shape[0], D2=f2.shape[0], RESCALE=rescale,
+        QMIN=qmin, QMAX=qmax, W_BITS=w_bits, HAS_BIAS=bias is not None)
+    return out
+
+
 def _gemm_configs(regime: str) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     c = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     if regime == "decode":  # weight-bandwidth bound: many narrow column tiles, long K steps
-        return [c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4) for s in (3, 4)]
+        # 2 warps spill a 64 x 256 weight tile (sm90 ptxas: 260 / 472 bytes at 3 / 4 bits); 4 warps do not
+        return [c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4)
+                if w == 4 or bn * bk <= 8192 for s in (3, 4)]
+    # medium and large: chosen by ptxas's sm90 register report (K = 4096, bias, bf16 out). The 32-bit word
+    # unpacking keeps BLOCK_N x BLOCK_K int32 temporaries live beside the int32 accumulator, so the earlier
+    # lists spilled in every large config (188 to 2956 bytes; 128x128x64 at 4 warps 540). All configs below
+    # spill nothing at 4 bits; at 3 bits 128x256x32 spills 124 and 64x128x128 364 bytes. Every BLOCK_M = 256
+    # variant tried spills (256x128x32 at 8 warps: 60 / 104 bytes at 4 / 3 bits, the least; 16 warps cap the
+    # registers at 128 and spill 356+), kept for the prefill tuning to weigh on a GPU.
     if regime == "medium":
-        return [c(bm, bn, bk, 4, s) for bm in (32, 64) for bn in (64, 128) for bk in (64, 128) for s in (3, 4)]
-    return [c(128, 128, 64, 4, 4), c(128, 128, 128, 8, 3), c(128, 256, 64, 8, 3), c(256, 128, 64, 8, 3),
-            c(128, 256, 128, 8, 3), c(256, 128, 128, 8, 3), c(64, 256, 128, 4, 3), c(128, 64, 128, 4, 4)]
+        return ([c(bm, bn, bk, 4, s) for bm, bn, bk in ((32, 64, 64), (32, 64, 128), (32, 128, 128), (64, 64, 64))
+                 for s in (3, 4)] + [c(64, 128, 64, 8, s) for s in (3, 4)])
+    return [c(128, 128, 64, 8, 3), c(128, 128, 64, 8, 4), c(64, 128, 64, 8, 3), c(64, 128, 128, 8, 3),
+            c(128, 256, 32, 8, 3), c(256, 128, 32, 8, 3), c(256, 128, 32, 8, 4)]
 
 
 @functools.cache
@@ -294,3 +568,80 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor | None, w_packe
         m, n, a_codes.stride(0), w_packed.stride(0), out.stride(0), _bucket(m),
         K=k, W_BITS=w_bits, HAS_BIAS=bias is not None and not int_out, OUT_INT32=int_out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compile specs for the no-GPU sm90 check (tests/kernels/test_rotated.py compiles them in a process without
+# TRITON_INTERPRET, so the config lists are the GPU ones)
+# ----------------------------------------------------------------------------------------------------------
+
+def _i32(*names: str) -> dict[str, str]:
+    return dict.fromkeys(names, "i32")
+
+
+def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) for triton.compile: every autotune config of every
+    kernel when `full`, else the largest config of each list (the likeliest to exceed shared memory)."""
+    def opts(cfg: triton.Config) -> dict:
+        return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    def label(cfg: triton.Config) -> str:
+        return f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+
+    def pick(configs: list[triton.Config]) -> list[triton.Config]:
+        return configs if full else [max(configs, key=lambda c: (math.prod(v for v in c.kwargs.values()),
+                                                                 c.kwargs.get("BLOCK_M", 0), c.num_stages))]
+
+    specs = []
+    gemm_sig = {"a_ptr": "*i8", "w_ptr": "*i32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
+                "bias_ptr": "*bf16", "out_ptr": "*bf16", **_i32("M", "N", "stride_am", "stride_wn", "stride_om",
+                                                             "M_BUCKET"),
+                **dict.fromkeys(("K", "W_BITS", "HAS_BIAS", "OUT_INT32", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                 "GROUP_M"), "constexpr")}
+    for regime in ("decode", "medium", "large"):
+        for i, cfg in enumerate(pick(_gemm_configs(regime))):
+            bits = (4, 3, 2)[i % 3] if full else 3  # 3-bit: the widest unpacking
+            specs.append((f"rotated_matmul[{regime} w{bits} {label(cfg)}]", _rotated_matmul_kernel, gemm_sig,
+                          {"K": 4096, "W_BITS": bits, "HAS_BIAS": True, "OUT_INT32": False, **cfg.kwargs},
+                          opts(cfg)))
+    fused_sig = {"x_ptr": "*bf16", "f1_ptr": "*fp16", "f2_ptr": "*fp16", "codes_ptr": "*i8", "a_scale_ptr": "*fp32",
+                 "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                 **_i32("M", "N", "stride_xm", "stride_wn", "stride_om"), "norm": "fp32", "scale_mult": "fp32",
+                 **dict.fromkeys(("K", "FACTORS", "d1", "d2", "D1", "D2", "RESCALE", "QMIN", "QMAX", "W_BITS",
+                                  "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")}
+    for i, cfg in enumerate(pick(_fused_configs(64 * 64))):  # 4096 = 64 x 64 (the two-factor prologue)
+        bits = (4, 3, 2)[i % 3] if full else 3
+        specs.append((f"fused_decode[64x64 w{bits} {label(cfg)}]", _fused_decode_kernel, fused_sig,
+                      {"K": 4096, "FACTORS": 2, "d1": 64, "d2": 64, "D1": 64, "D2": 64, "RESCALE": False,
+                       "QMIN": -4, "QMAX": 3, "W_BITS": bits, "HAS_BIAS": True, **cfg.kwargs}, opts(cfg)))
+    rows_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32",
+                **_i32("T", "K", "stride_xt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
+                **dict.fromkeys(("HAS_FACTOR", "D", "QMIN", "QMAX", "BLOCK_T"), "constexpr")}
+    for cfg in pick(_rows_configs(128, True)):
+        specs.append((f"quantize_rows[{label(cfg)}]", _quantize_rows_kernel, rows_sig,
+                      {"HAS_FACTOR": True, "D": 128, "QMIN": -8, "QMAX": 7, **cfg.kwargs}, opts(cfg)))
+    kron_sig = {"x_ptr": "*bf16", "f1_ptr": "*fp16", "f2_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32",
+                **_i32("T", "stride_xt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
+                **dict.fromkeys(("d1", "d2", "D1", "D2", "RESCALE", "QMIN", "QMAX", "TOKENS_PER_PROG"), "constexpr")}
+    for cfg in pick(_kron2_configs(112, 128)):
+        specs.append((f"kron2_quantize[112x128 {label(cfg)}]", _kron2_quantize_kernel, kron_sig,
+                      {"d1": 112, "d2": 128, "D1": 128, "D2": 128, "RESCALE": False, "QMIN": -8, "QMAX": 7,
+                       **cfg.kwargs}, opts(cfg)))
+    mix_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "y_ptr": "*fp32", **_i32("stride_xt", "stride_yt", "T_BUCKET"),
+               **dict.fromkeys(("m", "P", "M1", "BI", "BJ"), "constexpr")}
+    for cfg in pick(_mix_configs(256)):  # 18944 = 148 x 128: the dense factor pads to 256
+        specs.append((f"mix_chunks[148x128 {label(cfg)}]", _mix_chunks_kernel, mix_sig,
+                      {"m": 148, "P": 128, "M1": 256, **cfg.kwargs}, opts(cfg)))
+    chunk_sig = {"y_ptr": "*fp32", "f2_ptr": "*fp16", "f3_ptr": "*fp16", "amax_ptr": "*fp32",
+                 **_i32("stride_yt", "T_BUCKET"), **dict.fromkeys(("m", "d2", "d3", "D2", "D3", "RESCALE"),
+                                                                   "constexpr")}
+    for cfg in pick(_chunk_configs()):  # 28672 = 28 x 32 x 32
+        specs.append((f"chunk_transform[28x32x32 {label(cfg)}]", _chunk_transform_kernel, chunk_sig,
+                      {"m": 28, "d2": 32, "d3": 32, "D2": 32, "D3": 32, "RESCALE": False, **cfg.kwargs}, opts(cfg)))
+    quant_sig = {"y_ptr": "*fp32", "amax_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32",
+                 **_i32("stride_yt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
+                 **dict.fromkeys(("K", "m", "MP", "QMIN", "QMAX", "BLOCK"), "constexpr")}
+    for cfg in pick(_quant_chunked_configs()):
+        specs.append((f"quantize_chunked[28672 {label(cfg)}]", _quantize_chunked_kernel, quant_sig,
+                      {"K": 28672, "m": 28, "MP": 32, "QMIN": -4, "QMAX": 3, **cfg.kwargs}, opts(cfg)))
+    return specs

@@ -24,7 +24,9 @@ Triton path (CUDA tensors or TRITON_INTERPRET=1; fp16/bf16/fp32 inputs; kernels 
   (never a centered copy); the feature-space form (three Grams, the two self Grams on their upper tiles
   only, cost ~ n (dx dy + (dx^2 + dy^2) / 2)) or the sample-space form (both n x n Grams tile by tile, upper
   tiles only, cost ~ n^2 (dx + dy) / 2), whichever costs less; every Gram tile is reduced to its squared
-  sum in float64 in the kernel's epilogue and never written out.
+  sum in float64 in the kernel's epilogue and never written out. When d is small (few Gram tiles for the
+  SMs, e.g. d = 576) the feature-space Grams also split the tokens across programs: float32 partial Grams
+  in a (splits, dx, dy) workspace, summed in float64 in a fixed order (deterministic; no atomics).
 - Streaming (`CKAAccumulator`): each side is shifted by its first batch's column means (fixed from then on,
   so no merge is needed), the kernel adds the shifted co-moment tile by tile into a float64 (dx, dy) state,
   and `compute` removes the remaining mean offset exactly: Xc^T Yc = S - sx sy^T / n, with sx the float64
@@ -144,12 +146,17 @@ def _cka_form(n: int, dx: int, dy: int) -> str:
     return "sample" if sample < feature else "feature"
 
 
-def linear_cka_kernel(x: torch.Tensor, y: torch.Tensor, form: str = "auto") -> CKAResult:
+def linear_cka_kernel(x: torch.Tensor, y: torch.Tensor, form: str = "auto", splits: int | None = None
+                      ) -> CKAResult:
     """The one-shot Triton path (fused centering, Gram tiles reduced in their epilogue); form 'auto' picks
-    the cheaper of 'feature' and 'sample'. Needs CUDA tensors or TRITON_INTERPRET=1."""
+    the cheaper of 'feature' and 'sample'. `splits`: token ranges of the feature-space Grams (None: chosen
+    from the Gram's tile count and the device's SMs, `_cka_triton.token_splits`). Needs CUDA tensors or
+    TRITON_INTERPRET=1."""
     x, y = _check_pair(x, y)
     if form not in ("auto", "feature", "sample"):
         raise ValueError(f"form must be 'auto', 'feature' or 'sample', got {form!r}")
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be a positive number of token ranges or None (automatic), got {splits}")
     if x.shape[0] == 0:
         raise ValueError("CKA of zero tokens is undefined; pass at least one row")
     from calm_kernels import _cka_triton
@@ -161,9 +168,9 @@ def linear_cka_kernel(x: torch.Tensor, y: torch.Tensor, form: str = "auto") -> C
     if form == "sample":
         xy, xx, yy = _cka_triton.sample_space_terms(x, y, mx, my)
     else:
-        xy = _cka_triton.gram_squared_sum(x, y, mx, my)
-        xx = _cka_triton.gram_squared_sum(x, None, mx)
-        yy = _cka_triton.gram_squared_sum(y, None, my)
+        xy = _cka_triton.gram_squared_sum(x, y, mx, my, splits=splits)
+        xx = _cka_triton.gram_squared_sum(x, None, mx, splits=splits)
+        yy = _cka_triton.gram_squared_sum(y, None, my, splits=splits)
     return CKAResult(_ratio(xy, xx, yy), xy, xx, yy)
 
 

@@ -12,10 +12,14 @@ Contract
     Paley II (2(q + 1), q a prime power = 1 mod 4) and doublings. Every matrix is checked H H^T = d I in
     integers. Reached: every multiple of 4 up to 128 except 92 and 116 (Williamson-type, not built), so for
     example 576 = 36 x 16, 896 = 28 x 32, 1536 = 24 x 64, 4096 = 64 x 64, 4864 = 76 x 64, 14336 = 112 x 128.
-    Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): odd n and 2 * odd;
-    n that needs an order outside that set (11008 = 2^8 * 43 of LLaMA-2-7B needs 172; 18944 = 2^8 * 74 of
-    Qwen2-7B needs 148 > 128); n whose padded row (each factor padded to a power of two >= 16) exceeds
-    16384 (e.g. 28672).
+    Wider rows (padded past 16384, or a factor past 128) take QuaRot's decomposition n = m * 2^k, m the
+    smallest constructible order <= 256 (Sylvester, Paley I/II up to 256): three factors H_m kron H_a kron H_b
+    with a * b = 2^k (Sylvester, so exactly the fast Walsh-Hadamard transform of 2^k), e.g. 18944 (Qwen2-7B
+    MLP) = 148 (Paley II over GF(73)) x 8 x 16, 28672 = 28 (Paley I over GF(27)) x 32 x 32, 32768 = 2 x 128
+    x 128. Sizes the one/two-factor split reaches keep that matrix (saved models fold it into their weights).
+    Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): odd n, 2 * odd,
+    and n whose odd part needs an order this file does not build, e.g. 11008 = 2^8 * 43 of LLaMA-2-7B (needs
+    172 = 4 * 43, a Williamson-type matrix: no Sylvester/Paley construction reaches it) and 368 = 16 * 23.
   - `kronecker_transform(p1[, p2])`: learned invertible factors (the FlatQuant-style affine path), each of
     order <= 128.
 - Activation quantization, per token, symmetric, b in {3, 4, 8}:
@@ -34,11 +38,21 @@ Kernels (Triton, in `calm_kernels/_rotated_triton.py`, imported only when a laun
   input magnitude), F1^T X then (.) F2 as two fp16 tensor-core dots with fp32 accumulation, amax,
   quantization, one write of int8 codes and a float32 scale. One factor or none: tokens as rows of a
   (BLOCK_T, K) tile, one dot. Rows are limited to 16384 padded elements (32768 without a transform).
+- Chunked transform (three factors, rows too wide for registers): three launches over a float32 scratch
+  row per token: (1) the row as an (m, 2^k) matrix, F1^T X on the tensor cores per column block (each column
+  normalized by its own power of two), (2) each 2^k chunk as an (a, b) tile, F2^T C F3 in place plus the
+  chunk's max, (3) the token's scale from the chunk maxima and the codes. Costs about 3 float32 row reads
+  and writes beyond the one-pass kernel; unmeasured on a GPU.
 - GEMM: int8 x int8 -> int32 `tl.dot`; the packed weight tile is sign-extended in registers (XOR with the
   fields' top bits turns offset-binary into two's complement, then shift left, arithmetic shift right; 3-bit
   codes straddle 32-bit words, so they are cut from 64-bit word pairs); scales and bias in the epilogue.
   K is a compile-time constant. No split-K: at M = 1 parallelism comes from narrow column tiles only.
-
+  Prefill configs go up to BLOCK_M = 256.
+- Fused decode (`rotated_linear`, M <= 16 with a one/two-factor transform): one launch; every program
+  transforms and quantizes all M tokens in its prologue (the same bytes into shared (M, K) codes and (M,)
+  scales buffers), passes a CTA barrier, and runs the GEMM of its column tile reading them back through L2.
+  The transform is recomputed by every program (M * (d1 + d2) * K tensor-core multiply-adds each), which the
+  saved launch must outweigh: bench_rotated.py times it beside the two launches (`calm:two-launch`).
 Numerics: the kernel rounds each dot's activation operand to fp16 (11-bit significand, relative to the
 token's normalized max); the reference transforms in float32. Codes therefore agree exactly when the
 transform is exact in both (integer inputs and factors, as the tests use) and otherwise differ by one only
@@ -46,9 +60,10 @@ next to a rounding tie (measured: within 0.06 of a tie at 8 bits, 0.002 at 4 bit
 8 bits). Division is IEEE (`div_rn`) and rounding is half-to-even on both sides; the fp32 magic-number
 rounding in Triton matches `torch.round` exactly.
 
-Tested: the references on the CPU; the Triton kernels under TRITON_INTERPRET=1 only (exact codes, exact
-int32 GEMM, epilogue, module). Not yet run on a GPU: compilation on real hardware, the autotune lists and
-every performance figure are unverified.
+Tested: the references on the CPU; the Triton kernels under TRITON_INTERPRET=1 (exact codes, exact int32
+GEMM, epilogue, module, chunked and fused paths); every autotune config compiles for sm90 without a GPU
+(tests/kernels/test_rotated.py, shared memory within 227 KiB). Not yet run on a GPU: every performance
+figure is unverified.
 """
 from __future__ import annotations
 
@@ -67,6 +82,7 @@ MAX_FACTOR_ORDER = 128  # a factor's padded (D, D) fp16 matrix must fit one tens
 MIN_PADDED_FACTOR = 16  # tl.dot needs every dimension >= 16
 MAX_PADDED_ROW = 16384  # two factors of padded order <= 128; a whole padded token row lives in registers
 MAX_PLAIN_ROW = 32768  # transform 'none': one padded row per program, no dot operands beside it
+MAX_MIX_ORDER = 256  # a chunked transform's first factor: (256, BJ) fp32 accumulator tiles in the mixing kernel
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,7 +317,8 @@ class KroneckerTransform:
     """R = norm * kron(factors[0], factors[1], ...), applied as x' = x R; weights fold as W' = W R^-T.
 
     Args:
-        factors: 1 or 2 square float32 matrices, each of order <= 128; their orders multiply to `size`.
+        factors: 1 or 2 square float32 matrices, each of order <= 128, or 3 with the first of order <= 256
+            (a chunked transform: see `chunked`); their orders multiply to `size`.
         norm: scalar multiplier (1/sqrt(n) for a Hadamard; 1 for learned factors).
         orthogonal: True when R R^T = I (Hadamard); then R^-T = R and no inverse is computed.
     """
@@ -310,17 +327,25 @@ class KroneckerTransform:
     orthogonal: bool
 
     def __post_init__(self):
-        if not 1 <= len(self.factors) <= 2:
-            raise ValueError(f"a Kronecker transform takes 1 or 2 factors, got {len(self.factors)}")
-        for f in self.factors:
+        if not 1 <= len(self.factors) <= 3:
+            raise ValueError(f"a Kronecker transform takes 1 to 3 factors, got {len(self.factors)}")
+        for i, f in enumerate(self.factors):
             if f.dim() != 2 or f.shape[0] != f.shape[1]:
                 raise ValueError(f"Kronecker factors must be square matrices, got shape {tuple(f.shape)}")
-            if f.shape[0] > MAX_FACTOR_ORDER:
-                raise ValueError(f"a Kronecker factor of order {f.shape[0]} exceeds {MAX_FACTOR_ORDER}: split it "
-                                 f"into smaller factors")
+            limit = MAX_MIX_ORDER if (i == 0 and len(self.factors) == 3) else MAX_FACTOR_ORDER
+            if f.shape[0] > limit:
+                raise ValueError(f"a Kronecker factor of order {f.shape[0]} exceeds {limit}: split it into smaller "
+                                 f"factors")
         if self.padded_size > MAX_PADDED_ROW:
+            what = "chunk" if self.chunked else "row"
             raise ValueError(f"transform of size {self.size} pads to {self.padded_size} > {MAX_PADDED_ROW} "
-                             f"elements per token, more than the fused kernel holds in registers")
+                             f"elements per token {what}, more than the fused kernel holds in registers")
+
+    @property
+    def chunked(self) -> bool:
+        """Three factors: the first mixes the token's contiguous chunks, the other two act inside each chunk
+        (the kernel's multi-pass path for rows too wide for registers)."""
+        return len(self.factors) == 3
 
     @property
     def orders(self) -> tuple[int, ...]:
@@ -332,7 +357,8 @@ class KroneckerTransform:
 
     @property
     def padded_size(self) -> int:
-        return math.prod(padded_order(d) for d in self.orders)
+        """Padded elements the kernel holds per token row, or per chunk for a chunked transform."""
+        return math.prod(padded_order(d) for d in (self.orders[1:] if self.chunked else self.orders))
 
     def matrix(self) -> torch.Tensor:
         """Dense R (float64): for tests and small sizes only."""
@@ -383,19 +409,41 @@ def _hadamard_split(n: int, max_order: int) -> tuple[int, ...] | None:
     return best
 
 
+def _hadamard_chunked_split(n: int) -> tuple[int, int, int] | None:
+    """QuaRot's decomposition for rows too wide for `_hadamard_split`: n = m * 2^k with m the smallest
+    constructible Hadamard order (<= MAX_MIX_ORDER) that leaves a power of two 2^k = a * b (Sylvester, so
+    exactly H_a kron H_b) with a <= b <= MAX_FACTOR_ORDER as square as possible. None when no m fits (e.g.
+    11008 = 2^8 * 43 needs order 172, a Williamson-type matrix not built here)."""
+    for m in hadamard_orders(MAX_MIX_ORDER):
+        p = n // m
+        if n % m or p & (p - 1) or p > MAX_FACTOR_ORDER ** 2:
+            continue
+        b = min(MAX_FACTOR_ORDER, 1 << ((p.bit_length() - 1 + 1) // 2))
+        return m, p // b, b
+    return None
+
+
+def _hadamard_orders_for(n: int, max_order: int) -> tuple[int, ...] | None:
+    # Sizes the one/two-factor split reaches keep it (a saved model's folded weights depend on the exact
+    # matrix); the chunked split only adds sizes that were refused before.
+    return _hadamard_split(n, max_order) or (_hadamard_chunked_split(n) if max_order == MAX_FACTOR_ORDER else None)
+
+
 def supported_hadamard_size(n: int, max_order: int = MAX_FACTOR_ORDER) -> bool:
     """True when hadamard_transform(n) exists."""
-    return n >= 1 and _hadamard_split(n, max_order) is not None
+    return n >= 1 and _hadamard_orders_for(n, max_order) is not None
 
 
 def hadamard_transform(n: int, max_order: int = MAX_FACTOR_ORDER) -> KroneckerTransform:
-    """Normalized Hadamard of order n as one or two Kronecker factors of order <= max_order."""
-    split = _hadamard_split(n, max_order) if n >= 1 else None
+    """Normalized Hadamard of order n as one or two Kronecker factors of order <= max_order, or (wider rows)
+    three: H_m kron H_a kron H_b with m <= 256 and a, b powers of two (`_hadamard_chunked_split`)."""
+    split = _hadamard_orders_for(n, max_order) if n >= 1 else None
     if split is None:
         raise ValueError(
             f"no online Hadamard of size {n}: it must be one Hadamard order or a product of two, each <= {max_order} "
             f"(constructible: {', '.join(map(str, hadamard_orders(max_order)))}) with a padded row <= "
-            f"{MAX_PADDED_ROW}; use transform='none' or Kronecker factors for this layer")
+            f"{MAX_PADDED_ROW}, or m * 2^k with m a constructible order <= {MAX_MIX_ORDER}; use transform='none' "
+            f"or Kronecker factors for this layer")
     factors = tuple(hadamard_matrix(d).to(torch.float32) for d in split)
     return KroneckerTransform(factors, 1.0 / math.sqrt(n), orthogonal=True)
 
@@ -571,3 +619,44 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor, w_packed: torc
     return _rotated_triton.rotated_matmul(a_codes.contiguous(), a_scales.to(torch.float32).contiguous(),
                                           w_packed.contiguous(), w_scales.to(torch.float32).contiguous(), w_bits,
                                           None if bias is None else bias.contiguous(), out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole rotated linear: transform + quantize + GEMM
+# ----------------------------------------------------------------------------------------------------------
+
+def rotated_linear(x: torch.Tensor, a_bits: int, clip_ratio: float, transform: KroneckerTransform | None,
+                   w_packed: torch.Tensor, w_scales: torch.Tensor, w_bits: int, bias: torch.Tensor | None = None,
+                   factors: tuple[tuple[torch.Tensor, ...], float] | None = None) -> torch.Tensor:
+    """y = quantize(x R) (W R^-T)^T + bias for x (M, K), in x's dtype: what RotatedQuantLinear computes.
+
+    On the Triton path, M <= 16 tokens with a one- or two-factor transform take one fused launch (the
+    transform and quantization in every program's prologue, `_rotated_triton.fused_decode`); otherwise
+    `transform_quantize` then `rotated_matmul`. `factors`: kernel_factors(transform) built in advance."""
+    _check_activations(x, transform)
+    _check_activation_bits(a_bits)
+    _check_clip(clip_ratio)
+    m, k = x.shape
+    fused = (transform is not None and not transform.chunked and 0 < m and use_triton(x, w_packed)
+             and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    if fused:
+        from calm_kernels import _rotated_triton
+
+        fused = m <= _rotated_triton.FUSED_MAX_M
+    if not fused:
+        codes, scales = transform_quantize(x, a_bits, clip_ratio, transform, factors)
+        return rotated_matmul(codes, scales, w_packed, w_scales, w_bits, bias, x.dtype)
+    codes = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    _check_gemm(codes, w_packed, w_bits)
+    n = w_packed.shape[0]
+    if w_scales.shape != (n,) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"w_scales and bias must have shape ({n},)")
+    if factors is None:
+        factors = kernel_factors(transform, x.device)
+    x = x.contiguous()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    return _rotated_triton.fused_decode(
+        x, a_bits, float(_scale_multiplier(a_bits, clip_ratio)), transform.orders, factors,
+        not transform.orthogonal, w_packed.contiguous(), w_scales.to(torch.float32).contiguous(), w_bits,
+        None if bias is None else bias.contiguous(), out, codes, torch.empty((m,), dtype=torch.float32,
+                                                                              device=x.device))

@@ -41,7 +41,10 @@ def test_every_supported_size_up_to_16384_is_an_orthogonal_kronecker_of_hadamard
     assert {576, 896, 1536, 4864, 4096, 14336, 2048, 5632, 960}.issubset(supported)
     for n in supported:
         t = R.hadamard_transform(n)
-        assert t.size == n and len(t.orders) <= 2 and t.padded_size <= R.MAX_PADDED_ROW
+        assert t.size == n and len(t.orders) <= 3 and t.padded_size <= R.MAX_PADDED_ROW
+        if t.chunked:  # only sizes the one/two-factor split cannot reach (a saved model's matrix never changes)
+            assert R._hadamard_split(n, R.MAX_FACTOR_ORDER) is None
+            assert t.orders[0] <= R.MAX_MIX_ORDER and all(d & (d - 1) == 0 for d in t.orders[1:])
         for f in t.factors:
             d = f.shape[0]
             fi = f.to(torch.int64)
@@ -56,7 +59,24 @@ def test_dense_transform_is_orthogonal(n):
     assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
 
 
-@pytest.mark.parametrize("n", [6, 7, 18, 300, 11008, 18944, 368, 32768])
+@pytest.mark.parametrize("n,orders", [(18944, (148, 8, 16)), (28672, (28, 32, 32)), (32768, (2, 128, 128)),
+                                      (14336, (112, 128))])
+def test_wide_llm_widths_are_dense_times_sylvester(n, orders):
+    """QuaRot's decomposition n = m 2^k for widths past the two-factor split (Qwen2-7B 18944 = 148 (Paley II)
+    x 2^7, 28672 = 28 (Paley I) x 2^10); sizes the two-factor split reaches keep their matrix (14336)."""
+    t = R.hadamard_transform(n)
+    assert t.orders == orders
+    assert math.isclose(t.norm, 1 / math.sqrt(n), rel_tol=1e-15)
+    for f in t.factors:
+        fi = f.to(torch.int64)
+        assert torch.equal(fi @ fi.T, f.shape[0] * torch.eye(f.shape[0], dtype=torch.int64))
+    g = _gen(n)
+    x = torch.randn(2, n, generator=g, dtype=torch.float64)
+    # orthogonal: the transform keeps every row's norm
+    assert torch.allclose(t.apply(x.float()).double().norm(dim=1), x.norm(dim=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [6, 7, 18, 300, 11008, 368])
 def test_unsupported_sizes_are_refused_with_the_reason(n):
     assert not R.supported_hadamard_size(n)
     with pytest.raises(ValueError, match="no online Hadamard of size"):
@@ -229,6 +249,20 @@ def test_module_state_dict_round_trip(transform):
     if transform == "learned":
         expected += ((12 * 12 + 20 * 20) * 32 + 32) / (240 * 33)
     assert math.isclose(layer.effective_bits, expected)
+
+
+def test_module_with_a_chunked_hadamard_round_trips_and_matches_the_reference():
+    """18944 inputs (Qwen2-7B down_proj): three non-persistent factors rebuilt from the size on load."""
+    torch.manual_seed(4)
+    lin = nn.Linear(18944, 6)
+    layer = RotatedQuantLinear.from_float(lin, 4, 4)
+    assert layer.hadamard and layer.transform_orders == (148, 8, 16)
+    fresh = build_quantized_linear(layer.quant_config())
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 18944)
+    assert torch.equal(fresh(x), layer(x))
+    expect = _fake_quant_reference(layer, lin, x)
+    assert ((layer(x) - expect).norm() / expect.norm()) < 1e-5
 
 
 def test_module_takes_precomputed_weight_codes():

@@ -199,8 +199,8 @@ class RotatedQuantLinear(QuantizedLinear):
             t = self.transform
             if t is not None and (self._kernel_factors is None or self._kernel_factors[0][0].device != x2.device):
                 self._kernel_factors = _rotated.kernel_factors(t, x2.device)
-            codes, scales = _rotated.transform_quantize(x2, self.a_bits, self.clip_ratio, t, self._kernel_factors)
-            y = _rotated.rotated_matmul(codes, scales, self.qweight, self.w_scales, self.w_bits, self.bias, x.dtype)
+            y = _rotated.rotated_linear(x2, self.a_bits, self.clip_ratio, t, self.qweight, self.w_scales, self.w_bits,
+                                        self.bias, self._kernel_factors)
         else:
             # CPU reference: the same arithmetic as rotated_matmul_reference, with the unpacked codes kept.
             codes, scales = _rotated.transform_quantize_reference(x2, self.a_bits, self.clip_ratio, self.transform)

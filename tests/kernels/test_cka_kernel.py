@@ -117,3 +117,66 @@ def test_bad_input(gen):
     acc.update(x, y)
     with pytest.raises(ValueError, match="same path"):
         acc.update(x.double(), y.double())  # float64 runs the reference; one accumulator cannot mix them
+
+
+@pytest.mark.parametrize("n,dx,dy,splits", [
+    (300, 19, 23, 3),   # three ranges (128, 128, 44 tokens), ragged features
+    (200, 40, 40, 5),   # asks for 5, alignment gives 4 ranges (64 tokens each, the last 8)
+    (65, 33, 7, 2),     # a one-token last range
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 3e-3)])
+def test_token_split_matches_reference_and_unsplit(n, dx, dy, splits, dtype, tol, gen, assert_cka_close):
+    x, y = _pair(gen(n + splits), n, dx, dy, big_mean=dtype == torch.float32, dtype=dtype)
+    split = C.linear_cka_kernel(x, y, "feature", splits=splits)
+    assert_cka_close(split, C.linear_cka_reference(x, y), tol)
+    # float32 partial sums round differently from one running sum: agreement to float32 accumulation level
+    assert_cka_close(split, C.linear_cka_kernel(x, y, "feature", splits=1), 1e-5 if dtype == torch.float16 else 1e-7)
+
+
+def test_token_split_is_deterministic_and_accumulates(gen):
+    from calm_kernels import _cka_triton as K
+
+    x, y = _pair(gen(21), 260, 30, 20)
+    mx, my = C._column_mean32(x), C._column_mean32(y)
+    first = K.gram_squared_sum(x, y, mx, my, splits=4)
+    assert all(K.gram_squared_sum(x, y, mx, my, splits=4) == first for _ in range(2))
+    # the streaming state gets the same co-moment split or not (symmetric mirrors included)
+    for b, sb in ((y, my), (None, None)):
+        whole = torch.zeros(30, 20 if b is not None else 30, dtype=torch.float64)
+        parts = torch.full_like(whole, 0.0)
+        K.gram_accumulate(whole, x, b, mx, sb, splits=1)
+        K.gram_accumulate(parts, x, b, mx, sb, splits=4)
+        assert torch.allclose(parts, whole, rtol=1e-6, atol=1e-6 * float(whole.abs().max()))
+
+
+def test_token_split_plan():
+    from calm_kernels import _cka_triton as K
+
+    cpu = torch.device("cpu")  # plans as for INTERPRETER_SMS (an H100's 132)
+    # d = 576: 5 x 5 tiles of 128, 15 on or above the diagonal -> 18 ranges for ~2 waves; capped by length
+    assert K.token_splits(262144, 576, 576, True, cpu) == 18
+    assert K.token_splits(262144, 576, 576, False, cpu) == 11
+    assert K.token_splits(8192, 576, 576, True, cpu) == 2
+    assert K.token_splits(1000, 576, 576, True, cpu) == 1
+    # d = 4096: 1024 tiles already fill the device
+    assert K.token_splits(262144, 4096, 4096, False, cpu) == 1
+    assert K._split_len(300, 3) == (128, 3)
+    with pytest.raises(ValueError, match="splits"):
+        C.linear_cka_kernel(torch.zeros(8, 4), torch.zeros(8, 4), splits=0)
+
+
+def _check_sm90(full: bool) -> None:
+    from _sm90_compile import SM90_SHARED_BYTES, compile_for_sm90
+
+    records = compile_for_sm90("calm_kernels._cka_triton", full)
+    assert records and all(r["shared"] <= SM90_SHARED_BYTES for r in records), records
+
+
+def test_gram_kernels_compile_for_sm90():
+    """The largest config of the Gram kernel in its three epilogues and the sample-space kernel compile."""
+    _check_sm90(full=False)
+
+
+@pytest.mark.slow
+def test_every_cka_config_compiles_for_sm90():
+    _check_sm90(full=True)

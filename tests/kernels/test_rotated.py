@@ -39,6 +39,19 @@ TRANSFORMS = {
     "learned-24-one-factor": lambda: _learned((24,), 2),
     "none": lambda: None,
 }
+# chunked (three factors: mix the chunks, then two dots inside each chunk), small enough for the interpreter;
+# slower there (one program per chunk), so tested on fewer bit widths below
+CHUNKED = {
+    "chunked-hadamard-12x4x4": lambda: _chunked_hadamard(12, 4, 4),
+    "chunked-hadamard-20x1x8": lambda: _chunked_hadamard(20, 1, 8),
+    "chunked-learned-12x4x4": lambda: _learned((12, 4, 4), 3),
+}
+
+
+def _chunked_hadamard(m: int, a: int, b: int) -> R.KroneckerTransform:
+    """H_m kron H_a kron H_b: the structure hadamard_transform builds for widths like 18944 and 28672."""
+    return R.KroneckerTransform(tuple(R.hadamard_matrix(d).float() for d in (m, a, b)), 1 / math.sqrt(m * a * b),
+                                orthogonal=True)
 
 
 def _size(name: str, transform) -> int:
@@ -49,8 +62,11 @@ def _size(name: str, transform) -> int:
 @pytest.mark.parametrize("bits,clip", [(3, 1.0), (4, 0.9), (8, 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
-    transform = TRANSFORMS[name]()
-    k = _size(name, transform)
+    _check_integer_codes(TRANSFORMS[name](), bits, clip, dtype, gen, quant_out)
+
+
+def _check_integer_codes(transform, bits, clip, dtype, gen, quant_out):
+    k = transform.size if transform is not None else 131
     t = 7
     x = torch.randint(-3, 4, (t, k), generator=gen(k + bits)).to(dtype)
     x[3] = 0  # an all-zero token: scale 0, codes 0
@@ -63,12 +79,18 @@ def test_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
     assert scales[3] == 0 and not codes[3].any()
 
 
-@pytest.mark.parametrize("name", ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor",
-                                  "learned-12x20", "none"])
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("name", list(CHUNKED))
+@pytest.mark.parametrize("bits,clip,dtype", [(3, 1.0, torch.float16), (8, 0.9, torch.float32)])
+def test_chunked_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
+    _check_integer_codes(CHUNKED[name](), bits, clip, dtype, gen, quant_out)
+
+
+@pytest.mark.parametrize("name,bits,dtype", [
+    *[(n, b, d) for n in ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor", "learned-12x20",
+                          "none"] for b in (4, 8) for d in (torch.float16, torch.float32)],
+    ("chunked-hadamard-12x4x4", 8, torch.float16), ("chunked-learned-12x4x4", 4, torch.float32)])
 def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype, gen, quant_out):
-    transform = TRANSFORMS[name]()
+    transform = {**TRANSFORMS, **CHUNKED}[name]()
     k = _size(name, transform)
     t = 9
     g = gen(bits * 1000 + k)
@@ -181,3 +203,93 @@ def test_launcher_errors(rng):
     with pytest.raises(TypeError, match="int8"):
         R.int_matmul(torch.zeros(2, 64), packed, 4)
     assert math.isclose(R.hadamard_transform(576).norm, 1 / 24)
+
+
+def test_chunked_path_with_a_dense_factor_past_128(gen, quant_out):
+    # 148 (Paley II, the dense factor of 18944 = 148 x 8 x 16) pads to 256 rows in the mixing kernel
+    transform = _chunked_hadamard(148, 2, 2)
+    x = torch.randint(-1, 2, (2, transform.size), generator=gen(148)).to(torch.float16)
+    codes, scales = R.transform_quantize(x, 4, 1.0, transform, out=quant_out(2, transform.size))
+    ref_codes, ref_scales = R.transform_quantize_reference(x, 4, 1.0, transform)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [18944, 28672])
+def test_llm_mlp_widths_take_the_chunked_path(n, gen, quant_out):
+    transform = R.hadamard_transform(n)
+    assert transform.chunked
+    x = torch.randn(1, n, generator=gen(n)).to(torch.float16)
+    x[0, 5] = 300.0
+    codes, scales = R.transform_quantize(x, 4, 1.0, transform, out=quant_out(1, n))
+    ref_codes, ref_scales = R.transform_quantize_reference(x, 4, 1.0, transform)
+    assert (codes.to(torch.int32) - ref_codes.to(torch.int32)).abs().max() <= 1
+    assert (codes != ref_codes).float().mean() < 0.01
+    assert torch.allclose(scales, ref_scales, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor",
+                                  "learned-12x20"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("w_bits,a_bits", [(3, 3), (4, 4)])
+def test_fused_decode_equals_transform_then_gemm(name, m, w_bits, a_bits, gen, poisoned):
+    """M <= 16: one launch (transform + quantize in the prologue, then the GEMM) gives the two-launch result:
+    codes and scales bit for bit (integer inputs), outputs to the output dtype's rounding."""
+    from calm_kernels import _rotated_triton
+
+    transform = TRANSFORMS[name]()
+    k, n = transform.size, 37
+    g = gen(m * k + w_bits)
+    x = torch.randint(-3, 4, (m, k), generator=g).to(torch.float16)
+    w_codes, w_scales = R.quantize_weights_rtn(transform.fold_into_weight(torch.randn(n, k, generator=g)), w_bits)
+    packed = R.pack_weight_codes(w_codes, w_bits)
+    bias = torch.randn(n, generator=g).to(torch.float16)
+    codes, scales, out = poisoned((m, k), torch.int8), poisoned(m), poisoned((m, n), torch.float16)
+    _rotated_triton.fused_decode(x, a_bits, float(R._scale_multiplier(a_bits, 0.9)), transform.orders,
+                                 R.kernel_factors(transform), not transform.orthogonal, packed, w_scales, w_bits,
+                                 bias, out, codes, scales)
+    ref_codes, ref_scales = R.transform_quantize_reference(x, a_bits, 0.9, transform)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    ref = R.rotated_matmul_reference(ref_codes, ref_scales, packed, w_scales, w_bits, bias, torch.float16)
+    assert torch.allclose(out.float(), ref.float(), rtol=1e-3, atol=1e-3)
+    # the public entry point routes M <= 16 here and larger M through the two launches
+    assert torch.allclose(R.rotated_linear(x, a_bits, 0.9, transform, packed, w_scales, w_bits, bias).float(),
+                          ref.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_rotated_linear_two_launch_paths(gen):
+    """Past 16 tokens, with no transform and with a chunked one, rotated_linear takes transform_quantize +
+    rotated_matmul: same result as the references."""
+    g = gen(99)
+    for transform, m in ((R.hadamard_transform(240), 20), (None, 3), (_chunked_hadamard(12, 4, 4), 2)):
+        k = 240 if transform is None or not transform.chunked else transform.size
+        x = torch.randint(-3, 4, (m, k), generator=g).to(torch.float32)
+        w_codes = torch.randint(-4, 4, (9, k), generator=g).to(torch.int8)
+        w_scales = torch.rand(9, generator=g) + 0.1
+        packed = R.pack_weight_codes(w_codes, 3)
+        y = R.rotated_linear(x, 4, 1.0, transform, packed, w_scales, 3)
+        c, s = R.transform_quantize_reference(x, 4, 1.0, transform)
+        assert torch.allclose(y, R.rotated_matmul_reference(c, s, packed, w_scales, 3), rtol=1e-6, atol=1e-6)
+
+
+def _check_sm90(full: bool) -> None:
+    from _sm90_compile import SM90_SHARED_BYTES, compile_for_sm90
+
+    records = compile_for_sm90("calm_kernels._rotated_triton", full)
+    # the GPU config lists (this process runs under the interpreter, whose lists hold one config each):
+    labels = {r["label"].split("[")[0] for r in records}
+    assert labels == {"rotated_matmul", "fused_decode", "quantize_rows", "kron2_quantize", "mix_chunks",
+                      "chunk_transform", "quantize_chunked"}
+    assert len(records) >= (110 if full else 9)
+    too_big = [r for r in records if r["shared"] > SM90_SHARED_BYTES]
+    assert not too_big, f"configs over the sm90 shared-memory limit: {too_big}"
+
+
+def test_kernels_compile_for_sm90():
+    """The largest autotune config of each kernel (BLOCK_M = 256 for prefill, 3-bit) compiles for sm90."""
+    _check_sm90(full=False)
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles_for_sm90():
+    _check_sm90(full=True)
