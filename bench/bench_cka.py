@@ -97,7 +97,11 @@ def bench_shape(n: int, d: int, device: str, dtype: torch.dtype, timer, ceilings
     add("calm", lambda: C.linear_cka(x, y).cka, B.roofline_us(ceilings, 2 * read, flops),
         extra={"splits_self_gram": splits})
     # the token split's effect: the same kernels with one token range (and, in a smoke run, a forced split)
-    for forced in ([1] if splits > 1 else []) + ([4] if smoke and form == "feature" else []):
+    # (the kernels themselves: only where Triton runs, on CUDA or under the interpreter)
+    from calm_kernels._dispatch import use_triton
+
+    forced_splits = ([1] if splits > 1 else []) + ([4] if smoke and form == "feature" else [])
+    for forced in forced_splits if use_triton(x) else []:
         add(f"calm:splits={forced}", lambda: C.linear_cka_kernel(x, y, "feature", splits=forced).cka,
             B.roofline_us(ceilings, 2 * read, flops))
     self_term = C.CKAAccumulator.reference(x[i:i + batch] for i in range(0, n, batch))
