@@ -36,6 +36,7 @@ import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -209,6 +210,20 @@ def export(fmt: str, model_dir: str | Path, out: str | Path, requantize: str | N
     return export_compressed_tensors(model_dir, out)
 
 
+def open_export(model_dir: str | Path, out: str | Path, check) -> tuple[Path, Path, dict, Any]:
+    """(source folder, output folder, manifest, transformers config) of an export, after `check(manifest,
+    config)` and a refusal of a non-empty output folder: every format's first step."""
+    from transformers import AutoConfig
+
+    src, out = Path(model_dir), Path(out)
+    manifest = read_manifest(src)
+    config = AutoConfig.from_pretrained(str(src))
+    check(manifest, config)
+    if out.exists() and any(out.iterdir()):
+        raise CalmUsageError(f"{out} is not empty: pass a new folder for the export")
+    return src, out, manifest, config
+
+
 def _ct_version() -> str:
     from importlib.metadata import version
 
@@ -314,14 +329,8 @@ def module_tensors(name: str, cfg: dict, state: dict[str, torch.Tensor]) -> dict
 def export_compressed_tensors(model_dir: str | Path, out: str | Path) -> dict:
     """Write `out` (a Hugging Face folder in compressed-tensors' pack-quantized format) from the calm model folder
     `model_dir`; returns what was exported (config groups, warnings)."""
-    from transformers import AutoConfig
 
-    src, out = Path(model_dir), Path(out)
-    manifest = read_manifest(src)
-    config = AutoConfig.from_pretrained(str(src))
-    check_exportable(manifest, config)
-    if out.exists() and any(out.iterdir()):
-        raise CalmUsageError(f"{out} is not empty: pass a new folder for the export")
+    src, out, manifest, config = open_export(model_dir, out, check_exportable)
     qconfig = quantization_config(manifest)
     warnings = warn_vllm_limits(manifest)
     modules = exported_modules(manifest)

@@ -232,19 +232,13 @@ def export_gguf(model_dir: str | Path, out: str | Path, requantize: str | None =
     report: the GGUF type of every quantized linear, and for re-quantized ones the error added."""
     import gguf
     from safetensors.torch import load_file
-    from transformers import AutoConfig
 
-    from calm.export import TOKENIZER_FILES, read_manifest
+    from calm.export import TOKENIZER_FILES, open_export
     from calm.nn import build_quantized_linear
 
     if requantize is not None and requantize not in REQUANTIZE_TYPES:
         raise CalmUsageError(f"--requantize {requantize!r}: choose one of {', '.join(REQUANTIZE_TYPES)}")
-    src, out = Path(model_dir), Path(out)
-    manifest = read_manifest(src)
-    config = AutoConfig.from_pretrained(str(src))
-    refuse_unexportable(manifest, config)
-    if out.exists() and any(out.iterdir()):
-        raise CalmUsageError(f"{out} is not empty: pass a new folder for the export")
+    src, out, manifest, config = open_export(model_dir, out, refuse_unexportable)
     modules = manifest["modules"]
     owned = {f"{name}.{suffix}": name for name in modules for suffix in ("qweight", "scales", "zeros", "input_perm",
                                                                           "bias", "codebooks", "perm",
