@@ -56,7 +56,7 @@ from calm.residual_rotation import RotationOnLoad
 from calm.search import SearchOutcome, calm_search, check_models, state_name
 from calm.search.budget import MP_HAWQ, MP_SCORE, BudgetOutcome, budget_search, check_budget
 from calm.search.loop import blocks_for, save_streamed
-from calm.search.state import BlockStateStore, StoredBlock
+from calm.search.state import BlockStateStore, StoredBlock, scoring_key, stamp_scoring
 from calm.streaming import CheckpointSource, ModelSource, resolve_device, resolve_dtype, return_freed_memory
 
 RUN_CONFIG = "run_config.json"
@@ -185,8 +185,20 @@ _REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device
                 "parallel", "zero_shot")
 
 
+# The search's scoring may change too: the saved candidate blocks are scored again, not quantized again.
+_RESCORABLE = ("score", "debiased_cka")
+
+
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in _REPORT_ONLY}
+    kept = {k: v for k, v in cfg.items() if k not in _REPORT_ONLY}
+    if isinstance(kept.get("search"), dict):
+        kept["search"] = {k: v for k, v in kept["search"].items() if k not in _RESCORABLE}
+    return kept
+
+
+def _scoring(cfg: dict[str, Any]) -> str:
+    search = cfg.get("search", {})
+    return scoring_key(search.get("score", "cka"), bool(search.get("debiased_cka", False)))
 
 
 def check_output_folder(cfg: RunConfig) -> bool:
@@ -213,6 +225,10 @@ def check_output_folder(cfg: RunConfig) -> bool:
                       if k not in _REPORT_ONLY and previous.get(k) != mine.get(k))
         raise CalmUsageError(f"output folder {out} holds another run (settings differ in: {', '.join(diff)}); "
                              f"pass a new --output or delete that folder")
+    if _scoring(previous) != _scoring(mine):
+        stamp_scoring(out / "state", _scoring(previous))
+        logger.info(f"the search's score changed ({_scoring(previous)} -> {_scoring(mine)}): the saved candidate "
+                    f"blocks are scored again, not quantized again")
     return True
 
 

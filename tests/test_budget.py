@@ -288,6 +288,26 @@ def test_budget_run_reports_the_hybrid_and_the_mixed_precision_baselines_and_res
     assert again["budget"] == budget and again["perplexity"] == results["perplexity"]
 
 
+def test_budget_resumed_under_another_score_equals_a_fresh_budget_search(tiny_model, tmp_path):
+    """Step 1 is scored again from its saved blocks; every sequential pass whose plan changed is fitted again
+    from the first changed block on, so the outcome is the fresh search's."""
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec.from_scheme("W3A16G32")
+    budget_search(tiny_model, windows, spec, budget_config(3.2), state_dir=tmp_path / "a")
+    again = budget_search(tiny_model, windows, spec, budget_config(3.2, score="nll"), state_dir=tmp_path / "a")
+    fresh = budget_search(tiny_model, windows, spec, budget_config(3.2, score="nll"), state_dir=tmp_path / "b")
+    assert again.record()["loss"] == "nll increase"
+    for name, mix in fresh.mixes.items():
+        assert [(r["chosen"], r["stored_bits"], r["refitted"]) for r in again.mixes[name].records] == \
+            [(r["chosen"], r["stored_bits"], r["refitted"]) for r in mix.records]
+        for r, s in zip(again.mixes[name].records, mix.records):
+            assert r["loss"] == pytest.approx(s["loss"], rel=1e-6, abs=1e-9)
+        for a, b in zip(again.mixes[name].blocks, mix.blocks):
+            ta = a.load(decoder_blocks(tiny_model)[0], torch.device("cpu")).state_dict()
+            tb = b.load(decoder_blocks(tiny_model)[0], torch.device("cpu")).state_dict()
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_budget_with_the_nll_score_allocates_nll_increases(tiny_model):
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     score_windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))

@@ -88,6 +88,23 @@ def test_full_run_then_resume_then_refuse_another_run(capsys, tmp_path, tiny_mod
     assert "(resumed)" in capsys.readouterr().out
 
 
+def test_resume_under_another_score_is_accepted_and_scores_again(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "rescore"
+    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2")) == 0
+    (out / "state" / "block_000.json").write_text(json.dumps(  # as calm before the scoring record wrote it
+        {k: v for k, v in json.loads((out / "state" / "block_000.json").read_text()).items() if k != "scored_by"}))
+    capsys.readouterr()
+    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2", "--score", "nll")) == 0
+    log = capsys.readouterr().out
+    assert "score changed (cka -> nll)" in log and "(scored again)" in log
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["search"]["score"] == "nll"
+    assert all(s["nll"] is not None for b in results["blocks"] for s in b["scores"].values())
+    # Other search settings still make another run.
+    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2", "--propagation", "independent")) == 2
+    assert "settings differ in: search" in capsys.readouterr().err
+
+
 def test_nll_score_on_separate_windows(tmp_path, tiny_model_dir, text_file):
     out = tmp_path / "nll"
     assert main(args(tiny_model_dir, text_file, out, "--score", "nll", "--score-windows", "2",

@@ -71,6 +71,58 @@ def test_search_scores_every_candidate_and_resumes(tiny_model, tmp_path, propaga
             assert na == nb and torch.equal(ta, tb)
 
 
+@pytest.mark.parametrize("propagation", ["greedy", "independent"])
+def test_resume_under_another_score_scores_the_saved_blocks_again(tiny_model, tmp_path, monkeypatch, propagation):
+    """A resumed search under another score gives what a fresh search under that score gives, quantizing only the
+    blocks whose inputs changed (greedy propagation, after the first block whose choice changed)."""
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec.from_scheme("W2A16G32")
+    cka = SearchConfig(pool=parse_pool("rtn,gptq"), propagation=propagation, batch_windows=2)
+    nll = dataclasses.replace(cka, score="nll")
+    first = calm_search(tiny_model, windows, spec, cka, state_dir=tmp_path / "a", log=lambda _: None)
+    fresh = calm_search(tiny_model, windows, spec, nll, state_dir=tmp_path / "b", log=lambda _: None)
+
+    quantized = []
+    real_quantize = calm.search.candidates.quantize
+    monkeypatch.setattr(calm.search.candidates, "quantize",
+                        lambda cand, *a, **kw: quantized.append(cand.name) or real_quantize(cand, *a, **kw))
+    lines = []
+    again = calm_search(tiny_model, windows, spec, nll, state_dir=tmp_path / "a", log=lines.append)
+    changed = [i for i, (a, b) in enumerate(zip(first.decisions, fresh.decisions)) if a.chosen != b.chosen]
+    stale = 0 if propagation == "independent" or not changed else len(first.decisions) - changed[0] - 1
+    assert len(quantized) == 2 * stale
+    assert sum("(scored again)" in line for line in lines) == len(first.decisions) - stale
+    for a, b in zip(again.decisions, fresh.decisions):
+        assert a.chosen == b.chosen
+        for name in ("rtn", "gptq"):
+            assert a.scores[name].nll == pytest.approx(b.scores[name].nll, rel=1e-6)
+            assert a.scores[name].stored_bits == b.scores[name].stored_bits
+    for i in range(len(first.decisions)):
+        saved = json.loads((tmp_path / "a" / f"block_{i:03d}.json").read_text())
+        assert saved["scored_by"] == "nll" and saved["chosen"] == again.decisions[i].chosen
+    # Once scored again, the state resumes as it is.
+    lines.clear()
+    calm_search(tiny_model, windows, spec, nll, state_dir=tmp_path / "a", log=lines.append)
+    assert sum("(resumed)" in line for line in lines) == len(first.decisions)
+
+
+def test_stamp_scoring_records_the_scoring_of_decisions_saved_before_it_was_recorded(tiny_model, tmp_path):
+    from calm.search.state import stamp_scoring
+
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = SearchConfig(pool=parse_pool("rtn,gptq"), batch_windows=2, score="cka-normed")
+    calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"), cfg, state_dir=tmp_path, log=lambda _: None)
+    for path in tmp_path.glob("block_*.json"):  # as calm before the record wrote them
+        saved = json.loads(path.read_text())
+        assert saved.pop("scored_by") == "cka-normed"
+        path.write_text(json.dumps(saved))
+    assert stamp_scoring(tmp_path, "cka-normed") == 2
+    assert stamp_scoring(tmp_path, "cka") == 0  # a recorded scoring is never overwritten
+    lines = []
+    calm_search(tiny_model, windows, QuantSpec.from_scheme("W2A16G32"), cfg, state_dir=tmp_path, log=lines.append)
+    assert sum("(resumed)" in line for line in lines) == 2
+
+
 def test_normed_scores_weigh_tokens_as_the_next_norm_does():
     """A massive token dominates raw CKA; after the RMS norm every token counts as it does downstream."""
     from calm.search import block_scores

@@ -325,6 +325,9 @@ def sequential_pass(source: ModelSource, windows: torch.Tensor, spec: QuantSpec,
     if not source.keeps_activations(inputs.nbytes * 3):
         inputs = inputs.offloaded()
     float_inputs = True  # no quantized block has been propagated yet: step 1's blocks are this pass's too
+    # A saved block of this pass is valid only while every block before it was read back too: otherwise its
+    # inputs (or the plan that led to it) may have changed, e.g. after a resume under another score.
+    resumable = True
     used = 0
     blocks: list[StoredBlock] = []
     records: list[dict[str, Any]] = []
@@ -339,7 +342,8 @@ def sequential_pass(source: ModelSource, windows: torch.Tensor, spec: QuantSpec,
                 while True:
                     tried.add(name)
                     module, resumed = _block_for(source, fp_block, index, name, pool, contexts, first, inputs,
-                                                 spec, config, float_inputs, state_dir, plan[index])
+                                                 spec, config, float_inputs, state_dir if resumable else None,
+                                                 plan[index])
                     bits, weights = block_stored_bits(module)
                     if used + bits + rest_min <= limit:
                         break
@@ -354,6 +358,7 @@ def sequential_pass(source: ModelSource, windows: torch.Tensor, spec: QuantSpec,
                                 f"repairing with {cheaper[0].name}")
                     name = cheaper[0].name
                 used += bits
+                resumable = resumable and resumed
                 record = {"index": index, "chosen": name, "algorithm": pool[name].algorithm,
                           "bits": pool[name].spec_for(spec).w_bits, "stored_bits": bits, "weights": weights,
                           "effective_bits": bits / weights, "loss": points[index][name].loss,

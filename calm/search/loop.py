@@ -24,7 +24,7 @@ from calm.search import candidates
 from calm.search.decision import AllCandidatesFailed, BlockDecision, CandidateScore, choose, numerical_failure
 from calm.search.propagation import propagate
 from calm.search.scoring import Scorer, make_scorer
-from calm.search.state import BlockStateStore, StoredBlock
+from calm.search.state import BlockStateStore, SavedBlock, StoredBlock, scoring_key
 from calm.streaming import MemorySource, ModelSource
 
 Log = Callable[[str], None]
@@ -94,6 +94,7 @@ class _Block:
     blocks: dict[str, StoredBlock | None]
     outputs: dict[str, list[torch.Tensor]]
     resumed: bool = False
+    rescored: bool = False  # resumed, its saved candidates scored again under another score
 
 
 def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: BlockInputs,
@@ -146,11 +147,40 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
     return _Block(decision, blocks, outputs)
 
 
+def _rescore(index: int, saved: SavedBlock, fp_block: nn.Module, score_inputs: BlockInputs,
+             reference: list[torch.Tensor], config: SearchConfig, scorer: Scorer, store: BlockStateStore,
+             device: torch.device, bar) -> _Block:
+    """Block `index`'s saved candidate blocks scored again by `scorer` (a resume under another score): the
+    quantization and its timings are kept, the choice is made again and saved."""
+    scorer.prepare(index, reference, score_inputs)
+    scores: dict[str, CandidateScore] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for name, old in saved.decision.scores.items():
+        stored = saved.blocks.get(name)
+        if stored is None:  # its quantization failed: still no block
+            scores[name] = old
+            bar.update(1)
+            continue
+        ts = time.perf_counter()
+        module = stored.load(fp_block, device)
+        outs = run_block(module, score_inputs)
+        stored.unload(module)
+        scored = scorer.score(outs)
+        scores[name] = dataclasses.replace(scored, seconds=old.seconds, score_seconds=time.perf_counter() - ts,
+                                           fallbacks=old.fallbacks, stored_bits=old.stored_bits,
+                                           weights=old.weights)
+        outputs[name] = outs
+        bar.update(1)
+    decision = BlockDecision(index, choose(scores, config.tie_tolerance, scorer.by), scores)
+    store.save_decision(decision)
+    return _Block(decision, saved.blocks, outputs, resumed=True, rescored=True)
+
+
 def _block_line(block: _Block, total: int, score: str, seconds: float, elapsed: float) -> str:
     d = block.decision
     cells = "  ".join(f"{n}={s.cka:.6f}" if s.nll is None else f"{n}={s.nll:.5f}" for n, s in d.scores.items())
     return (f"block {d.index + 1:>3}/{total}: {d.chosen:<10} {score} {cells}"
-            f"{'  (resumed)' if block.resumed else ''}  {seconds:.1f}s (total {elapsed:.0f}s)")
+            f"{'  (scored again)' if block.rescored else '  (resumed)' if block.resumed else ''}  {seconds:.1f}s (total {elapsed:.0f}s)")
 
 
 def as_source(model: nn.Module | ModelSource) -> ModelSource:
@@ -197,7 +227,8 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
     log(f"captured block inputs: {inputs.tokens} tokens in {len(inputs)} batches"
         + (f"; scoring on {score_inputs.tokens} other tokens" if separate else "")
         + ("; activations offloaded to CPU memory" if inputs.hidden[0].device != inputs.device else ""))
-    store = BlockStateStore(state_dir, candidates.candidate_options(config))
+    store = BlockStateStore(state_dir, candidates.candidate_options(config),
+                            scoring_key(config.score, config.debiased_cka))
     scorer = make_scorer(source, config, score_windows if separate else windows)
     decisions: list[BlockDecision] = []
     candidate_blocks: dict[str, list[StoredBlock | None]] = {n: [] for n in names}
@@ -206,6 +237,7 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
     # the decisions before it, so the blocks themselves are spread over the processes (each decides its blocks
     # with the whole pool, alone) and the decisions are exchanged at the end.
     spread = world.candidates and config.propagation == "independent"
+    inputs_as_saved = True  # every block so far propagated what the saved state was fitted on
     with progress(total=n_blocks * len(names), desc="CALM search", unit="candidate") as bar:
         for index in range(n_blocks):
             tb = time.perf_counter()
@@ -221,11 +253,19 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
                         candidate_blocks[n].append(None)
                     bar.update(len(names))
                     continue
-                saved = store.load(index)
+                saved = store.load(index) if inputs_as_saved else None
+                if saved is not None and saved.scored_by != store.scoring and world.active:
+                    saved = None  # scoring again is done in one process only: decide it again together
                 if world.active and not spread and not all(world.gather(saved is not None)):
                     saved = None  # decide it again together: a process that does not see the state would wait
-                if saved is not None:
-                    block = _Block(*saved, outputs={}, resumed=True)
+                if saved is not None and saved.scored_by != store.scoring:
+                    block = _rescore(index, saved, fp_block, score_inputs, reference, config, scorer, store,
+                                     source.device, bar)
+                    # Blocks after one whose choice changed were fitted on other inputs: they are fitted again.
+                    inputs_as_saved = (config.propagation == "independent"
+                                       or block.decision.chosen == saved.decision.chosen)
+                elif saved is not None:
+                    block = _Block(saved.decision, saved.blocks, outputs={}, resumed=True)
                     bar.update(len(names))
                 else:
                     try:

@@ -6,6 +6,7 @@ Layout of `state_dir`: `block_NNN.json` (the decision, with every candidate's op
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -64,15 +65,45 @@ def check_saved_options(path: Path, saved: dict[str, dict], current: dict[str, d
                              f"resume with the calm version that wrote it, or pass a new --output")
 
 
+def scoring_key(score: str, debiased_cka: bool) -> str:
+    """What a decision's scores were computed with (`SearchConfig.score`, and the debiased CKA): a resumed search
+    under another scoring scores the saved candidate blocks again instead of quantizing them again."""
+    return score + ("+debiased" if debiased_cka else "")
+
+
+def stamp_scoring(state_dir: Path, scoring: str) -> int:
+    """Record `scoring` in the search's saved decisions (`state_dir/block_NNN.json`) that predate the record:
+    they were scored with the run's saved settings. Returns the count of files changed. Run before a resumed
+    search whose scoring may differ."""
+    changed = 0
+    for path in sorted(Path(state_dir).glob("block_[0-9][0-9][0-9].json")):
+        saved = json.loads(path.read_text())
+        if "scored_by" not in saved:
+            atomic_write_json(path, {**saved, "scored_by": scoring})
+            changed += 1
+    return changed
+
+
+@dataclasses.dataclass
+class SavedBlock:
+    """A block's saved decision, its candidate blocks (on disk; None for a candidate that failed) and the
+    scoring its scores were computed with."""
+    decision: BlockDecision
+    blocks: dict[str, StoredBlock | None]
+    scored_by: str
+
+
 class BlockStateStore:
     """Per-block search state in `state_dir`; with `state_dir` None nothing is saved and nothing resumes.
 
     `options` (candidate name -> options with defaults, `candidate_options`) is written beside every decision
-    and checked on resume."""
+    and checked on resume; `scoring` (`scoring_key`) too, and a decision scored otherwise is loaded with its
+    blocks for the search to score again."""
 
-    def __init__(self, state_dir: Path | None, options: dict[str, dict]) -> None:
+    def __init__(self, state_dir: Path | None, options: dict[str, dict], scoring: str = "cka") -> None:
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.options = options
+        self.scoring = scoring
 
     def decision_path(self, index: int) -> Path:
         return self.state_dir / f"block_{index:03d}.json"
@@ -87,15 +118,15 @@ class BlockStateStore:
     def save_decision(self, decision: BlockDecision) -> None:
         if self.state_dir is not None:
             atomic_write_json(self.decision_path(decision.index), {**decision.to_dict(),
-                                                                    "candidate_options": self.options})
+                                                                    "candidate_options": self.options,
+                                                                    "scored_by": self.scoring})
 
     def path_or_none(self, index: int, name: str) -> Path | None:
         return None if self.state_dir is None else self.block_path(index, name)
 
-    def load(self, index: int) -> tuple[BlockDecision, dict[str, StoredBlock | None]] | None:
-        """Block `index`'s saved decision and candidate blocks (on disk; None for a candidate that failed), or
-        None when the block is not decided yet. Raises CalmUsageError when they were made with other candidate
-        options."""
+    def load(self, index: int) -> SavedBlock | None:
+        """Block `index`'s saved state, or None when the block is not decided yet. Raises CalmUsageError when its
+        blocks were made with other candidate options."""
         if self.state_dir is None:
             return None
         path = self.decision_path(index)
@@ -110,4 +141,4 @@ class BlockStateStore:
         check_saved_options(path, saved.get("candidate_options", self.options), self.options)
         blocks: dict[str, StoredBlock | None] = {n: None for n in self.options}
         blocks.update({n: StoredBlock(path=p) for n, p in needed.items()})
-        return decision, blocks
+        return SavedBlock(decision, blocks, saved.get("scored_by", self.scoring))
