@@ -68,6 +68,50 @@ def _quantize(y, safe_scale, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _row_codes(x, f_ptr, scale_mult, norm, HAS_FACTOR: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+               BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """Tokens as the rows of x (BLOCK_T, D), transformed by one factor F (D, D) when HAS_FACTOR, then quantized
+    per row: (codes, scales)."""
+    inv = tl.full((BLOCK_T,), 1.0, tl.float32)
+    if HAS_FACTOR:
+        cols = tl.arange(0, D)
+        f, inv = _pow2_normalizer(tl.max(tl.abs(x), axis=1))
+        factor = tl.load(f_ptr + cols[:, None] * D + cols[None, :])
+        x = tl.dot((x * f[:, None]).to(tl.float16), factor)
+    scale = tl.max(tl.abs(x), axis=1) * scale_mult
+    safe = tl.where(scale > 0, scale, 1.0)
+    codes = _quantize(x, tl.broadcast_to(safe[:, None], (BLOCK_T, D)), QMIN, QMAX)
+    return codes, scale * inv * norm
+
+
+@triton.jit
+def _kron2_codes(x, f1_t, f2, scale_mult, norm, RESCALE: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                 D1: tl.constexpr, D2: tl.constexpr):
+    """One token as a (D1, D2) matrix X: x (F1 kron F2) = F1^T X F2 by two tensor-core dots, the first's
+    accumulator feeding the second as its left operand, then quantized as one row: (codes, scale)."""
+    f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    z = tl.dot(f1_t, (x * f).to(tl.float16))
+    if RESCALE:  # learned factors: keep the fp16 operand of the second dot in range
+        g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
+        z = z * g
+        inv = inv * inv_g
+    y = tl.dot(z.to(tl.float16), f2)
+    scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * scale_mult
+    safe = tl.where(scale > 0, scale, 1.0)
+    codes = _quantize(y, tl.full((D1, D2), 1.0, tl.float32) * safe, QMIN, QMAX)
+    return codes, scale * inv * norm
+
+
+@triton.jit
+def _scaled_store(acc, a_scale, w_scale, bias_ptr, rn, n_mask, out_ptrs, out_mask, HAS_BIAS: tl.constexpr):
+    """The GEMMs' epilogue: int32 accumulator times the row and column scales, plus the bias, stored."""
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, f_ptr, codes_ptr, scales_ptr,
     T, K, stride_xt, stride_ct, norm, scale_mult, T_BUCKET,
@@ -81,16 +125,9 @@ def _quantize_rows_kernel(
     row_mask = rows < T
     mask = row_mask[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    inv = tl.full((BLOCK_T,), 1.0, tl.float32)
-    if HAS_FACTOR:
-        f, inv = _pow2_normalizer(tl.max(tl.abs(x), axis=1))
-        factor = tl.load(f_ptr + cols[:, None] * D + cols[None, :])
-        x = tl.dot((x * f[:, None]).to(tl.float16), factor)
-    scale = tl.max(tl.abs(x), axis=1) * scale_mult
-    safe = tl.where(scale > 0, scale, 1.0)
-    codes = _quantize(x, tl.broadcast_to(safe[:, None], (BLOCK_T, D)), QMIN, QMAX)
+    codes, scales = _row_codes(x, f_ptr, scale_mult, norm, HAS_FACTOR, QMIN, QMAX, BLOCK_T, D)
     tl.store(codes_ptr + rows[:, None] * stride_ct + cols[None, :], codes, mask=mask)
-    tl.store(scales_ptr + rows, scale * inv * norm, mask=row_mask)
+    tl.store(scales_ptr + rows, scales, mask=row_mask)
 
 
 @triton.jit
@@ -100,8 +137,7 @@ def _kron2_quantize_kernel(
     d1: tl.constexpr, d2: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, RESCALE: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, TOKENS_PER_PROG: tl.constexpr,
 ):
-    """Each token row is a (d1, d2) matrix X; x (F1 kron F2) = F1^T X F2: two tensor-core dots per token,
-    the first's accumulator feeding the second as its left operand."""
+    """Each token row is a (d1, d2) matrix X, transformed and quantized by _kron2_codes."""
     pid = tl.program_id(0)
     r1 = tl.arange(0, D1)
     r2 = tl.arange(0, D2)
@@ -115,18 +151,9 @@ def _kron2_quantize_kernel(
         # interpreter turns a tensor & scalar of int1 into int32, which tl.load then refuses.
         tile_mask = (r1 < tl.where(live, d1, 0))[:, None] & (r2 < d2)[None, :]
         x = tl.load(x_ptr + t64 * stride_xt + offs, mask=tile_mask, other=0.0).to(tl.float32)
-        f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
-        z = tl.dot(f1_t, (x * f).to(tl.float16))
-        if RESCALE:  # learned factors: keep the fp16 operand of the second dot in range
-            g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
-            z = z * g
-            inv = inv * inv_g
-        y = tl.dot(z.to(tl.float16), f2)
-        scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * scale_mult
-        safe = tl.where(scale > 0, scale, 1.0)
-        codes = _quantize(y, tl.full((D1, D2), 1.0, tl.float32) * safe, QMIN, QMAX)
+        codes, scale = _kron2_codes(x, f1_t, f2, scale_mult, norm, RESCALE, QMIN, QMAX, D1, D2)
         tl.store(codes_ptr + t64 * stride_ct + offs, codes, mask=tile_mask)
-        tl.store(scales_ptr + t64, scale * inv * norm, mask=live)
+        tl.store(scales_ptr + t64, scale, mask=live)
 
 
 @triton.jit
@@ -402,10 +429,7 @@ def _rotated_matmul_kernel(
     else:
         a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
         w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
-        y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _scaled_store(acc, a_scale, w_scale, bias_ptr, rn, n_mask, out_ptrs, out_mask, HAS_BIAS)
 
 
 @triton.jit
@@ -432,31 +456,17 @@ def _fused_decode_kernel(
         f2 = tl.load(f2_ptr + r2[:, None] * D2 + r2[None, :])
         for t in range(M):
             x = tl.load(x_ptr + t * stride_xm + offs, mask=tile_mask, other=0.0).to(tl.float32)
-            f, inv = _pow2_normalizer(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
-            z = tl.dot(f1_t, (x * f).to(tl.float16))
-            if RESCALE:
-                g, inv_g = _pow2_normalizer(tl.max(tl.max(tl.abs(z), axis=1), axis=0))
-                z = z * g
-                inv = inv * inv_g
-            y = tl.dot(z.to(tl.float16), f2)
-            scale = tl.max(tl.max(tl.abs(y), axis=1), axis=0) * scale_mult
-            safe = tl.where(scale > 0, scale, 1.0)
-            codes = _quantize(y, tl.full((D1, D2), 1.0, tl.float32) * safe, QMIN, QMAX)
+            codes, scale = _kron2_codes(x, f1_t, f2, scale_mult, norm, RESCALE, QMIN, QMAX, D1, D2)
             tl.store(codes_ptr + t * K + offs, codes, mask=tile_mask)
-            tl.store(a_scale_ptr + t, scale * inv * norm)
+            tl.store(a_scale_ptr + t, scale)
     else:  # one factor of order K = d1: the tokens as rows of one (BLOCK_M, D1) tile
         rows = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, D1)
         mask = (rows < M)[:, None] & (cols < d1)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        f, inv = _pow2_normalizer(tl.max(tl.abs(x), axis=1))
-        factor = tl.load(f1_ptr + cols[:, None] * D1 + cols[None, :])
-        y = tl.dot((x * f[:, None]).to(tl.float16), factor)
-        scale = tl.max(tl.abs(y), axis=1) * scale_mult
-        safe = tl.where(scale > 0, scale, 1.0)
-        codes = _quantize(y, tl.broadcast_to(safe[:, None], (BLOCK_M, D1)), QMIN, QMAX)
+        codes, scales = _row_codes(x, f1_ptr, scale_mult, norm, True, QMIN, QMAX, BLOCK_M, D1)
         tl.store(codes_ptr + rows[:, None] * K + cols[None, :], codes, mask=mask)
-        tl.store(a_scale_ptr + rows, scale * inv * norm, mask=rows < M)
+        tl.store(a_scale_ptr + rows, scales, mask=rows < M)
     tl.debug_barrier()  # this CTA's code writes are visible to all its threads from here on
 
     pid_n = tl.program_id(0)
@@ -474,11 +484,8 @@ def _fused_decode_kernel(
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
     a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0, cache_modifier=".cg")
     w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
-    y_out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    if HAS_BIAS:
-        y_out = y_out + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y_out.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    _scaled_store(acc, a_scale, w_scale, bias_ptr, rn, n_mask, out_ptr + rm[:, None] * stride_om + rn[None, :],
+                  m_mask[:, None] & n_mask[None, :], HAS_BIAS)
 
 
 FUSED_MAX_M = 16  # the fused decode kernel's BLOCK_M: all tokens of the call in one row tile
