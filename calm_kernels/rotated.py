@@ -17,9 +17,15 @@ Contract
     with a * b = 2^k (Sylvester, so exactly the fast Walsh-Hadamard transform of 2^k), e.g. 18944 (Qwen2-7B
     MLP) = 148 (Paley II over GF(73)) x 8 x 16, 28672 = 28 (Paley I over GF(27)) x 32 x 32, 32768 = 2 x 128
     x 128. Sizes the one/two-factor split reaches keep that matrix (saved models fold it into their weights).
-    Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): odd n, 2 * odd,
-    and n whose odd part needs an order this file does not build, e.g. 11008 = 2^8 * 43 of LLaMA-2-7B (needs
-    172 = 4 * 43, a Williamson-type matrix: no Sylvester/Paley construction reaches it) and 368 = 16 * 23.
+    Sizes no Hadamard construction here reaches, e.g. 11008 = 43 * 2^8 of LLaMA-2-7B (QuaRot uses a
+    Williamson-type Hadamard of order 172, which no Sylvester/Paley construction gives) or 368 = 23 * 16, take
+    an orthogonal dense factor instead: Hartley_m kron H_(2^j) (`hartley_matrix`, m the odd part), so
+    11008 = 86 x 128 with 86 = Hartley_43 kron H_2. Its entries reach sqrt(2 / n) where a Hadamard's are
+    1 / sqrt(n); on heavy-tailed rows (Student-t, 8 channels x30, n = 1536) 4-bit per-token error after the
+    rotation was 0.0128 against the Hadamard's 0.0122 (0.124 unrotated). Its factors are not integers, so fp16
+    operand rounding can move a code next to a rounding tie (the tests bound it as for learned factors).
+    Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): an odd part above
+    256, or above 128 with fewer than 16 columns per chunk (e.g. 131, 262).
   - `kronecker_transform(p1[, p2])`: learned invertible factors (the FlatQuant-style affine path), each of
     order <= 128.
 - Activation quantization, per token, symmetric, b in {3, 4, 8}:
@@ -423,10 +429,63 @@ def _hadamard_chunked_split(n: int) -> tuple[int, int, int] | None:
     return None
 
 
+def hartley_matrix(n: int) -> torch.Tensor:
+    """The discrete Hartley transform's kernel H[i, j] = cas(2 pi i j / n) = cos + sin (float64): symmetric with
+    H H = n I, so H / sqrt(n) is orthogonal at every order, odd ones included. Its entries reach sqrt(2) where a
+    Hadamard's are all 1: it spreads an outlier channel almost as evenly (no entry above sqrt(2 / n) after
+    normalization), without the +-1 entries that make a Hadamard exact in fp16."""
+    k = torch.arange(n, dtype=torch.int64)
+    angle = (2 * math.pi / n) * torch.remainder(torch.outer(k, k), n).to(torch.float64)
+    return torch.cos(angle) + torch.sin(angle)
+
+
+def _odd_part(n: int) -> tuple[int, int]:
+    """(m, 2^k) with n = m * 2^k and m odd."""
+    p = n & -n
+    return n // p, p
+
+
+def _hartley_split(n: int) -> tuple[int, ...] | None:
+    """Orders for a size no Hadamard construction here reaches (11008 = 43 * 2^8 of LLaMA-2-7B, 368 = 23 * 16):
+    n = m * 2^k, m odd, with the dense factor Hartley_m kron H_(2^j) of order m * 2^j and Sylvester factors for
+    the rest, as one or two factors (same preferences as `_hadamard_split`) or, for wider rows, three with the
+    dense factor first (<= MAX_MIX_ORDER), as `_hadamard_chunked_split` does."""
+    m, p = _odd_part(n)
+    if m == 1 or m > MAX_MIX_ORDER:
+        return None
+    best, best_key = None, None
+    for j in range(p.bit_length()):
+        dense, rest = m << j, p >> j
+        split = (dense,) if rest == 1 else (dense, rest)
+        if max(split) > MAX_FACTOR_ORDER:
+            continue
+        padded = [padded_order(d) for d in split]
+        key = (math.prod(padded), len(split), sum(padded))
+        if math.prod(padded) <= MAX_PADDED_ROW and (best_key is None or key < best_key):
+            best, best_key = split, key
+    if best is not None:
+        return best
+    if p < MIN_PADDED_FACTOR or p > MAX_FACTOR_ORDER ** 2:  # chunks narrower than one dot tile: not worth it
+        return None
+    b = min(MAX_FACTOR_ORDER, 1 << ((p.bit_length() - 1 + 1) // 2))
+    return (m, p // b, b) if p // b <= MAX_FACTOR_ORDER else None
+
+
+def _orthogonal_factor(d: int) -> torch.Tensor:
+    """The unnormalized factor of order d: a Hadamard matrix when one is built here, else Hartley_m kron
+    H_(2^j) (d = m * 2^j, m odd): both square to d I."""
+    if _hadamard_int(d) is not None:
+        return hadamard_matrix(d).to(torch.float32)
+    m, p = _odd_part(d)
+    return torch.kron(hartley_matrix(m), hadamard_matrix(p).to(torch.float64)).to(torch.float32)
+
+
 def _hadamard_orders_for(n: int, max_order: int) -> tuple[int, ...] | None:
     # Sizes the one/two-factor split reaches keep it (a saved model's folded weights depend on the exact
-    # matrix); the chunked split only adds sizes that were refused before.
-    return _hadamard_split(n, max_order) or (_hadamard_chunked_split(n) if max_order == MAX_FACTOR_ORDER else None)
+    # matrix); the chunked split, then the Hartley split, only add sizes that were refused before.
+    if max_order != MAX_FACTOR_ORDER:
+        return _hadamard_split(n, max_order)
+    return _hadamard_split(n, max_order) or _hadamard_chunked_split(n) or _hartley_split(n)
 
 
 def supported_hadamard_size(n: int, max_order: int = MAX_FACTOR_ORDER) -> bool:
@@ -444,7 +503,7 @@ def hadamard_transform(n: int, max_order: int = MAX_FACTOR_ORDER) -> KroneckerTr
             f"(constructible: {', '.join(map(str, hadamard_orders(max_order)))}) with a padded row <= "
             f"{MAX_PADDED_ROW}, or m * 2^k with m a constructible order <= {MAX_MIX_ORDER}; use transform='none' "
             f"or Kronecker factors for this layer")
-    factors = tuple(hadamard_matrix(d).to(torch.float32) for d in split)
+    factors = tuple(_orthogonal_factor(d) for d in split)
     return KroneckerTransform(factors, 1.0 / math.sqrt(n), orthogonal=True)
 
 

@@ -36,20 +36,25 @@ def test_unconstructible_orders_are_refused(n):
         R.hadamard_matrix(n)
 
 
-def test_every_supported_size_up_to_16384_is_an_orthogonal_kronecker_of_hadamards():
+def test_every_supported_size_up_to_16384_is_an_orthogonal_kronecker_product():
     supported = [n for n in range(1, 16385) if R.supported_hadamard_size(n)]
-    assert {576, 896, 1536, 4864, 4096, 14336, 2048, 5632, 960}.issubset(supported)
+    assert {576, 896, 1536, 4864, 4096, 14336, 2048, 5632, 960, 11008}.issubset(supported)
     for n in supported:
         t = R.hadamard_transform(n)
         assert t.size == n and len(t.orders) <= 3 and t.padded_size <= R.MAX_PADDED_ROW
+        hadamard = R._hadamard_split(n, R.MAX_FACTOR_ORDER) or R._hadamard_chunked_split(n)
         if t.chunked:  # only sizes the one/two-factor split cannot reach (a saved model's matrix never changes)
             assert R._hadamard_split(n, R.MAX_FACTOR_ORDER) is None
             assert t.orders[0] <= R.MAX_MIX_ORDER and all(d & (d - 1) == 0 for d in t.orders[1:])
         for f in t.factors:
             d = f.shape[0]
-            fi = f.to(torch.int64)
-            assert torch.equal(fi.to(torch.float32), f)
-            assert torch.equal(fi @ fi.T, d * torch.eye(d, dtype=torch.int64))
+            if hadamard:  # every size a Hadamard reaches keeps +-1 factors
+                fi = f.to(torch.int64)
+                assert torch.equal(fi.to(torch.float32), f)
+                assert torch.equal(fi @ fi.T, d * torch.eye(d, dtype=torch.int64))
+            else:  # the others: Hartley kron Sylvester, orthogonal in float
+                f64 = f.double()
+                assert torch.allclose(f64 @ f64.T, d * torch.eye(d, dtype=torch.float64), atol=1e-4)
         assert math.isclose(t.norm, 1 / math.sqrt(n), rel_tol=1e-15)
 
 
@@ -76,7 +81,32 @@ def test_wide_llm_widths_are_dense_times_sylvester(n, orders):
     assert torch.allclose(t.apply(x.float()).double().norm(dim=1), x.norm(dim=1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("n", [6, 7, 18, 300, 11008, 368])
+@pytest.mark.parametrize("n,orders", [(11008, (86, 128)), (368, (23, 16)), (5504, (43, 128)), (300, (75, 4)),
+                                      (7, (7,)), (43 * 1024, (43, 32, 32))])
+def test_sizes_without_a_hadamard_take_a_hartley_factor(n, orders):
+    """LLaMA-2-7B's 11008 = 43 x 2^8 needs a Hadamard of order 172, which no construction here gives: the dense
+    factor is then Hartley_m kron H_(2^j), orthogonal at every order, with entries at most sqrt(2 / n)."""
+    t = R.hadamard_transform(n)
+    assert R.supported_hadamard_size(n) and t.orders == orders and t.orthogonal
+    h = R.hartley_matrix(43)
+    assert torch.allclose(h, h.T) and torch.allclose(h @ h, 43 * torch.eye(43, dtype=torch.float64), atol=1e-10)
+    dense = t.factors[0].double()
+    assert torch.allclose(dense @ dense.T, orders[0] * torch.eye(orders[0], dtype=torch.float64), atol=1e-4)
+    r = t.matrix() if n <= 11008 else None
+    if r is not None:
+        assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-5)
+        assert r.abs().max() <= math.sqrt(2 / n) * (1 + 1e-6)
+    g = _gen(n)
+    x = torch.randn(2, n, generator=g)
+    x[:, 3] = 300.0  # an outlier channel is spread over the row
+    y = t.apply(x)
+    assert torch.allclose(y.double().norm(dim=1), x.double().norm(dim=1), rtol=1e-5)
+    assert y.abs().max() < (math.sqrt(2 / n) + 0.1) * x.abs().max()
+    w = torch.randn(5, n, generator=g)
+    assert torch.allclose(y @ t.fold_into_weight(w).T, x @ w.T, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [131, 262, 257 * 4])
 def test_unsupported_sizes_are_refused_with_the_reason(n):
     assert not R.supported_hadamard_size(n)
     with pytest.raises(ValueError, match="no online Hadamard of size"):
@@ -290,7 +320,7 @@ def test_module_rejects_bad_arguments():
     with pytest.raises(ValueError, match="does not match in_features"):
         RotatedQuantLinear.from_float(lin, 4, 4, transform=(torch.eye(4), torch.eye(4)))
     with pytest.raises(ValueError, match="no online Hadamard"):
-        RotatedQuantLinear.from_float(nn.Linear(92, 4), 4, 4)
+        RotatedQuantLinear.from_float(nn.Linear(131, 4), 4, 4)
     with pytest.raises(ValueError, match="weight bits"):
         RotatedQuantLinear.from_float(lin, 5, 4)
     with pytest.raises(ValueError, match="expects 64"):

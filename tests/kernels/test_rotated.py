@@ -36,6 +36,7 @@ TRANSFORMS = {
     "hadamard-12x20-padded": lambda: R.hadamard_transform(240),
     "hadamard-96-one-factor": lambda: R.hadamard_transform(96),
     "hadamard-12-one-factor": lambda: R.hadamard_transform(12),
+    "hartley-23x16": lambda: R.hadamard_transform(368),  # no Hadamard of order 368 here: Hartley_23 x H_16
     "learned-12x20": lambda: _learned((12, 20), 1),
     "learned-24-one-factor": lambda: _learned((24,), 2),
     "none": lambda: None,
@@ -46,6 +47,8 @@ CHUNKED = {
     "chunked-hadamard-12x4x4": lambda: _chunked_hadamard(12, 4, 4),
     "chunked-hadamard-20x1x8": lambda: _chunked_hadamard(20, 1, 8),
     "chunked-learned-12x4x4": lambda: _learned((12, 4, 4), 3),
+    "chunked-hartley-43x4x4": lambda: R.KroneckerTransform((R._orthogonal_factor(43), R._orthogonal_factor(4),
+                                                            R._orthogonal_factor(4)), 1 / math.sqrt(688), True),
 }
 
 
@@ -59,7 +62,12 @@ def _size(name: str, transform) -> int:
     return transform.size if transform is not None else 131
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+# Hartley factors are not integers: their codes are checked on float inputs only (next to rounding ties).
+EXACT = [n for n in TRANSFORMS if "hartley" not in n]
+EXACT_CHUNKED = [n for n in CHUNKED if "hartley" not in n]
+
+
+@pytest.mark.parametrize("name", EXACT)
 @pytest.mark.parametrize("bits,clip", [(3, 1.0), (4, 0.9), (8, 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
@@ -80,7 +88,7 @@ def _check_integer_codes(transform, bits, clip, dtype, gen, quant_out):
     assert scales[3] == 0 and not codes[3].any()
 
 
-@pytest.mark.parametrize("name", list(CHUNKED))
+@pytest.mark.parametrize("name", EXACT_CHUNKED)
 @pytest.mark.parametrize("bits,clip,dtype", [(3, 1.0, torch.float16), (8, 0.9, torch.float32)])
 def test_chunked_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, quant_out):
     _check_integer_codes(CHUNKED[name](), bits, clip, dtype, gen, quant_out)
@@ -88,8 +96,9 @@ def test_chunked_codes_exact_on_integer_inputs(name, bits, clip, dtype, gen, qua
 
 @pytest.mark.parametrize("name,bits,dtype", [
     *[(n, b, d) for n in ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor", "learned-12x20",
-                          "none"] for b in (4, 8) for d in (torch.float16, torch.float32)],
-    ("chunked-hadamard-12x4x4", 8, torch.float16), ("chunked-learned-12x4x4", 4, torch.float32)])
+                          "hartley-23x16", "none"] for b in (4, 8) for d in (torch.float16, torch.float32)],
+    ("chunked-hadamard-12x4x4", 8, torch.float16), ("chunked-learned-12x4x4", 4, torch.float32),
+    ("chunked-hartley-43x4x4", 8, torch.float16), ("chunked-hartley-43x4x4", 4, torch.float32)])
 def test_codes_on_float_inputs_differ_only_at_ties(name, bits, dtype, gen, quant_out):
     transform = {**TRANSFORMS, **CHUNKED}[name]()
     k = _size(name, transform)
@@ -227,6 +236,31 @@ def test_llm_mlp_widths_take_the_chunked_path(n, gen, quant_out):
     assert (codes.to(torch.int32) - ref_codes.to(torch.int32)).abs().max() <= 1
     assert (codes != ref_codes).float().mean() < 0.01
     assert torch.allclose(scales, ref_scales, rtol=2e-3)
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_llama2_mlp_width_11008_takes_a_hartley_factor(m, gen, poisoned):
+    """11008 = 86 x 128 with 86 = Hartley_43 kron H_2 (no Hadamard of order 172 here): the decode (fused) and
+    prefill (two-launch) paths agree with the reference up to codes next to a rounding tie."""
+    transform = R.hadamard_transform(11008)
+    assert transform.orders == (86, 128) and not transform.chunked
+    k, n, w_bits, a_bits = 11008, 24, 4, 4
+    g = gen(11008 + m)
+    x = torch.randn(m, k, generator=g).to(torch.float16)
+    x[:, 17] = 200.0  # an outlier channel
+    w_codes, w_scales = R.quantize_weights_rtn(transform.fold_into_weight(torch.randn(n, k, generator=g)), w_bits)
+    packed = R.pack_weight_codes(w_codes, w_bits)
+    out = R.rotated_linear(x, a_bits, 1.0, transform, packed, w_scales, w_bits, None)
+    ref_codes, ref_scales = R.transform_quantize_reference(x, a_bits, 1.0, transform)
+    ref = R.rotated_matmul_reference(ref_codes, ref_scales, packed, w_scales, w_bits, None, torch.float16)
+    codes, scales = R.transform_quantize(x, a_bits, 1.0, transform, out=(poisoned((m, k), torch.int8),
+                                                                          poisoned(m)))
+    assert (codes.to(torch.int32) - ref_codes.to(torch.int32)).abs().max() <= 1
+    assert (codes != ref_codes).float().mean() < 0.01
+    assert torch.allclose(scales, ref_scales, rtol=2e-3)
+    # a code off by one near a tie moves an output by one weight step: small against the row's norm
+    err = (out.float() - ref.float()).norm(dim=1) / ref.float().norm(dim=1)
+    assert err.max() < 2e-2, err
 
 
 @pytest.mark.parametrize("name", ["hadamard-36x16", "hadamard-12x20-padded", "hadamard-96-one-factor",
