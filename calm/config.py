@@ -17,6 +17,7 @@ class NumericalError(ArithmeticError):
 
 
 WEIGHT_BITS = (2, 3, 4, 8)
+_WIDTH = re.compile(r"^(?P<bits>\d+)?(?:g(?P<group>\d+))?$")  # a candidate's `3`, `3g128` or `g128` after '@'
 SCHEME_PATTERN = re.compile(r"^W(?P<w>\d+)(?:A(?P<a>\d+))?(?:K(?P<k>\d+)V(?P<v>\d+))?(?:G(?P<g>\d+))?$")
 
 
@@ -90,43 +91,57 @@ class CandidateSpec:
     """One member of the search pool: a registered algorithm, its weight bits and its options. `name` labels it
     in results.
 
-    `bits` None: the scheme's weight bits; else this candidate's (`gptq@2`), the rest of the scheme unchanged."""
+    `bits` None: the scheme's weight bits; else this candidate's (`gptq@2`), the rest of the scheme unchanged.
+    `group_size` None: the scheme's group size; else this candidate's (`gptq@3g128`; `g0`: per output channel),
+    so that a bit budget can also trade group sizes."""
     algorithm: str
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     label: str = ""
     bits: int | None = None
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in WEIGHT_BITS:
             raise CalmUsageError(f"candidate {self.algorithm}@{self.bits}: weight bits after '@' must be one of "
                                  f"{', '.join(map(str, WEIGHT_BITS))}, e.g. {self.algorithm}@3")
+        if self.group_size is not None and self.group_size < 0:
+            raise CalmUsageError(f"candidate {self.algorithm}: group size must be positive (or g0 for per-channel), "
+                                 f"got {self.group_size}")
 
     @property
     def name(self) -> str:
         if self.label:
             return self.label
-        base = self.algorithm if self.bits is None else f"{self.algorithm}@{self.bits}"
+        base = self.algorithm
+        if self.bits is not None or self.group_size is not None:
+            base += "@" + ("" if self.bits is None else str(self.bits)) + (
+                "" if self.group_size is None else f"g{self.group_size}")
         if not self.options:
             return base
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
         return f"{base}[{opts}]"
 
     def spec_for(self, spec: "QuantSpec") -> "QuantSpec":
-        """The scheme this candidate quantizes to: `spec` with its own weight bits when it names some."""
-        return spec if self.bits is None or self.bits == spec.w_bits else dataclasses.replace(spec, w_bits=self.bits)
+        """The scheme this candidate quantizes to: `spec` with its own weight bits and group size where it names
+        them."""
+        changes = {k: v for k, v in (("w_bits", self.bits), ("group_size", self.group_size)) if v is not None}
+        return dataclasses.replace(spec, **changes) if changes else spec
 
     @classmethod
     def parse(cls, text: str) -> "CandidateSpec":
-        """`gptq`, `gptq@3` (3-bit weights whatever the scheme says) or `gptq@4:act_order=static,damp=0.02`
-        (values parsed as JSON where they can be)."""
+        """`gptq`, `gptq@3` (3-bit weights whatever the scheme says), `gptq@3g128` (and groups of 128),
+        `gptq@g128` or `gptq@4:act_order=static,damp=0.02` (values parsed as JSON where they can be)."""
         head, _, rest = text.strip().partition(":")
-        algo, at, bits_text = head.partition("@")
-        bits = None
+        algo, at, width = head.partition("@")
+        bits = group = None
         if at:
-            if not bits_text.strip().isdigit():
+            m = _WIDTH.match(width.strip().lower())
+            if not m or not (m["bits"] or m["group"]):
                 raise CalmUsageError(f"candidate {text.strip()!r}: write the weight bits after '@' as a number, "
-                                     f"one of {', '.join(map(str, WEIGHT_BITS))} (e.g. {algo.strip() or 'gptq'}@3)")
-            bits = int(bits_text)
+                                     f"one of {', '.join(map(str, WEIGHT_BITS))}, optionally with a group size "
+                                     f"(e.g. {algo.strip() or 'gptq'}@3 or {algo.strip() or 'gptq'}@3g128)")
+            bits = int(m["bits"]) if m["bits"] else None
+            group = int(m["group"]) if m["group"] else None
         options: dict[str, Any] = {}
         for item in filter(None, (p.strip() for p in rest.split(","))):
             key, eq, value = item.partition("=")
@@ -136,7 +151,7 @@ class CandidateSpec:
                 options[key.strip()] = json.loads(value)
             except json.JSONDecodeError:
                 options[key.strip()] = value.strip()
-        return cls(algorithm=algo.strip().lower(), options=options, bits=bits)
+        return cls(algorithm=algo.strip().lower(), options=options, bits=bits, group_size=group)
 
 
 def parse_pool(text: str) -> tuple[CandidateSpec, ...]:

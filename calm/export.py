@@ -161,7 +161,7 @@ def check_run_exportable(fmt: str, spec, pool) -> None:
     if spec.k_bits != 16 or spec.v_bits != 16:
         raise CalmUsageError(f"--export {fmt}: scheme {spec.scheme} quantizes the KV cache, which calm cannot export "
                              f"yet; drop K/V from the scheme")
-    if spec.a_bits != 16 and (fmt == "gguf" or spec.group_size not in (None, 0)):
+    if spec.a_bits != 16 and (fmt == "gguf" or any(c.spec_for(spec).group_size for c in pool)):
         raise CalmUsageError(f"--export {fmt}: scheme {spec.scheme} quantizes activations"
                              + (", which GGUF does not hold (weights only); use a weight-only scheme such as W4A16G32"
                                 if fmt == "gguf" else " behind grouped weights, which compressed-tensors' activation "
@@ -187,8 +187,9 @@ def check_run_gguf_exact(spec, pool) -> None:
         problems.append("the grid is asymmetric (GGUF's exact types for calm are symmetric Q4_0 and Q8_0)")
     if set(bits) - {4, 8}:
         problems.append(f"weights have {bits} bits (exact: 4 or 8)")
-    if spec.group_size % 32:
-        problems.append(f"groups of {spec.group_size} (exact: multiples of 32)")
+    groups = sorted({c.spec_for(spec).group_size for c in pool})
+    if any(g % 32 for g in groups):
+        problems.append(f"groups of {groups} (exact: multiples of 32)")
     bad = [c.name for c in pool if c.algorithm not in EXPORTABLE_ALGORITHMS
            or (c.algorithm == "gptq" and c.options.get("act_order") == "full")]
     if bad:

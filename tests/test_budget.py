@@ -308,6 +308,26 @@ def test_budget_resumed_under_another_score_equals_a_fresh_budget_search(tiny_mo
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_group_sizes_are_a_budget_dimension_too(tiny_model):
+    """Candidates that differ only in their group size: exact bits per group size, the limit kept, and GPTQ at
+    two group sizes is a mixed-precision baseline."""
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec.from_scheme("W3A16G32")
+    config = SearchConfig(pool=parse_pool("gptq@3g16;gptq@3g64;gptq@4g64"), batch_windows=2, bits_budget=3.5)
+    outcome = budget_search(tiny_model, windows, spec, config)
+    assert set(outcome.mixes) == {"calm", "gptq-mp", "gptq-mp-score"}
+    for d in outcome.decisions:
+        weights = d.scores["gptq@3g16"].weights
+        # per group: a float16 scale and an 8-bit zero point (calm.nn.UniformQuantLinear)
+        assert d.scores["gptq@3g16"].stored_bits == weights * 3 + weights // 16 * 24
+        assert d.scores["gptq@3g64"].stored_bits == weights * 3 + weights // 64 * 24
+        assert d.scores["gptq@4g64"].stored_bits == weights * 4 + weights // 64 * 24
+    for mix in outcome.mixes.values():
+        assert mix.stored_bits <= bit_limit(3.5, mix.weights)
+        for r in mix.records:
+            assert r["chosen"] == f"gptq@{r['bits']}g{r['group_size']}"
+
+
 def test_budget_with_the_nll_score_allocates_nll_increases(tiny_model):
     windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     score_windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))

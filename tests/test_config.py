@@ -46,6 +46,28 @@ def test_pool_parsing_and_options():
         "rtn", "gptq[act_order=none,damp=0.02]", "rotation"]
 
 
+def test_candidates_name_their_own_bits_and_group_size():
+    pool = parse_pool("gptq@3g192;gptq@g32;rtn@4g0;awq@2:n_grid=10")
+    assert [(c.bits, c.group_size) for c in pool] == [(3, 192), (None, 32), (4, 0), (2, None)]
+    assert [c.name for c in pool] == ["gptq@3g192", "gptq@g32", "rtn@4g0", "awq@2[n_grid=10]"]
+    spec = QuantSpec.from_scheme("W3A16G64")
+    assert [c.spec_for(spec) for c in pool] == [QuantSpec(3, 192), QuantSpec(3, 32), QuantSpec(4, 0), QuantSpec(2, 64)]
+    assert parse_pool("gptq@3g64")[0].name != parse_pool("gptq@3")[0].name  # named as written, never merged
+    cfg = RunConfig(scheme="W3A16G64", search=SearchConfig(pool=pool))
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    for bad in ("gptq@3g", "gptq@g", "gptq@", "gptq@3x64", "gptq@5g64"):
+        with pytest.raises(CalmUsageError, match="after '@'"):
+            CandidateSpec.parse(bad)
+
+
+def test_a_group_size_is_refused_for_an_algorithm_without_groups():
+    from calm.algorithms import validate_candidate
+
+    with pytest.raises(CalmUsageError, match="claq has no weight groups; drop the 'g64' .e.g. claq@3"):
+        validate_candidate(CandidateSpec.parse("claq@3g64"), QuantSpec.from_scheme("W3A16G64"))
+    validate_candidate(CandidateSpec.parse("gptq@3g192"), QuantSpec.from_scheme("W3A16G64"))
+
+
 def test_run_config_json_round_trip():
     cfg = RunConfig(scheme="W2A16G64", search=SearchConfig(pool=parse_pool("rtn;gptq:act_order=full"),
                                                          propagation="independent"))

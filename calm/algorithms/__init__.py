@@ -8,8 +8,8 @@ An algorithm is registered by name with its typed options class (`calm.algorithm
 It receives a private deep copy of the float block (it may modify it in place and return it), the block's
 calibration inputs (`calm.model.BlockInputs`), the `QuantSpec`, its validated options and the model-wide
 context its `prepare` hook computed (empty for most); its Linear layers come back as `calm.nn` modules holding
-packed weights. A candidate of the search pool (`CandidateSpec`) names an algorithm, optionally its own weight bits
-(`gptq@2`: the scheme with 2-bit weights) and raw option values;
+packed weights. A candidate of the search pool (`CandidateSpec`) names an algorithm, optionally its own weight bits and group
+size (`gptq@2`: the scheme with 2-bit weights; `gptq@3g128`) and raw option values;
 `parse_options` turns them into the typed options, so every bad value fails before the model loads.
 """
 from __future__ import annotations
@@ -46,6 +46,8 @@ class Algorithm:
             search are already its uniform baseline.
         check_layout: refuses model families (calm.arch.Layout) the algorithm cannot quantize exactly, naming
             the fix (None: every family).
+        grouped: its weights take the scheme's group size (False: e.g. CLAQ's per-column codebooks), so a
+            candidate may name its own (`gptq@3g128`).
     """
     name: str
     quantize: QuantizeBlock
@@ -54,6 +56,7 @@ class Algorithm:
     prepare: Prepare | None = None
     calibration_free: bool = False
     check_layout: LayoutCheck | None = None
+    grouped: bool = True
 
     @property
     def summary(self) -> str:
@@ -66,13 +69,15 @@ _MODULES = ("rtn", "gptq", "awq", "smoothquant", "claq", "rotation", "affine", "
 
 
 def register(name: str, options: type[AlgorithmOptions], *, check_spec: SpecCheck | None = None,
-             prepare: Prepare | None = None, calibration_free: bool = False, check_layout: LayoutCheck | None = None):
+             prepare: Prepare | None = None, calibration_free: bool = False, check_layout: LayoutCheck | None = None,
+             grouped: bool = True):
     """Register `quantize_block` under `name` with its options class (which learns the name for its errors)."""
     def wrap(fn: QuantizeBlock) -> QuantizeBlock:
         if name in _REGISTRY:
             raise ValueError(f"algorithm {name!r} registered twice")
         options.algorithm = name
-        _REGISTRY[name] = Algorithm(name, fn, options, check_spec, prepare, calibration_free, check_layout)
+        _REGISTRY[name] = Algorithm(name, fn, options, check_spec, prepare, calibration_free, check_layout,
+                                    grouped)
         return fn
     return wrap
 
@@ -104,6 +109,9 @@ def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> AlgorithmOp
     options."""
     options = parse_options(candidate)
     algorithm = get(candidate.algorithm)
+    if candidate.group_size is not None and not algorithm.grouped:
+        raise CalmUsageError(f"candidate {candidate.name}: {candidate.algorithm} has no weight groups; drop the "
+                             f"'g{candidate.group_size}' (e.g. {candidate.algorithm}@{candidate.spec_for(spec).w_bits})")
     if algorithm.check_spec is not None:
         algorithm.check_spec(candidate.spec_for(spec))
     return options

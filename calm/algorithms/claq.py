@@ -207,7 +207,7 @@ class CLAQOptions(AlgorithmOptions):
                                    "quantized ones before")
 
 
-@register("claq", CLAQOptions, check_spec=_check_spec)
+@register("claq", CLAQOptions, check_spec=_check_spec, grouped=False)
 def quantize_block(block: nn.Module, inputs: BlockInputs, spec: QuantSpec, options: CLAQOptions,
                    context: dict) -> nn.Module:
     def quantize_linear(name: str, linear: nn.Module, hessian: torch.Tensor) -> nn.Module:

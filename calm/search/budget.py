@@ -360,7 +360,8 @@ def sequential_pass(source: ModelSource, windows: torch.Tensor, spec: QuantSpec,
                 used += bits
                 resumable = resumable and resumed
                 record = {"index": index, "chosen": name, "algorithm": pool[name].algorithm,
-                          "bits": pool[name].spec_for(spec).w_bits, "stored_bits": bits, "weights": weights,
+                          "bits": pool[name].spec_for(spec).w_bits,
+                          "group_size": pool[name].spec_for(spec).group_size, "stored_bits": bits, "weights": weights,
                           "effective_bits": bits / weights, "loss": points[index][name].loss,
                           "planned": plan[index], "repaired": name != plan[index], "refitted": not float_inputs}
                 if not resumed:
@@ -456,9 +457,11 @@ class BudgetOutcome(SearchOutcome):
 
 
 def baseline_candidates(config: SearchConfig, spec: QuantSpec) -> list[str]:
-    """The pool's GPTQ members when they span at least two weight widths (else no mixed-precision baseline)."""
+    """The pool's GPTQ members when they span at least two widths (bits, group size), else no mixed-precision
+    baseline."""
     gptq = [c for c in config.pool if c.algorithm == BASELINE_ALGORITHM]
-    return [c.name for c in gptq] if len({c.spec_for(spec).w_bits for c in gptq}) > 1 else []
+    widths = {(c.spec_for(spec).w_bits, c.spec_for(spec).group_size) for c in gptq}
+    return [c.name for c in gptq] if len(widths) > 1 else []
 
 
 def budget_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: QuantSpec, config: SearchConfig,
