@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import re
 import math
 import platform
 import resource
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hugging Face hub (online)")
     p.add_argument("--zero-shot-models", default=None, metavar="NAMES",
                    help="zero-shot only these of the run's models, comma-separated as results.json names them "
-                   "(fp, a pool member such as gptq or gptq@3, calm, gptq-mp, gptq-mp-score); default: every model")
+                   "(fp, a pool member such as gptq, gptq@3 or affine[lr=0.01,steps=5], calm, gptq-mp, gptq-mp-score); default: every model")
     p.add_argument("--zero-shot-batch-size", type=int, default=ZeroShotConfig().batch_size,
                    help="lm-eval's batch size")
     p.add_argument("--export", default=None, metavar="FORMAT", help="also export the saved model to OUTPUT/"
@@ -176,7 +177,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         parallel=args.parallel,
         zero_shot=ZeroShotConfig(tasks=zero_shot.parse_tasks(args.zero_shot), limit=args.zero_shot_limit,
                                  source=args.zero_shot_source, batch_size=args.zero_shot_batch_size,
-                                 models=tuple(m for m in (args.zero_shot_models or "").split(",") if m)))
+                                 models=split_names(args.zero_shot_models or "")))
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    """Comma-separated model names, where a name's bracketed options keep their commas
+    (`calm,affine[batch_tokens=512,lr=0.01,steps=5]`)."""
+    return tuple(m.strip() for m in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text) if m.strip())
 
 
 # Settings that only choose which baselines are evaluated, or where the work runs: a resumed run may change

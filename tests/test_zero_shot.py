@@ -234,3 +234,11 @@ def test_run_fills_zero_shot_for_every_model(tmp_path, monkeypatch, tiny_model_d
     saved = json.loads(record.read_text())
     assert saved["zero_shot"]["model"]["piqa"] == pytest.approx(results["zero_shot"]["calm"]["piqa"])
     assert saved["effective_bits"]["model"] == pytest.approx(results["effective_bits"]["calm"])
+
+
+def test_zero_shot_model_names_keep_the_commas_of_bracketed_options():
+    from calm.run import split_names
+
+    assert split_names("fp, calm,affine[batch_tokens=512,lr=0.01,steps=5]") == (
+        "fp", "calm", "affine[batch_tokens=512,lr=0.01,steps=5]")
+    assert split_names("") == ()
