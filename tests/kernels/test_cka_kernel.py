@@ -170,6 +170,8 @@ def _check_sm90(full: bool) -> None:
 
     records = compile_for_sm90("calm_kernels._cka_triton", full)
     assert records and all(r["shared"] <= SM90_SHARED_BYTES for r in records), records
+    sample = [r for r in records if r["label"].startswith("sample")]
+    assert sample and all(r["spill_bytes"] in (0, None) for r in sample), sample
 
 
 def test_gram_kernels_compile_for_sm90():
