@@ -192,15 +192,24 @@ _REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device
                 "parallel", "zero_shot")
 
 
-# The search's scoring may change too: the saved candidate blocks are scored again, not quantized again.
+# The search's scoring may change too (the saved candidate blocks are scored again, not quantized again), and
+# its pool may grow (only the added candidates are quantized).
 _RESCORABLE = ("score", "debiased_cka")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in cfg.items() if k not in _REPORT_ONLY}
     if isinstance(kept.get("search"), dict):
-        kept["search"] = {k: v for k, v in kept["search"].items() if k not in _RESCORABLE}
+        kept["search"] = {k: v for k, v in kept["search"].items() if k not in (*_RESCORABLE, "pool")}
     return kept
+
+
+def _pool_grew(previous: dict[str, Any], mine: dict[str, Any]) -> bool | None:
+    """None when `mine`'s pool lacks a candidate of `previous`'s (another run); else whether it added some."""
+    before, now = previous.get("search", {}).get("pool", []), mine.get("search", {}).get("pool", [])
+    if any(c not in now for c in before):
+        return None
+    return len(now) > len(before)
 
 
 def _scoring(cfg: dict[str, Any]) -> str:
@@ -227,11 +236,16 @@ def check_output_folder(cfg: RunConfig) -> bool:
         previous = json.loads(json.dumps(RunConfig.from_dict(previous).to_dict()))
     except (TypeError, CalmUsageError):
         pass
-    if _comparable(previous) != _comparable(mine):
+    grew = _pool_grew(previous, mine)
+    if _comparable(previous) != _comparable(mine) or grew is None:
         diff = sorted(k for k in set(previous) | set(mine)
                       if k not in _REPORT_ONLY and previous.get(k) != mine.get(k))
+        if grew is None:
+            diff.append("search.pool (a resumed run may add candidates, not drop or change them)")
         raise CalmUsageError(f"output folder {out} holds another run (settings differ in: {', '.join(diff)}); "
                              f"pass a new --output or delete that folder")
+    if grew:
+        logger.info("the pool grew since this folder was written: only the added candidates are quantized")
     if _scoring(previous) != _scoring(mine):
         stamp_scoring(out / "state", _scoring(previous))
         logger.info(f"the search's score changed ({_scoring(previous)} -> {_scoring(mine)}): the saved candidate "

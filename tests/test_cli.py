@@ -103,6 +103,15 @@ def test_resume_under_another_score_is_accepted_and_scores_again(capsys, tmp_pat
     # Other search settings still make another run.
     assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2", "--propagation", "independent")) == 2
     assert "settings differ in: search" in capsys.readouterr().err
+    # A pool may grow (only the added candidate is quantized), never shrink.
+    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2", "--score", "nll",
+                     "--pool", "rtn,gptq,gptq@4")) == 0
+    log = capsys.readouterr().out
+    assert "only the added candidates are quantized" in log and "(completed)" in log
+    assert set(json.loads((out / "results.json").read_text())["blocks"][0]["scores"]) == {"rtn", "gptq", "gptq@4"}
+    assert main(args(tiny_model_dir, text_file, out, "--score-windows", "2", "--score", "nll",
+                     "--pool", "rtn,gptq@4")) == 2
+    assert "a resumed run may add candidates, not drop" in capsys.readouterr().err
 
 
 def test_nll_score_on_separate_windows(tmp_path, tiny_model_dir, text_file):

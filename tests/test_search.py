@@ -106,6 +106,34 @@ def test_resume_under_another_score_scores_the_saved_blocks_again(tiny_model, tm
     assert sum("(resumed)" in line for line in lines) == len(first.decisions)
 
 
+@pytest.mark.parametrize("propagation", ["greedy", "independent"])
+def test_resume_with_added_candidates_quantizes_only_those(tiny_model, tmp_path, monkeypatch, propagation):
+    """A pool grown since the state was saved gives what a fresh search with the whole pool gives; the saved
+    candidates are not quantized again (greedy: up to the first block whose choice changed)."""
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec.from_scheme("W2A16G32")
+    small = SearchConfig(pool=parse_pool("gptq"), propagation=propagation, batch_windows=2)
+    grown = dataclasses.replace(small, pool=parse_pool("rtn,gptq"))
+    calm_search(tiny_model, windows, spec, small, state_dir=tmp_path / "a", log=lambda _: None)
+    fresh = calm_search(tiny_model, windows, spec, grown, state_dir=tmp_path / "b", log=lambda _: None)
+
+    quantized = []
+    real_quantize = calm.search.candidates.quantize
+    monkeypatch.setattr(calm.search.candidates, "quantize",
+                        lambda cand, *a, **kw: quantized.append(cand.name) or real_quantize(cand, *a, **kw))
+    lines = []
+    again = calm_search(tiny_model, windows, spec, grown, state_dir=tmp_path / "a", log=lines.append)
+    changed = [i for i, d in enumerate(fresh.decisions) if d.chosen != "gptq"]
+    stale = 0 if propagation == "independent" or not changed else len(fresh.decisions) - changed[0] - 1
+    n = len(fresh.decisions)
+    assert quantized.count("rtn") == n and quantized.count("gptq") == stale
+    assert sum("(completed)" in line for line in lines) == n - stale
+    for a, b in zip(again.decisions, fresh.decisions):
+        assert a.chosen == b.chosen and list(a.scores) == ["rtn", "gptq"]
+        for name in ("rtn", "gptq"):
+            assert a.scores[name].cka == pytest.approx(b.scores[name].cka, rel=1e-9)
+
+
 def test_stamp_scoring_records_the_scoring_of_decisions_saved_before_it_was_recorded(tiny_model, tmp_path):
     from calm.search.state import stamp_scoring
 

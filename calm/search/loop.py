@@ -89,26 +89,47 @@ def _loaded(source: ModelSource, stored: StoredBlock, index: int) -> Iterator[nn
 @dataclasses.dataclass
 class _Block:
     """One block as the search decided it: the decision, every candidate's block (None: failed) and the
-    candidates' outputs on the scoring inputs (empty when resumed)."""
+    candidates' outputs on the scoring inputs (only those computed in this run). `note`: "resumed" (read back
+    as saved), "scored again" (saved blocks scored under another score), "completed" (candidates added to the
+    pool since were quantized), or "" (decided now)."""
     decision: BlockDecision
     blocks: dict[str, StoredBlock | None]
     outputs: dict[str, list[torch.Tensor]]
-    resumed: bool = False
-    rescored: bool = False  # resumed, its saved candidates scored again under another score
+    note: str = ""
 
 
 def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: BlockInputs,
             reference: list[torch.Tensor], spec: QuantSpec, config: SearchConfig, contexts: dict[str, dict],
-            scorer: Scorer, store: BlockStateStore, bar) -> _Block:
+            scorer: Scorer, store: BlockStateStore, bar, saved: SavedBlock | None = None) -> _Block:
     """Quantize block `index` with every candidate (fitted on `inputs`), score each on `score_inputs` against
     the float `reference`, save each block as it is made, choose. A candidate whose quantization breaks down
-    numerically is recorded as failed; when all fail, raises AllCandidatesFailed (earlier blocks stay saved)."""
+    numerically is recorded as failed; when all fail, raises AllCandidatesFailed (earlier blocks stay saved).
+
+    With `saved` (a resumed block that is incomplete: candidates added to the pool, or scored under another
+    score), the saved candidates' blocks are kept (and scored again when their scoring differs) and only the
+    others are quantized."""
     scorer.prepare(index, reference, score_inputs)
     scores: dict[str, CandidateScore] = {}
     blocks: dict[str, StoredBlock | None] = {}
     outputs: dict[str, list[torch.Tensor]] = {}
     world = distributed.current()
+    rescore = saved is not None and saved.scored_by != store.scoring
     for cand in world.mine(config.pool) if world.candidates else config.pool:
+        old = None if saved is None else saved.decision.scores.get(cand.name)
+        if old is not None:
+            stored = blocks[cand.name] = saved.blocks.get(cand.name)
+            if stored is None or not rescore:  # failed (still no block), or its score stands
+                scores[cand.name] = old
+            else:
+                ts = time.perf_counter()
+                module = stored.load(fp_block, fp_block_device(fp_block))
+                outs = outputs[cand.name] = run_block(module, score_inputs)
+                stored.unload(module)
+                scores[cand.name] = dataclasses.replace(
+                    scorer.score(outs), seconds=old.seconds, score_seconds=time.perf_counter() - ts,
+                    fallbacks=old.fallbacks, stored_bits=old.stored_bits, weights=old.weights)
+            bar.update(1)
+            continue
         tq = time.perf_counter()
         try:
             qblock = candidates.quantize(cand, copy.deepcopy(fp_block), inputs, spec, contexts[cand.name])
@@ -144,43 +165,23 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
     decision = BlockDecision(index, choose(scores, config.tie_tolerance, scorer.by), scores)
     if world.main:
         store.save_decision(decision)
-    return _Block(decision, blocks, outputs)
+    note = ("" if saved is None else "completed" if saved.missing else "scored again" if rescore
+            else "chosen again")  # the last: its saved choice left the pool
+    return _Block(decision, blocks, outputs, note)
 
 
-def _rescore(index: int, saved: SavedBlock, fp_block: nn.Module, score_inputs: BlockInputs,
-             reference: list[torch.Tensor], config: SearchConfig, scorer: Scorer, store: BlockStateStore,
-             device: torch.device, bar) -> _Block:
-    """Block `index`'s saved candidate blocks scored again by `scorer` (a resume under another score): the
-    quantization and its timings are kept, the choice is made again and saved."""
-    scorer.prepare(index, reference, score_inputs)
-    scores: dict[str, CandidateScore] = {}
-    outputs: dict[str, list[torch.Tensor]] = {}
-    for name, old in saved.decision.scores.items():
-        stored = saved.blocks.get(name)
-        if stored is None:  # its quantization failed: still no block
-            scores[name] = old
-            bar.update(1)
-            continue
-        ts = time.perf_counter()
-        module = stored.load(fp_block, device)
-        outs = run_block(module, score_inputs)
-        stored.unload(module)
-        scored = scorer.score(outs)
-        scores[name] = dataclasses.replace(scored, seconds=old.seconds, score_seconds=time.perf_counter() - ts,
-                                           fallbacks=old.fallbacks, stored_bits=old.stored_bits,
-                                           weights=old.weights)
-        outputs[name] = outs
-        bar.update(1)
-    decision = BlockDecision(index, choose(scores, config.tie_tolerance, scorer.by), scores)
-    store.save_decision(decision)
-    return _Block(decision, saved.blocks, outputs, resumed=True, rescored=True)
+def fp_block_device(block: nn.Module) -> torch.device:
+    """Where a (float) block computes: its first parameter's or buffer's device."""
+    for t in (*block.parameters(), *block.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _block_line(block: _Block, total: int, score: str, seconds: float, elapsed: float) -> str:
     d = block.decision
     cells = "  ".join(f"{n}={s.cka:.6f}" if s.nll is None else f"{n}={s.nll:.5f}" for n, s in d.scores.items())
     return (f"block {d.index + 1:>3}/{total}: {d.chosen:<10} {score} {cells}"
-            f"{'  (scored again)' if block.rescored else '  (resumed)' if block.resumed else ''}  {seconds:.1f}s (total {elapsed:.0f}s)")
+            f"{f'  ({block.note})' if block.note else ''}  {seconds:.1f}s (total {elapsed:.0f}s)")
 
 
 def as_source(model: nn.Module | ModelSource) -> ModelSource:
@@ -254,27 +255,26 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
                     bar.update(len(names))
                     continue
                 saved = store.load(index) if inputs_as_saved else None
-                if saved is not None and saved.scored_by != store.scoring and world.active:
-                    saved = None  # scoring again is done in one process only: decide it again together
+                complete = (saved is not None and not saved.missing and saved.scored_by == store.scoring
+                            and saved.decision.chosen in names)
+                if saved is not None and not complete and world.active:
+                    saved = None  # completing a block is done in one process only: decide it again together
                 if world.active and not spread and not all(world.gather(saved is not None)):
                     saved = None  # decide it again together: a process that does not see the state would wait
-                if saved is not None and saved.scored_by != store.scoring:
-                    block = _rescore(index, saved, fp_block, score_inputs, reference, config, scorer, store,
-                                     source.device, bar)
-                    # Blocks after one whose choice changed were fitted on other inputs: they are fitted again.
-                    inputs_as_saved = (config.propagation == "independent"
-                                       or block.decision.chosen == saved.decision.chosen)
-                elif saved is not None:
-                    block = _Block(saved.decision, saved.blocks, outputs={}, resumed=True)
+                if saved is not None and complete:
+                    block = _Block(saved.decision, saved.blocks, outputs={}, note="resumed")
                     bar.update(len(names))
                 else:
                     try:
                         with distributed.alone() if spread else contextlib.nullcontext():
                             block = _decide(index, fp_block, inputs, score_inputs, reference, spec, config,
-                                            contexts, scorer, store, bar)
+                                            contexts, scorer, store, bar, saved)
                     except AllCandidatesFailed as exc:  # name the block; the blocks before it stay saved
                         raise AllCandidatesFailed(exc.reasons, index, n_blocks,
                                                   None if state_dir is None else str(state_dir)) from None
+                    # Blocks after one whose choice changed were fitted on other inputs: they are fitted again.
+                    inputs_as_saved = config.propagation == "independent" or (
+                        saved is not None and block.decision.chosen == saved.decision.chosen)
                     if block.decision.failed:
                         logger.warning(f"block {index + 1}/{n_blocks}: "
                                        + "; ".join(f"{n} failed ({r})" for n, r in block.decision.failed.items())

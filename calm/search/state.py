@@ -58,7 +58,7 @@ def state_name(name: str) -> str:
 def check_saved_options(path: Path, saved: dict[str, dict], current: dict[str, dict]) -> None:
     """Saved blocks made with other algorithm settings (e.g. a default changed between calm versions) must not
     be reused silently."""
-    changed = sorted(n for n in current if saved.get(n) != current[n])
+    changed = sorted(n for n in current if n in saved and saved[n] != current[n])
     if changed:
         details = "; ".join(f"{n}: saved {saved.get(n)} now {current[n]}" for n in changed)
         raise CalmUsageError(f"{path} was written with other settings for {', '.join(changed)} ({details}); "
@@ -86,11 +86,12 @@ def stamp_scoring(state_dir: Path, scoring: str) -> int:
 
 @dataclasses.dataclass
 class SavedBlock:
-    """A block's saved decision, its candidate blocks (on disk; None for a candidate that failed) and the
-    scoring its scores were computed with."""
+    """A block's saved decision, its candidate blocks (on disk; None for a candidate that failed), the scoring
+    its scores were computed with, and the pool's candidates it has no block for (added to the pool since)."""
     decision: BlockDecision
     blocks: dict[str, StoredBlock | None]
     scored_by: str
+    missing: tuple[str, ...] = ()
 
 
 class BlockStateStore:
@@ -135,10 +136,13 @@ class BlockStateStore:
         saved = json.loads(path.read_text())
         decision = BlockDecision.from_dict(saved)
         failed = decision.failed
-        needed = {n: self.block_path(index, n) for n in self.options if n not in failed}
+        # Candidates the decision has no score for were added to the pool since: the search quantizes them.
+        missing = tuple(n for n in self.options if n not in decision.scores)
+        needed = {n: self.block_path(index, n) for n in self.options if n not in failed and n not in missing}
         if not all(p.is_file() for p in needed.values()):
             return None
         check_saved_options(path, saved.get("candidate_options", self.options), self.options)
-        blocks: dict[str, StoredBlock | None] = {n: None for n in self.options}
+        decision.scores = {n: s for n, s in decision.scores.items() if n in self.options}
+        blocks: dict[str, StoredBlock | None] = {n: None for n in self.options if n not in missing}
         blocks.update({n: StoredBlock(path=p) for n, p in needed.items()})
-        return SavedBlock(decision, blocks, saved.get("scored_by", self.scoring))
+        return SavedBlock(decision, blocks, saved.get("scored_by", self.scoring), missing)
