@@ -128,6 +128,11 @@ ZERO_SHOT = (
     ("FP", "run-zs-W3A16G64.json", "fp"),
     ("W3 G64: GPTQ (uniform)", "run-zs-W3A16G64.json", "gptq"),
     ("W3 G64: CALM over {rtn, gptq} (every block chose GPTQ)", "run-zs-W3A16G64.json", "calm"),
+    ("W4 G64: RTN (uniform)", "run-zs-W4A16G64.json", "rtn"),
+    ("W4 G64: GPTQ (uniform)", "run-zs-W4A16G64.json", "gptq"),
+    ("W4 G64: CALM over {rtn, gptq}", "run-zs-W4A16G64.json", "calm"),
+    ("3.25-bit budget: GPTQ mixed precision (gptq-mp-score)", "run-budget-3.25-nll.json", "gptq-mp-score"),
+    ("3.25-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3}", "run-budget-3.25-nll.json", "calm"),
 )
 
 
@@ -163,7 +168,8 @@ def budget(file: str = "run-budget-3.25.json") -> str:
 
 
 TABLES = {"default-schemes": default_schemes, "w3-pool": w3_pool, "activation": activation}
-TABLES |= {"zero-shot": zero_shot, "budget": budget, "budget-2.5": lambda: budget("run-budget-2.5.json")}
+TABLES |= {"zero-shot": zero_shot, "budget": lambda: budget("run-budget-3.25-nll.json"),
+           "budget-cka": budget, "budget-2.5": lambda: budget("run-budget-2.5.json")}
 README_TABLES = ("default-schemes", "w3-pool", "activation", "budget", "zero-shot")  # bench/QUALITY.md: any
 
 

@@ -71,6 +71,22 @@ def test_search_scores_every_candidate_and_resumes(tiny_model, tmp_path, propaga
             assert na == nb and torch.equal(ta, tb)
 
 
+def record_quantized(monkeypatch) -> list[str]:
+    """The names of the candidates the search quantizes from now on, in order."""
+    quantized = []
+    real_quantize = calm.search.candidates.quantize
+    monkeypatch.setattr(calm.search.candidates, "quantize",
+                        lambda cand, *a, **kw: quantized.append(cand.name) or real_quantize(cand, *a, **kw))
+    return quantized
+
+
+def stale_blocks(propagation: str, saved: list[str], now: list[str]) -> int:
+    """Blocks whose saved candidates were fitted on inputs that changed: with greedy propagation, those after
+    the first block whose choice changed."""
+    changed = [i for i, (a, b) in enumerate(zip(saved, now)) if a != b]
+    return 0 if propagation == "independent" or not changed else len(now) - changed[0] - 1
+
+
 @pytest.mark.parametrize("propagation", ["greedy", "independent"])
 def test_resume_under_another_score_scores_the_saved_blocks_again(tiny_model, tmp_path, monkeypatch, propagation):
     """A resumed search under another score gives what a fresh search under that score gives, quantizing only the
@@ -82,14 +98,10 @@ def test_resume_under_another_score_scores_the_saved_blocks_again(tiny_model, tm
     first = calm_search(tiny_model, windows, spec, cka, state_dir=tmp_path / "a", log=lambda _: None)
     fresh = calm_search(tiny_model, windows, spec, nll, state_dir=tmp_path / "b", log=lambda _: None)
 
-    quantized = []
-    real_quantize = calm.search.candidates.quantize
-    monkeypatch.setattr(calm.search.candidates, "quantize",
-                        lambda cand, *a, **kw: quantized.append(cand.name) or real_quantize(cand, *a, **kw))
+    quantized = record_quantized(monkeypatch)
     lines = []
     again = calm_search(tiny_model, windows, spec, nll, state_dir=tmp_path / "a", log=lines.append)
-    changed = [i for i, (a, b) in enumerate(zip(first.decisions, fresh.decisions)) if a.chosen != b.chosen]
-    stale = 0 if propagation == "independent" or not changed else len(first.decisions) - changed[0] - 1
+    stale = stale_blocks(propagation, [d.chosen for d in first.decisions], [d.chosen for d in fresh.decisions])
     assert len(quantized) == 2 * stale
     assert sum("(scored again)" in line for line in lines) == len(first.decisions) - stale
     for a, b in zip(again.decisions, fresh.decisions):
@@ -117,14 +129,10 @@ def test_resume_with_added_candidates_quantizes_only_those(tiny_model, tmp_path,
     calm_search(tiny_model, windows, spec, small, state_dir=tmp_path / "a", log=lambda _: None)
     fresh = calm_search(tiny_model, windows, spec, grown, state_dir=tmp_path / "b", log=lambda _: None)
 
-    quantized = []
-    real_quantize = calm.search.candidates.quantize
-    monkeypatch.setattr(calm.search.candidates, "quantize",
-                        lambda cand, *a, **kw: quantized.append(cand.name) or real_quantize(cand, *a, **kw))
+    quantized = record_quantized(monkeypatch)
     lines = []
     again = calm_search(tiny_model, windows, spec, grown, state_dir=tmp_path / "a", log=lines.append)
-    changed = [i for i, d in enumerate(fresh.decisions) if d.chosen != "gptq"]
-    stale = 0 if propagation == "independent" or not changed else len(fresh.decisions) - changed[0] - 1
+    stale = stale_blocks(propagation, ["gptq"] * len(fresh.decisions), [d.chosen for d in fresh.decisions])
     n = len(fresh.decisions)
     assert quantized.count("rtn") == n and quantized.count("gptq") == stale
     assert sum("(completed)" in line for line in lines) == n - stale
