@@ -16,9 +16,9 @@ import dataclasses
 import errno
 import hashlib
 import json
-import re
 import math
 import platform
+import re
 import resource
 import shutil
 import sys
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hugging Face hub (online)")
     p.add_argument("--zero-shot-models", default=None, metavar="NAMES",
                    help="zero-shot only these of the run's models, comma-separated as results.json names them "
-                   "(fp, a pool member such as gptq, gptq@3 or affine[lr=0.01,steps=5], calm, gptq-mp, gptq-mp-score); default: every model")
+                   "(fp, a pool member such as gptq, gptq@3 or affine[lr=0.01,steps=5], calm, gptq-mp, "
+                   "gptq-mp-score); default: every model")
     p.add_argument("--zero-shot-batch-size", type=int, default=ZeroShotConfig().batch_size,
                    help="lm-eval's batch size")
     p.add_argument("--export", default=None, metavar="FORMAT", help="also export the saved model to OUTPUT/"

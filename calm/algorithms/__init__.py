@@ -8,8 +8,8 @@ An algorithm is registered by name with its typed options class (`calm.algorithm
 It receives a private deep copy of the float block (it may modify it in place and return it), the block's
 calibration inputs (`calm.model.BlockInputs`), the `QuantSpec`, its validated options and the model-wide
 context its `prepare` hook computed (empty for most); its Linear layers come back as `calm.nn` modules holding
-packed weights. A candidate of the search pool (`CandidateSpec`) names an algorithm, optionally its own weight bits and group
-size (`gptq@2`: the scheme with 2-bit weights; `gptq@3g128`) and raw option values;
+packed weights. A candidate of the search pool (`CandidateSpec`) names an algorithm, optionally its own weight
+bits and group size (`gptq@2`: the scheme with 2-bit weights; `gptq@3g128`) and raw option values;
 `parse_options` turns them into the typed options, so every bad value fails before the model loads.
 """
 from __future__ import annotations
@@ -110,8 +110,9 @@ def validate_candidate(candidate: CandidateSpec, spec: QuantSpec) -> AlgorithmOp
     options = parse_options(candidate)
     algorithm = get(candidate.algorithm)
     if candidate.group_size is not None and not algorithm.grouped:
+        bits = candidate.spec_for(spec).w_bits
         raise CalmUsageError(f"candidate {candidate.name}: {candidate.algorithm} has no weight groups; drop the "
-                             f"'g{candidate.group_size}' (e.g. {candidate.algorithm}@{candidate.spec_for(spec).w_bits})")
+                             f"'g{candidate.group_size}' (e.g. {candidate.algorithm}@{bits})")
     if algorithm.check_spec is not None:
         algorithm.check_spec(candidate.spec_for(spec))
     return options
