@@ -241,7 +241,9 @@ def _rows_configs(d: int, has_factor: bool) -> list[triton.Config]:
         return [triton.Config({"BLOCK_T": 16}, num_warps=4)]
     lo = 16 if has_factor else 1
     sizes = [bt for bt in (1, 2, 4, 8, 16, 32, 64) if bt >= lo and bt * d <= 16384] or [lo]
-    return [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt in sizes for w in (4, 8)]
+    # With a factor, 4 warps spill past 4096 elements (sm90 ptxas: 96 bytes at 64 x 128; 8 warps: none).
+    return [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt in sizes for w in (4, 8)
+            if w == 8 or not has_factor or bt * d <= 4096]
 
 
 def _kron2_configs(d1: int, d2: int) -> list[triton.Config]:
@@ -393,11 +395,17 @@ def _signed_weight_tile(w_ptr, rn64, n_mask, stride_wn, k0, words_per_row,
 
 @triton.jit
 def _rotated_matmul_kernel(
-    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, stride_am, stride_wn, stride_om, M_BUCKET,
     K: tl.constexpr, W_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
+    """SPLIT_K > 1 (decode: more programs when N alone gives too few): program (tile, k) sums every SPLIT_K-th
+    K block; the int32 partials meet in the (M, N) workspace by integer atomics (exact and order-free, so the
+    result is bit for bit the unsplit one), and the tile's last program (ticket counter) takes the sum back
+    while zeroing the workspace, runs the epilogue and resets the counter: the workspace is clean after every
+    launch, with no zero-fill or copy launches."""
     # K is a compile-time constant (one per layer shape): static trip count for the software pipeliner, and
     # Triton 3.6's interpreter cannot take a runtime loop bound under numpy >= 2.4.
     WORDS_PER_ROW: tl.constexpr = (K + 31) // 32 * W_BITS
@@ -417,19 +425,32 @@ def _rotated_matmul_kernel(
     n_mask = rn < N
     a_rows = a_ptr + rm[:, None] * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
         kk = k0 + rk
         a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0)
         w = _signed_weight_tile(w_ptr, rn, n_mask, stride_wn, k0, WORDS_PER_ROW, W_BITS, BLOCK_N, BLOCK_K)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    if OUT_INT32:
-        tl.store(out_ptrs, acc, mask=out_mask)
-    else:
-        a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
-        w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
-        _scaled_store(acc, a_scale, w_scale, bias_ptr, rn, n_mask, out_ptrs, out_mask, HAS_BIAS)
+    last = True
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + rm[:, None] * N + rn[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="release")
+        tl.debug_barrier()  # every thread's partial is issued before the ticket
+        ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        last = ticket == SPLIT_K - 1
+        if last:
+            tl.debug_barrier()
+            acc = tl.where(out_mask, tl.atomic_xchg(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+                                                    mask=out_mask, sem="acquire"), 0)
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+    if last:
+        if OUT_INT32:
+            tl.store(out_ptrs, acc, mask=out_mask)
+        else:
+            a_scale = tl.load(a_scale_ptr + rm, mask=m_mask, other=0.0)
+            w_scale = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)
+            _scaled_store(acc, a_scale, w_scale, bias_ptr, rn, n_mask, out_ptrs, out_mask, HAS_BIAS)
 
 
 @triton.jit
@@ -529,14 +550,17 @@ def fused_decode(x: torch.Tensor, bits: int, scale_mult: float, orders: tuple[in
 
 
 def _gemm_configs(regime: str) -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
-    c = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    if interpreter_enabled():  # decode: split-K, so that the interpreter runs the workspace path
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4,
+                               "SPLIT_K": 2 if regime == "decode" else 1}, num_warps=4)]
+    c = lambda bm, bn, bk, w, s, sk=1: triton.Config(  # noqa: E731
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": sk}, num_warps=w, num_stages=s)
     if regime == "decode":  # weight-bandwidth bound: many narrow column tiles, long K steps
-        # 2 warps spill a 64 x 256 weight tile (sm90 ptxas: 260 / 472 bytes at 3 / 4 bits); 4 warps do not
-        return [c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4)
-                if w == 4 or bn * bk <= 8192 for s in (3, 4)]
+        # 2 warps spill a 64 x 256 weight tile (sm90 ptxas: 260 / 472 bytes at 3 / 4 bits); 4 warps do not.
+        # Split-K adds programs where N gives few column tiles (N = 576: 9 tiles of 64 for 132 SMs).
+        return ([c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4)
+                 if w == 4 or bn * bk <= 8192 for s in (3, 4)]
+                + [c(16, bn, bk, 4, 3, sk) for bn in (32, 64) for bk in (128, 256) for sk in (2, 4)])
     # medium and large: chosen by ptxas's sm90 register report (K = 4096, bias, bf16 out). The 32-bit word
     # unpacking keeps BLOCK_N x BLOCK_K int32 temporaries live beside the int32 accumulator, so the earlier
     # lists spilled in every large config (188 to 2956 bytes; 128x128x64 at 4 warps 540). All configs below
@@ -548,6 +572,19 @@ def _gemm_configs(regime: str) -> list[triton.Config]:
                  for s in (3, 4)] + [c(64, 128, 64, 8, s) for s in (3, 4)])
     return [c(128, 128, 64, 8, 3), c(128, 128, 64, 8, 4), c(64, 128, 64, 8, 3), c(64, 128, 128, 8, 3),
             c(128, 256, 32, 8, 3), c(256, 128, 32, 8, 3), c(256, 128, 32, 8, 4)]
+
+
+# Split-K workspace of the decode GEMM: an (M, N) int32 buffer and an int32 counter per output tile (the
+# smallest tiles, 16 x 16), per device and shape, zeroed once when made; every launch leaves them zero again.
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_k_workspace(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (str(device), m, n)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.zeros(m, n, dtype=torch.int32, device=device),
+                            torch.zeros(triton.cdiv(m, 16) * triton.cdiv(n, 16), dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
 
 
 @functools.cache
@@ -568,10 +605,12 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor | None, w_packe
         return out.zero_() if bias is None or out_dtype == torch.int32 else out.copy_(bias.expand(m, n))
     int_out = out_dtype == torch.int32
     regime = "decode" if m <= 16 else "medium" if m <= 128 else "large"
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    ws, cnt = split_k_workspace(m, n, a_codes.device) if regime == "decode" else (out, out)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                         meta["SPLIT_K"])
     _gemm_kernel(regime)[grid](
         a_codes, w_packed, a_codes if int_out else a_scales, a_codes if int_out else w_scales,
-        bias if bias is not None else a_codes, out,
+        bias if bias is not None else a_codes, out, ws, cnt,
         m, n, a_codes.stride(0), w_packed.stride(0), out.stride(0), _bucket(m),
         K=k, W_BITS=w_bits, HAS_BIAS=bias is not None and not int_out, OUT_INT32=int_out)
     return out
@@ -601,12 +640,16 @@ def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dic
 
     specs = []
     gemm_sig = {"a_ptr": "*i8", "w_ptr": "*i32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-                "bias_ptr": "*bf16", "out_ptr": "*bf16", **_i32("M", "N", "stride_am", "stride_wn", "stride_om",
-                                                             "M_BUCKET"),
+                "bias_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32",
+                **_i32("M", "N", "stride_am", "stride_wn", "stride_om", "M_BUCKET"),
                 **dict.fromkeys(("K", "W_BITS", "HAS_BIAS", "OUT_INT32", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                 "GROUP_M"), "constexpr")}
+                                 "GROUP_M", "SPLIT_K"), "constexpr")}
     for regime in ("decode", "medium", "large"):
-        for i, cfg in enumerate(pick(_gemm_configs(regime))):
+        configs = _gemm_configs(regime)
+        # the split-K epilogue too: the largest split config beside the largest unsplit one
+        split = [c for c in configs if c.kwargs["SPLIT_K"] > 1]
+        for i, cfg in enumerate(configs if full else
+                                pick([c for c in configs if c not in split]) + (pick(split) if split else [])):
             bits = (4, 3, 2)[i % 3] if full else 3  # 3-bit: the widest unpacking
             specs.append((f"rotated_matmul[{regime} w{bits} {label(cfg)}]", _rotated_matmul_kernel, gemm_sig,
                           {"K": 4096, "W_BITS": bits, "HAS_BIAS": True, "OUT_INT32": False, **cfg.kwargs},

@@ -52,7 +52,9 @@ Kernels (Triton, in `calm_kernels/_rotated_triton.py`, imported only when a laun
 - GEMM: int8 x int8 -> int32 `tl.dot`; the packed weight tile is sign-extended in registers (XOR with the
   fields' top bits turns offset-binary into two's complement, then shift left, arithmetic shift right; 3-bit
   codes straddle 32-bit words, so they are cut from 64-bit word pairs); scales and bias in the epilogue.
-  K is a compile-time constant. No split-K: at M = 1 parallelism comes from narrow column tiles only.
+  K is a compile-time constant. Decode (M <= 16) configs may split K over 2 or 4 programs per column tile:
+  int32 partials meet by integer atomics in a self-cleaning workspace (exact, so bit for bit the unsplit
+  result; the tile's last program runs the epilogue), for widths whose column tiles alone leave SMs idle.
   Prefill configs go up to BLOCK_M = 256.
 - Fused decode (`rotated_linear`, M <= 16 with a one/two-factor transform): one launch; every program
   transforms and quantizes all M tokens in its prologue (the same bytes into shared (M, K) codes and (M,)
