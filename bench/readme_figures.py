@@ -131,6 +131,9 @@ ZERO_SHOT = (
     ("W4 G64: RTN (uniform)", "run-zs-W4A16G64.json", "rtn"),
     ("W4 G64: GPTQ (uniform)", "run-zs-W4A16G64.json", "gptq"),
     ("W4 G64: CALM over {rtn, gptq}", "run-zs-W4A16G64.json", "calm"),
+    ("W3A3: rotation (Hadamard + GPTQ, uniform)", "run-zs-W3A3.json", "rotation"),
+    ("W3A3: affine (uniform)", "run-zs-W3A3.json", AFFINE),
+    ("W3A3: CALM over {rtn, gptq, rotation, affine}", "run-zs-W3A3.json", "calm"),
     ("3.25-bit budget: GPTQ mixed precision (gptq-mp-score)", "run-budget-3.25-nll.json", "gptq-mp-score"),
     ("3.25-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3}", "run-budget-3.25-nll.json", "calm"),
 )
