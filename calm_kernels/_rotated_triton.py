@@ -394,6 +394,16 @@ def _signed_weight_tile(w_ptr, rn64, n_mask, stride_wn, k0, words_per_row,
 
 
 @triton.jit
+def _int_dot_step(acc, a_rows, m_mask, w_ptr, rn, n_mask, stride_wn, k0, rk, K: tl.constexpr,
+                  WORDS_PER_ROW: tl.constexpr, W_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + the int8 codes of K columns k0.. times the sign-extended weight tile, in int32."""
+    kk = k0 + rk
+    a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0)
+    w = _signed_weight_tile(w_ptr, rn, n_mask, stride_wn, k0, WORDS_PER_ROW, W_BITS, BLOCK_N, BLOCK_K)
+    return tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+
+
+@triton.jit
 def _rotated_matmul_kernel(
     a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, stride_am, stride_wn, stride_om, M_BUCKET,
@@ -425,11 +435,15 @@ def _rotated_matmul_kernel(
     n_mask = rn < N
     a_rows = a_ptr + rm[:, None] * stride_am
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        kk = k0 + rk
-        a = tl.load(a_rows + kk[None, :], mask=m_mask[:, None] & (kk < K)[None, :], other=0)
-        w = _signed_weight_tile(w_ptr, rn, n_mask, stride_wn, k0, WORDS_PER_ROW, W_BITS, BLOCK_N, BLOCK_K)
-        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    if SPLIT_K == 1:  # a static trip count: the software pipeliner keeps its registers (ptxas: a runtime start
+        # spilled 344 bytes at 128 x 128 x 64, 3 bits)
+        for k0 in range(0, K, BLOCK_K):
+            acc = _int_dot_step(acc, a_rows, m_mask, w_ptr, rn, n_mask, stride_wn, k0, rk, K, WORDS_PER_ROW,
+                                W_BITS, BLOCK_N, BLOCK_K)
+    else:
+        for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            acc = _int_dot_step(acc, a_rows, m_mask, w_ptr, rn, n_mask, stride_wn, k0, rk, K, WORDS_PER_ROW,
+                                W_BITS, BLOCK_N, BLOCK_K)
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     last = True
