@@ -136,6 +136,7 @@ ZERO_SHOT = (
     ("W3A3: CALM over {rtn, gptq, rotation, affine}", "run-zs-W3A3.json", "calm"),
     ("3.25-bit budget: GPTQ mixed precision (gptq-mp-score)", "run-budget-3.25-nll.json", "gptq-mp-score"),
     ("3.25-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3}", "run-budget-3.25-nll.json", "calm"),
+    ("2.5-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3}", "run-budget-2.5-nll.json", "calm"),
 )
 
 
@@ -172,7 +173,8 @@ def budget(file: str = "run-budget-3.25.json") -> str:
 
 TABLES = {"default-schemes": default_schemes, "w3-pool": w3_pool, "activation": activation}
 TABLES |= {"zero-shot": zero_shot, "budget": lambda: budget("run-budget-3.25-nll.json"),
-           "budget-cka": budget, "budget-2.5": lambda: budget("run-budget-2.5.json")}
+           "budget-cka": budget, "budget-2.5": lambda: budget("run-budget-2.5-nll.json"),
+           "budget-2.5-cka": lambda: budget("run-budget-2.5.json")}
 README_TABLES = ("default-schemes", "w3-pool", "activation", "budget", "zero-shot")  # bench/QUALITY.md: any
 
 
