@@ -131,6 +131,8 @@ ZERO_SHOT = (
     ("W4 G64: RTN (uniform)", "run-zs-W4A16G64.json", "rtn"),
     ("W4 G64: GPTQ (uniform)", "run-zs-W4A16G64.json", "gptq"),
     ("W4 G64: CALM over {rtn, gptq}", "run-zs-W4A16G64.json", "calm"),
+    ("W4A4: affine (uniform)", "run-zs-W4A4.json", AFFINE),
+    ("W4A4: CALM over {rtn, gptq, rotation, affine}", "run-zs-W4A4.json", "calm"),
     ("W3A3: rotation (Hadamard + GPTQ, uniform)", "run-zs-W3A3.json", "rotation"),
     ("W3A3: affine (uniform)", "run-zs-W3A3.json", AFFINE),
     ("W3A3: CALM over {rtn, gptq, rotation, affine}", "run-zs-W3A3.json", "calm"),
