@@ -100,7 +100,8 @@ class _Block:
 
 def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: BlockInputs,
             reference: list[torch.Tensor], spec: QuantSpec, config: SearchConfig, contexts: dict[str, dict],
-            scorer: Scorer, store: BlockStateStore, bar, saved: SavedBlock | None = None) -> _Block:
+            scorer: Scorer, store: BlockStateStore, bar, saved: SavedBlock | None = None,
+            device: torch.device | None = None) -> _Block:
     """Quantize block `index` with every candidate (fitted on `inputs`), score each on `score_inputs` against
     the float `reference`, save each block as it is made, choose. A candidate whose quantization breaks down
     numerically is recorded as failed; when all fail, raises AllCandidatesFailed (earlier blocks stay saved).
@@ -122,7 +123,7 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
                 scores[cand.name] = old
             else:
                 ts = time.perf_counter()
-                module = stored.load(fp_block, fp_block_device(fp_block))
+                module = stored.load(fp_block, device)
                 outs = outputs[cand.name] = run_block(module, score_inputs)
                 stored.unload(module)
                 scores[cand.name] = dataclasses.replace(
@@ -168,13 +169,6 @@ def _decide(index: int, fp_block: nn.Module, inputs: BlockInputs, score_inputs: 
     note = ("" if saved is None else "completed" if saved.missing else "scored again" if rescore
             else "chosen again")  # the last: its saved choice left the pool
     return _Block(decision, blocks, outputs, note)
-
-
-def fp_block_device(block: nn.Module) -> torch.device:
-    """Where a (float) block computes: its first parameter's or buffer's device."""
-    for t in (*block.parameters(), *block.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def _block_line(block: _Block, total: int, score: str, seconds: float, elapsed: float) -> str:
@@ -268,7 +262,7 @@ def calm_search(model: nn.Module | ModelSource, windows: torch.Tensor, spec: Qua
                     try:
                         with distributed.alone() if spread else contextlib.nullcontext():
                             block = _decide(index, fp_block, inputs, score_inputs, reference, spec, config,
-                                            contexts, scorer, store, bar, saved)
+                                            contexts, scorer, store, bar, saved, source.device)
                     except AllCandidatesFailed as exc:  # name the block; the blocks before it stay saved
                         raise AllCandidatesFailed(exc.reasons, index, n_blocks,
                                                   None if state_dir is None else str(state_dir)) from None
