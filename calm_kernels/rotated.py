@@ -22,8 +22,9 @@ Contract
     an orthogonal dense factor instead: Hartley_m kron H_(2^j) (`hartley_matrix`, m the odd part), so
     11008 = 86 x 128 with 86 = Hartley_43 kron H_2. Its entries reach sqrt(2 / n) where a Hadamard's are
     1 / sqrt(n); on heavy-tailed rows (Student-t, 8 channels x30, n = 1536) 4-bit per-token error after the
-    rotation was 0.0128 against the Hadamard's 0.0122 (0.124 unrotated). Its factors are not integers, so fp16
-    operand rounding can move a code next to a rounding tie (the tests bound it as for learned factors).
+    rotation was 0.0128 against the Hadamard's 0.0122 (0.124 unrotated; `python bench/hartley_vs_hadamard.py`).
+    Its factors are not integers, so fp16 operand rounding can move a code next to a rounding tie (the tests
+    bound it as for learned factors).
     Refused (ValueError naming the reason; `supported_hadamard_size(n)` tells in advance): an odd part above
     256, or above 128 with fewer than 16 columns per chunk (e.g. 131, 262).
   - `kronecker_transform(p1[, p2])`: learned invertible factors (the FlatQuant-style affine path), each of
