@@ -362,9 +362,14 @@ def open_model(cfg: RunConfig, spec: QuantSpec, device: torch.device, dtype: tor
     layout = layout_of(decoder_blocks(source.model)[0])
     for cand in cfg.search.pool:  # the family is known from the skeleton: refuse what it cannot take now
         algorithms.validate_family(cand, layout, spec)
-    for block in decoder_blocks(source.model):  # shapes are known on the skeleton: check the groups now
-        for linear in block_linears(block).values():
-            spec.group_for(linear.in_features)
+    in_features = {linear.in_features for block in decoder_blocks(source.model)
+                   for linear in block_linears(block).values()}
+    for cand in cfg.search.pool:  # shapes are known on the skeleton: check every candidate's groups now
+        try:
+            for k in sorted(in_features):
+                cand.spec_for(spec).group_for(k)
+        except CalmUsageError as exc:
+            raise CalmUsageError(f"candidate {cand.name}: {exc}") from None
     digest = None
     if cfg.residual_rotation != "none":
         rotation = RotationOnLoad(source.model, cfg.residual_rotation, seed=cfg.data.seed)

@@ -54,6 +54,10 @@ def test_unknown_algorithm_and_scheme(capsys, tmp_path, tiny_model_dir, text_fil
 
 def test_group_size_that_does_not_divide(capsys, tmp_path, tiny_model_dir, text_file):
     refused(capsys, args(tiny_model_dir, text_file, tmp_path / "out", "--scheme", "W3A16G48"), "does not divide")
+    # a candidate's own group is checked before the folder is written, or the folder would hold a run that cannot
+    # resume with the pool fixed
+    refused(capsys, args(tiny_model_dir, text_file, tmp_path / "out", "--pool", "rtn;gptq@3g48"),
+            "candidate gptq@3g48: group size 48 does not divide")
     assert not (tmp_path / "out").exists()
 
 
