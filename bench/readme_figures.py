@@ -136,8 +136,15 @@ ZERO_SHOT = (
     ("W3A3: rotation (Hadamard + GPTQ, uniform)", "run-zs-W3A3.json", "rotation"),
     ("W3A3: affine (uniform)", "run-zs-W3A3.json", AFFINE),
     ("W3A3: CALM over {rtn, gptq, rotation, affine}", "run-zs-W3A3.json", "calm"),
-    ("3.25-bit budget: GPTQ mixed precision (gptq-mp-score)", "run-budget-3.25-nll.json", "gptq-mp-score"),
+    ("3.25-bit budget: GPTQ mixed precision (gptq-mp-score) over G64 widths", "run-budget-3.25-nll.json",
+     "gptq-mp-score"),
     ("3.25-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3}", "run-budget-3.25-nll.json", "calm"),
+    ("3.25-bit budget: GPTQ mixed precision (gptq-mp-score) over G64 and G192 widths",
+     "run-budget-3.25-groups.json", "gptq-mp-score"),
+    ("3.25-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3, gptq@3g192, gptq@4g192}",
+     "run-budget-3.25-groups.json", "calm"),
+    ("3.25-bit budget: GPTQ mixed precision (gptq-mp-score) over 3- and 4-bit G64 and G192 widths",
+     "run-budget-3.25-no2.json", "gptq-mp-score"),
     ("2.5-bit budget: CALM over {gptq@2, gptq@3, gptq@4, claq@3}", "run-budget-2.5-nll.json", "calm"),
 )
 
@@ -146,17 +153,20 @@ def zero_shot() -> str:
     """Held-out perplexity, every task's accuracy and their average (± standard error) per model."""
     first = load(ZERO_SHOT[0][1])["zero_shot_setup"]
     tasks = first["tasks"]
-    lines = ["| model | effective bits | PPL | " + " | ".join(tasks) + " | average acc |",
-             "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    lines = ["| model | effective bits | PPL | documents per task | " + " | ".join(tasks) + " | average acc |",
+             "|---|---|---|---|" + "---|" * (len(tasks) + 1)]
     for label, file, model in ZERO_SHOT:
         r = load(file)
+        setup = r["zero_shot_setup"]
+        if setup["tasks"] != tasks or setup["lm_eval"] != first["lm_eval"]:
+            raise SystemExit(f"{file}: zero-shot tasks or lm-eval version differ from {ZERO_SHOT[0][1]}'s")
         figures = r["zero_shot"].get(model)
         cells = [f"{figures[t]['acc']:.3f}" for t in tasks] if figures else [""] * len(tasks)
         avg = f"{figures['average']['acc']:.4f} ± {figures['average']['acc_stderr']:.4f}" if figures else ""
-        lines.append(f"| {label} | {r['effective_bits'][model]:.3f} | {fmt_ppl(r['perplexity'][model])} | "
+        limit = "all" if setup["limit"] is None else f"first {setup['limit']}"
+        lines.append(f"| {label} | {r['effective_bits'][model]:.3f} | {fmt_ppl(r['perplexity'][model])} | {limit} | "
                      + " | ".join(cells) + f" | {avg} |")
-    limit = "all documents" if first["limit"] is None else f"the first {first['limit']} documents of each task"
-    lines += ["", f"lm-eval {first['lm_eval']}, 0-shot, {limit} (validation splits, offline), acc; the average's "
+    lines += ["", f"lm-eval {first['lm_eval']}, 0-shot, validation splits (offline), acc; the average's "
               f"standard error is sqrt(sum of the task variances) / tasks."]
     return "\n".join(lines)
 
@@ -174,7 +184,9 @@ def budget(file: str = "run-budget-3.25.json") -> str:
 
 
 TABLES = {"default-schemes": default_schemes, "w3-pool": w3_pool, "activation": activation}
-TABLES |= {"zero-shot": zero_shot, "budget": lambda: budget("run-budget-3.25-nll.json"),
+TABLES |= {"zero-shot": zero_shot, "budget": lambda: budget("run-budget-3.25-groups.json"),
+           "budget-g64": lambda: budget("run-budget-3.25-nll.json"),
+           "budget-no2": lambda: budget("run-budget-3.25-no2.json"),
            "budget-cka": budget, "budget-2.5": lambda: budget("run-budget-2.5-nll.json"),
            "budget-2.5-cka": lambda: budget("run-budget-2.5.json")}
 README_TABLES = ("default-schemes", "w3-pool", "activation", "budget", "zero-shot")  # bench/QUALITY.md: any
