@@ -126,6 +126,7 @@ def activation() -> str:
 # (label, file, model): the zero-shot runs (bench/quality.py with --zero-shot, and the bit-budget run).
 ZERO_SHOT = (
     ("FP", "run-zs-W3A16G64.json", "fp"),
+    ("W3 G64: RTN (uniform)", "run-zs-W3A16G64-rtn.json", "rtn"),
     ("W3 G64: GPTQ (uniform)", "run-zs-W3A16G64.json", "gptq"),
     ("W3 G64: CALM over {rtn, gptq} (every block chose GPTQ)", "run-zs-W3A16G64.json", "calm"),
     ("W4 G64: RTN (uniform)", "run-zs-W4A16G64.json", "rtn"),
@@ -133,6 +134,9 @@ ZERO_SHOT = (
     ("W4 G64: CALM over {rtn, gptq}", "run-zs-W4A16G64.json", "calm"),
     ("W4A4: affine (uniform)", "run-zs-W4A4.json", AFFINE),
     ("W4A4: CALM over {rtn, gptq, rotation, affine}", "run-zs-W4A4.json", "calm"),
+    ("W4A4: rotation (Hadamard + GPTQ, uniform)", "run-zs-W4A4-300.json", "rotation"),
+    ("W4A4: affine (uniform)", "run-zs-W4A4-300.json", AFFINE),
+    ("W4A4: CALM over {rtn, gptq, rotation, affine}", "run-zs-W4A4-300.json", "calm"),
     ("W3A3: rotation (Hadamard + GPTQ, uniform)", "run-zs-W3A3.json", "rotation"),
     ("W3A3: affine (uniform)", "run-zs-W3A3.json", AFFINE),
     ("W3A3: CALM over {rtn, gptq, rotation, affine}", "run-zs-W3A3.json", "calm"),
