@@ -194,23 +194,30 @@ _REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device
 
 
 # The search's scoring may change too (the saved candidate blocks are scored again, not quantized again), and
-# its pool may grow (only the added candidates are quantized).
+# its pool may grow (only the added candidates are quantized). A bit budget's step 1 fits every candidate on the
+# float model's inputs, so there the budget and the pool may change in any way: the saved blocks are allocated
+# again and only candidates new to the folder are quantized.
 _RESCORABLE = ("score", "debiased_cka")
 
 
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+def _is_budget_run(cfg: dict[str, Any]) -> bool:
+    return cfg.get("search", {}).get("bits_budget") is not None
+
+
+def _comparable(cfg: dict[str, Any], budget_runs: bool) -> dict[str, Any]:
     kept = {k: v for k, v in cfg.items() if k not in _REPORT_ONLY}
     if isinstance(kept.get("search"), dict):
-        kept["search"] = {k: v for k, v in kept["search"].items() if k not in (*_RESCORABLE, "pool")}
+        free = (*_RESCORABLE, "pool", *(("bits_budget",) if budget_runs else ()))
+        kept["search"] = {k: v for k, v in kept["search"].items() if k not in free}
     return kept
 
 
-def _pool_grew(previous: dict[str, Any], mine: dict[str, Any]) -> bool | None:
-    """None when `mine`'s pool lacks a candidate of `previous`'s (another run); else whether it added some."""
+def _pool_change(previous: dict[str, Any], mine: dict[str, Any], budget_runs: bool) -> tuple[bool, bool] | None:
+    """(added, dropped): whether `mine`'s pool adds candidates to `previous`'s, and whether it drops some. None
+    when it drops some and the run is not a budget run's (another run then: greedy choices depend on the pool)."""
     before, now = previous.get("search", {}).get("pool", []), mine.get("search", {}).get("pool", [])
-    if any(c not in now for c in before):
-        return None
-    return len(now) > len(before)
+    added, dropped = any(c not in before for c in now), any(c not in now for c in before)
+    return None if dropped and not budget_runs else (added, dropped)
 
 
 def _scoring(cfg: dict[str, Any]) -> str:
@@ -237,16 +244,24 @@ def check_output_folder(cfg: RunConfig) -> bool:
         previous = json.loads(json.dumps(RunConfig.from_dict(previous).to_dict()))
     except (TypeError, CalmUsageError):
         pass
-    grew = _pool_grew(previous, mine)
-    if _comparable(previous) != _comparable(mine) or grew is None:
+    budget_runs = _is_budget_run(previous) and _is_budget_run(mine)
+    change = _pool_change(previous, mine, budget_runs)
+    if _comparable(previous, budget_runs) != _comparable(mine, budget_runs) or change is None:
         diff = sorted(k for k in set(previous) | set(mine)
                       if k not in _REPORT_ONLY and previous.get(k) != mine.get(k))
-        if grew is None:
-            diff.append("search.pool (a resumed run may add candidates, not drop or change them)")
+        if change is None:
+            diff.append("search.pool (a resumed run may add candidates, not drop or change them; a --bits-budget "
+                        "run may)")
         raise CalmUsageError(f"output folder {out} holds another run (settings differ in: {', '.join(diff)}); "
                              f"pass a new --output or delete that folder")
-    if grew:
+    added, dropped = change
+    if added:
         logger.info("the pool grew since this folder was written: only the added candidates are quantized")
+    if dropped:
+        logger.info("candidates left the pool since this folder was written: the budget allocates over the rest")
+    if budget_runs and previous["search"]["bits_budget"] != mine["search"]["bits_budget"]:
+        logger.info(f"the bit budget changed ({previous['search']['bits_budget']} -> "
+                    f"{mine['search']['bits_budget']}): step 1's saved blocks are allocated again")
     if _scoring(previous) != _scoring(mine):
         stamp_scoring(out / "state", _scoring(previous))
         logger.info(f"the search's score changed ({_scoring(previous)} -> {_scoring(mine)}): the saved candidate "

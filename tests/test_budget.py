@@ -288,6 +288,30 @@ def test_budget_run_reports_the_hybrid_and_the_mixed_precision_baselines_and_res
     assert again["budget"] == budget and again["perplexity"] == results["perplexity"]
 
 
+def test_budget_run_resumed_with_another_budget_and_pool_equals_a_fresh_run(capsys, tmp_path, tiny_model_dir,
+                                                                          text_file):
+    """Step 1 fits every candidate on float inputs: a budget run's folder takes another budget and another pool
+    (dropped and added candidates), quantizes only the added ones, and gives what a fresh run gives."""
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert main(cli_args(tiny_model_dir, text_file, out, "--pool", "rtn@2;gptq@2;gptq@3", "--bits-budget", "3.2")) == 0
+    argv = ("--pool", "gptq@2;gptq@3;gptq@4", "--bits-budget", "3.6")
+    capsys.readouterr()
+    assert main(cli_args(tiny_model_dir, text_file, out, *argv)) == 0
+    log = capsys.readouterr().out
+    assert "only the added candidates are quantized" in log and "candidates left the pool" in log
+    assert "bit budget changed (3.2 -> 3.6)" in log and "(completed)" in log
+    assert main(cli_args(tiny_model_dir, text_file, fresh, *argv)) == 0
+    again, new = (json.loads((d / "results.json").read_text()) for d in (out, fresh))
+    assert again["budget"]["bits_budget"] == 3.6 and set(again["blocks"][0]["scores"]) == {"gptq@2", "gptq@3",
+                                                                                            "gptq@4"}
+    for name, mix in new["budget"]["models"].items():
+        assert [(b["chosen"], b["stored_bits"]) for b in again["budget"]["models"][name]["blocks"]] == \
+            [(b["chosen"], b["stored_bits"]) for b in mix["blocks"]]
+    assert again["perplexity"] == pytest.approx(new["perplexity"], rel=1e-5)
+    # Without a budget it is another run.
+    assert main(cli_args(tiny_model_dir, text_file, out, "--pool", "gptq@3;gptq@4")) == 2
+
+
 def test_budget_resumed_under_another_score_equals_a_fresh_budget_search(tiny_model, tmp_path):
     """Step 1 is scored again from its saved blocks; every sequential pass whose plan changed is fitted again
     from the first changed block on, so the outcome is the fresh search's."""
