@@ -191,6 +191,7 @@ TABLES = {"default-schemes": default_schemes, "w3-pool": w3_pool, "activation": 
 TABLES |= {"zero-shot": zero_shot, "budget": lambda: budget("run-budget-3.25-groups.json"),
            "budget-g64": lambda: budget("run-budget-3.25-nll.json"),
            "budget-no2": lambda: budget("run-budget-3.25-no2.json"),
+           "budget-3.0": lambda: budget("run-budget-3.0-groups.json"),
            "budget-cka": budget, "budget-2.5": lambda: budget("run-budget-2.5-nll.json"),
            "budget-2.5-cka": lambda: budget("run-budget-2.5.json")}
 README_TABLES = ("default-schemes", "w3-pool", "activation", "budget", "zero-shot")  # bench/QUALITY.md: any
