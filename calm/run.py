@@ -195,8 +195,9 @@ _REPORT_ONLY = ("output", "baselines", "exact_baselines", "final_check", "device
 
 # The search's scoring may change too (the saved candidate blocks are scored again, not quantized again), and
 # its pool may grow (only the added candidates are quantized). A bit budget's step 1 fits every candidate on the
-# float model's inputs, so there the budget and the pool may change in any way: the saved blocks are allocated
-# again and only candidates new to the folder are quantized.
+# float model's inputs, so there the budget and the pool may change in any way: step 1 quantizes only candidates
+# new to the folder, its saved blocks are allocated again, and the sequential passes resume up to their first
+# block whose plan changed.
 _RESCORABLE = ("score", "debiased_cka")
 
 
