@@ -27,10 +27,10 @@ of the centered value, relative 2^-11 / 2^-8); anything else multiplies float32 
 input_precision="tf32x3" (about float32 accuracy on tensor cores). Accumulation is float32 within a
 program's token loop, float64 across programs and batches.
 
-Config lists are guesses: no GPU has run these kernels yet (interpreter only). Compiled for sm90 without a
-GPU (`compile_specs`, tests/kernels/test_cka_kernel.py), ptxas reports for BLOCK 128 / BLOCK_K 64 / 8 warps:
-the squared-sum and split (PARTIAL) epilogues spill nothing and the float64 read-modify-write of ACCUMULATE
-still spills 528 bytes. The sample-space kernel has its own spill-free configs (`_sample_configs`).
+Config lists are guesses: no GPU has run these kernels yet (interpreter only). Every config compiles for sm90
+and sm100 without a GPU (`compile_specs`, calm_kernels/compile_check.py): the squared-sum and split (PARTIAL)
+epilogues spill nothing; the float64 read-modify-write of ACCUMULATE spills about 500 stack bytes at BLOCK 128
+(none at 64). The sample-space kernel has its own spill-free configs (`_sample_configs`).
 """
 from __future__ import annotations
 
@@ -170,8 +170,10 @@ def _sample_kernel(
 def _configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4)]
+    # Spill-free on sm90 and sm100 but for ACCUMULATE's float64 epilogue at BLOCK 128 (calm_kernels/compile_check.py):
+    # a 128 x 128 float32 accumulator on 4 warps spilled 1008 bytes, 64 x 32 on 4 warps 16 on sm100.
     return [triton.Config({"BLOCK": b, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for b, k, w, s in ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (128, 64, 4, 3), (64, 32, 4, 5))]
+            for b, k, w, s in ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4), (64, 64, 8, 4), (64, 32, 8, 5))]
 
 
 @functools.cache
@@ -340,32 +342,29 @@ def sample_space_terms(x: torch.Tensor, y: torch.Tensor, shift_x: torch.Tensor, 
     return xy, xx, yy
 
 
-def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
-    """(label, kernel, signature, constexprs, options) for the no-GPU sm90 compile check: every autotune config
-    of the Gram kernel in the split (PARTIAL) epilogue plus each other epilogue and the sample-space kernel
-    once; without `full`, the largest config only (bf16 operands, d = 576)."""
+# The float64 read-modify-write of the (BLOCK, BLOCK) state tile beside the float32 accumulator: the search's
+# CKA accumulates once per calibration batch, so a spilled epilogue costs little against the token loop.
+ACCUMULATE_SPILL = "float64 state tile read-modify-write in the epilogue (once per launch)"
+
+
+def compile_specs(full: bool = False):
+    """The no-GPU compile check's specs (calm_kernels/compile_check.py): the Gram kernel in its three epilogues
+    (split partials, squared sum, float64 accumulate) and the sample-space kernel, bf16 operands, at every
+    autotune config when `full`, else the largest only."""
+    from calm_kernels.compile_check import spec
+
     configs = _configs() if full else [max(_configs(), key=lambda c: (c.kwargs["BLOCK"] * c.kwargs["BLOCK_K"],
                                                                       c.num_stages))]
-    ints = dict.fromkeys(("n", "da", "db", "stride_an", "stride_ad", "stride_bn", "stride_bd", "stride_or",
-                          "stride_oc", "N_BUCKET", "split_len", "stride_os"), "i32")
-    flags = dict.fromkeys(("SYMMETRIC", "ACCUMULATE", "PARTIAL", "OP_DTYPE", "BLOCK", "BLOCK_K"), "constexpr")
     specs = []
-    for i, cfg in enumerate(configs):
-        modes = [(True, False, True)] + ([(False, False, False), (True, True, False)] if i == 0 else [])
-        for symmetric, accumulate, partial in modes:
-            out = "*fp32" if partial else "*fp64"
-            sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "out_ptr": out,
-                   **ints, **flags}
-            specs.append((f"gram[sym={symmetric} acc={accumulate} partial={partial} {cfg.kwargs} "
-                          f"w{cfg.num_warps} s{cfg.num_stages}]", _gram_kernel, sig,
-                          {"SYMMETRIC": symmetric, "ACCUMULATE": accumulate, "PARTIAL": partial,
-                           "OP_DTYPE": tl.bfloat16, **cfg.kwargs},
-                          {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
-    sample_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "sx_ptr": "*fp32", "sy_ptr": "*fp32", "part_ptr": "*fp64",
-                  **dict.fromkeys(("n", "dx", "dy", "stride_xn", "stride_xd", "stride_yn", "stride_yd", "N_BUCKET"),
-                                  "i32"), **dict.fromkeys(("OP_DTYPE", "BLOCK", "BLOCK_K"), "constexpr")}
+    for cfg in configs:
+        for symmetric, accumulate, partial in ((True, False, True), (False, False, False), (True, True, False)):
+            sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+                   "out_ptr": "*fp32" if partial else "*fp64"}
+            specs.append(spec(f"gram[sym={symmetric} acc={accumulate} partial={partial}]", _gram_kernel, sig,
+                              {"SYMMETRIC": symmetric, "ACCUMULATE": accumulate, "PARTIAL": partial,
+                               "OP_DTYPE": tl.bfloat16}, cfg,
+                              may_spill=ACCUMULATE_SPILL if accumulate and cfg.kwargs["BLOCK"] == 128 else ""))
+    sample_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "sx_ptr": "*fp32", "sy_ptr": "*fp32", "part_ptr": "*fp64"}
     for cfg in _sample_configs() if full else _sample_configs()[:1]:
-        specs.append((f"sample[{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}]", _sample_kernel, sample_sig,
-                      {"OP_DTYPE": tl.bfloat16, **cfg.kwargs}, {"num_warps": cfg.num_warps,
-                                                                "num_stages": cfg.num_stages}))
+        specs.append(spec("sample", _sample_kernel, sample_sig, {"OP_DTYPE": tl.bfloat16}, cfg))
     return specs

@@ -34,7 +34,7 @@ Assignment kernel: elementwise over (BLOCK_R, BLOCK_C) tiles of W; the centroids
 vectors; strict `<` keeps ties at the lower index, as the reference does.
 
 Config lists are guesses: no GPU has run these kernels yet (interpreter, and compiled for sm90/sm100 by
-tests/kernels/test_compile_sm90.py).
+calm_kernels/compile_check.py).
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def kmeans_configs(k: int) -> list[triton.Config]:
     """Search lanes are (BLOCK_C, K): 1-2 lanes per thread, 64..256 lanes a program, so there are many
     programs per SM (the binary searches are load-latency bound: occupancy hides them); the prefix tile
     (BLOCK_C, BLOCK_R) holds 2 float64 values per thread. Every config here compiles without spills on sm90
-    and sm100 (tests/kernels/test_compile_sm90.py); 4 values per thread, 1 or 8 warps spilled a few."""
+    and sm100 (calm_kernels/compile_check.py); 4 values per thread, 1 or 8 warps spilled a few."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_C": 2, "BLOCK_R": 16}, num_warps=4)]
     out = []
@@ -293,3 +293,24 @@ def assign_columns(w: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor |
         K=centroids.shape[1],
     )
     return codes
+
+
+def compile_specs(full: bool = False):
+    """The no-GPU compile check's specs (calm_kernels/compile_check.py): the Lloyd kernel at K = 16, 8, 4, 2 with
+    and without importance (first config, or every config when `full`), which must not spill at any column
+    height; the assignment kernel for fp16 / fp32 / bf16 weights."""
+    from calm_kernels.compile_check import spec
+
+    lloyd = {"vs_ptr": "*fp32", "is_ptr": "*fp32", "pm_ptr": "*fp64", "pw_ptr": "*fp64", "pn_ptr": "*i32",
+             "cent_ptr": "*fp32"}
+    specs = []
+    for k, imp in ((16, True), (16, False), (8, True), (4, False), (2, True), (2, False)):
+        configs = kmeans_configs(k)
+        specs += [spec(f"kmeans_sorted[K={k} importance={imp}]", _kmeans_sorted_kernel, lloyd,
+                       {"K": k, "HAS_IMP": imp}, cfg) for cfg in (configs if full else configs[:1])]
+    for k, w_type in ((16, "*fp16"), (8, "*fp32"), (4, "*bf16")):
+        configs = assign_configs()
+        specs += [spec(f"assign[K={k} {w_type[1:]}]", _assign_kernel,
+                       {"w_ptr": w_type, "cent_ptr": "*fp32", "codes_ptr": "*u8"}, {"K": k}, cfg)
+                  for cfg in (configs if full else configs[:1])]
+    return specs

@@ -332,7 +332,8 @@ def prefill_configs() -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 4})]
     # The dequantized (BLOCK_K, BLOCK_N) float32 tile lives in registers beside the accumulator: larger tiles
-    # spill on sm90 (ptxas, tests/kernels/qgemm_sm90.py --all), so the list stops at 128 x 128 x 64 on 8 warps.
+    # spill on sm90 (`python -m calm_kernels.compile_check --module qgemm --full`), so the list stops at
+    # 128 x 128 x 64 on 8 warps.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8},
                           num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 8, 3),
@@ -429,3 +430,70 @@ def dequantize(weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> t
         weight.meta0.stride(0) if weight.mode == 0 else 0, *slab_args, **bits_args, MODE=weight.mode,
         GROUP=weight.group, BLOCK_N=bn, BLOCK_K=bk, num_warps=DEQUANT_CONFIG["num_warps"])
     return w
+
+
+# No-GPU compile check ----------------------------------------------------------------------------------------
+
+def _qgemm_pointer_types(x_dtype: str, mode: int) -> dict[str, str]:
+    """Pointer arguments of `_qgemm_kernel` (x_dtype: fp16 / bf16 / fp32; mode 0 uniform, 1 codebook)."""
+    return {"x_ptr": f"*{x_dtype}", "w_ptr": "*i32", "meta0_ptr": "*fp16" if mode == 0 else "*fp32",
+            "meta1_ptr": "*u8" if mode == 0 else "*fp32", "bias_ptr": f"*{x_dtype}", "rowptr_ptr": "*i32",
+            "ocol_ptr": "*i32", "odelta_ptr": "*fp32", "y_ptr": f"*{x_dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+
+
+def compile_specs(full: bool = False):
+    """The no-GPU compile check's specs (calm_kernels/compile_check.py). Without `full`: one variant per path
+    (GEMV, small M, prefill, dequantize) and format (uniform 3-bit with split-K, codebook 1/2/3/4/8 with
+    outliers). With `full`: every autotune config of every path at uniform 3 and 4 bits, and with codebooks
+    where the autotuner may run them (prefill prunes the codebook tiles that spill), plus the other dtypes,
+    group shapes (scales per element / per word) and 8-bit. Every one must compile without spills."""
+    from calm_kernels.compile_check import spec
+
+    def widths(bits: tuple[int, ...]) -> dict[str, int]:
+        return {f"B{i}": (bits[i] if i < len(bits) else 0) for i in range(5)}
+
+    def qg(label, path, cfg, bits, mode, x_dtype, group=128, outliers=False, bias=True, block_m=None):
+        block_m = block_m or {"gemv": 1, "small": 16}.get(path)
+        kw = {**cfg.kwargs, **({"BLOCK_M": block_m} if block_m else {})}
+        cfg = triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return spec(f"{path} {label}", _qgemm_kernel, _qgemm_pointer_types(x_dtype, mode),
+                    dict(widths(bits), MODE=mode, GROUP=group if mode == 0 else 1, HAS_BIAS=bias,
+                         HAS_OUTLIERS=outliers, GEMV=path == "gemv", DOT_PRECISION="ieee" if x_dtype == "fp32"
+                         else "tf32"), cfg)
+
+    gemv, small, prefill = gemv_configs(), small_m_configs(), prefill_configs()
+
+    def first(configs, split_k):
+        return next(c for c in configs if c.kwargs["SPLIT_K"] == split_k)
+
+    specs = [
+        qg("u3 bf16 group 64 split-K 2", "gemv", first(gemv, 2), (3,), 0, "bf16", group=64),
+        qg("codebook 1/2/3/4/8 + outliers bf16", "gemv", gemv[0], (1, 2, 3, 4, 8), 1, "bf16", outliers=True),
+        qg("u4 bf16 split-K 4", "small", first(small, 4), (4,), 0, "bf16"),
+        qg("u3 bf16", "prefill", prefill[0], (3,), 0, "bf16"),
+        qg("codebook 3/4 + outliers bf16", "prefill", _prune_prefill(prefill, {}, MODE=1)[0], (3, 4), 1, "bf16",
+           outliers=True),
+        qg("M=4 u2 bf16", "gemv", triton.Config({**gemv[0].kwargs, "BLOCK_K": 64}, num_warps=gemv[0].num_warps,
+                                                 num_stages=gemv[0].num_stages), (2,), 0, "bf16", block_m=4),
+    ]
+    if full:
+        specs += [qg("u4 fp16 no bias", "gemv", gemv[0], (4,), 0, "fp16", bias=False),
+                  qg("u4 bf16 group 100 (scales per element)", "gemv", gemv[0], (4,), 0, "bf16", group=100),
+                  qg("u8 bf16 group 96 (scales per word)", "gemv", gemv[0], (8,), 0, "bf16", group=96),
+                  qg("codebook 3/4 fp16", "small", small[0], (3, 4), 1, "fp16")]
+        for path, configs in (("gemv", gemv), ("small", small), ("prefill", prefill)):
+            codebook = _prune_prefill(configs, {}, MODE=1) if path == "prefill" else configs
+            for i, cfg in enumerate(configs):
+                specs += [qg(f"[{i}] u{bits} bf16", path, cfg, (bits,), 0, "bf16") for bits in (3, 4)]
+                if cfg in codebook:
+                    specs.append(qg(f"[{i}] codebook 3/4 + outliers bf16", path, cfg, (3, 4), 1, "bf16",
+                                    outliers=True))
+    dq = triton.Config({"BLOCK_N": DEQUANT_CONFIG["BLOCK_N"], "BLOCK_K": DEQUANT_CONFIG["BLOCK_K"]},
+                        num_warps=DEQUANT_CONFIG["num_warps"])
+    for bits, mode in (((3,), 0), ((2, 3, 4), 1)) + ((((4,), 0), ((8,), 0)) if full else ()):
+        pointers = {k: v for k, v in _qgemm_pointer_types("bf16", mode).items()
+                    if k in ("w_ptr", "meta0_ptr", "meta1_ptr")}
+        specs.append(spec(f"dequantize {'u' if mode == 0 else 'codebook '}{'/'.join(map(str, bits))} bf16",
+                          _dequant_kernel, {**pointers, "out_ptr": "*bf16"},
+                          dict(widths(bits), MODE=mode, GROUP=128 if mode == 0 else 1), dq))
+    return specs

@@ -249,7 +249,9 @@ def _rows_configs(d: int, has_factor: bool) -> list[triton.Config]:
 def _kron2_configs(d1: int, d2: int) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"TOKENS_PER_PROG": 2}, num_warps=4)]
-    warps = (4, 8) if d1 * d2 <= 4096 else (8, 16)
+    # Past 4096 elements a program takes 8 warps: 16 warps cap the registers at 128 and spilled 168-440 stack
+    # bytes on sm100 at 112 x 128.
+    warps = (4, 8) if d1 * d2 <= 4096 else (8,)
     return [triton.Config({"TOKENS_PER_PROG": tpp}, num_warps=w, num_stages=s)
             for tpp in (1, 2, 4, 8) for w in warps for s in (1, 2)]
 
@@ -575,17 +577,18 @@ def _gemm_configs(regime: str) -> list[triton.Config]:
         return ([c(16, bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256) for w in (2, 4)
                  if w == 4 or bn * bk <= 8192 for s in (3, 4)]
                 + [c(16, bn, bk, 4, 3, sk) for bn in (32, 64) for bk in (128, 256) for sk in (2, 4)])
-    # medium and large: chosen by ptxas's sm90 register report (K = 4096, bias, bf16 out). The 32-bit word
-    # unpacking keeps BLOCK_N x BLOCK_K int32 temporaries live beside the int32 accumulator, so the earlier
-    # lists spilled in every large config (188 to 2956 bytes; 128x128x64 at 4 warps 540). All configs below
-    # spill nothing at 4 bits; at 3 bits 128x256x32 spills 124 and 64x128x128 364 bytes. Every BLOCK_M = 256
-    # variant tried spills (256x128x32 at 8 warps: 60 / 104 bytes at 4 / 3 bits, the least; 16 warps cap the
-    # registers at 128 and spill 356+), kept for the prefill tuning to weigh on a GPU.
+    # medium and large: chosen by the sm90/sm100 register reports (calm_kernels/compile_check.py; K = 4096, bias,
+    # bf16 out). The 32-bit word unpacking keeps BLOCK_N x BLOCK_K int32 temporaries live beside the int32
+    # accumulator, so the earlier lists spilled in every large config (188 to 2956 bytes; 128x128x64 at 4 warps
+    # 540). Spilling below (stack bytes): 64x128x128 at 3 bits (368 / 376 on sm90 / sm100); 128x256x32 at 3 bits
+    # on sm90 (144) and at every width on sm100 (224). BLOCK_M = 256: 256x64x32 on 8 warps spills nothing at
+    # 2/3/4 bits on either (212-243 registers); 256x128x32 spills (sm90 64-120, sm100 584-648; 16 warps cap the
+    # registers at 128 and spill too) and is kept once for the prefill tuning to weigh on a GPU.
     if regime == "medium":
         return ([c(bm, bn, bk, 4, s) for bm, bn, bk in ((32, 64, 64), (32, 64, 128), (32, 128, 128), (64, 64, 64))
                  for s in (3, 4)] + [c(64, 128, 64, 8, s) for s in (3, 4)])
     return [c(128, 128, 64, 8, 3), c(128, 128, 64, 8, 4), c(64, 128, 64, 8, 3), c(64, 128, 128, 8, 3),
-            c(128, 256, 32, 8, 3), c(256, 128, 32, 8, 3), c(256, 128, 32, 8, 4)]
+            c(128, 256, 32, 8, 3), c(256, 64, 32, 8, 3), c(256, 64, 32, 8, 4), c(256, 128, 32, 8, 3)]
 
 
 # Split-K workspace of the decode GEMM: an (M, N) int32 buffer and an int32 counter per output tile (the
@@ -635,77 +638,69 @@ def rotated_matmul(a_codes: torch.Tensor, a_scales: torch.Tensor | None, w_packe
 # TRITON_INTERPRET, so the config lists are the GPU ones)
 # ----------------------------------------------------------------------------------------------------------
 
-def _i32(*names: str) -> dict[str, str]:
-    return dict.fromkeys(names, "i32")
+def _gemm_spill_note(regime: str, cfg: triton.Config, bits: int) -> str:
+    """Why a GEMM config kept in the lists may spill (sm90/sm100 ptxas), or "" when it must not."""
+    kw = cfg.kwargs
+    if (kw["BLOCK_M"], kw["BLOCK_N"]) == (256, 128):
+        return "256 x 128 prefill tile (256 x 64 does not spill): kept for the GPU tuning to weigh"
+    if regime == "large" and (kw["BLOCK_N"], kw["BLOCK_K"]) == (256, 32):
+        return "128 x 256 prefill tile: spills at 3 bits on sm90 and at every width on sm100"
+    if regime == "large" and bits == 3 and (kw["BLOCK_N"], kw["BLOCK_K"]) == (128, 128):
+        return "3-bit unpacking of a 128 x 128 weight tile (no spills at 2 and 4 bits)"
+    return ""
 
 
-def compile_specs(full: bool = False) -> list[tuple[str, object, dict, dict, dict]]:
-    """(label, kernel, signature, constexprs, options) for triton.compile: every autotune config of every
-    kernel when `full`, else the largest config of each list (the likeliest to exceed shared memory)."""
-    def opts(cfg: triton.Config) -> dict:
-        return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
-    def label(cfg: triton.Config) -> str:
-        return f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+def compile_specs(full: bool = False):
+    """The no-GPU compile check's specs (calm_kernels/compile_check.py): every autotune config of every kernel
+    when `full` (the GEMM at 2, 3 and 4 bits), else the largest config of each list (the likeliest to exceed
+    shared memory) at 3 bits, the widest unpacking."""
+    from calm_kernels.compile_check import spec
 
     def pick(configs: list[triton.Config]) -> list[triton.Config]:
         return configs if full else [max(configs, key=lambda c: (math.prod(v for v in c.kwargs.values()),
                                                                  c.kwargs.get("BLOCK_M", 0), c.num_stages))]
 
+    bit_widths = (4, 3, 2) if full else (3,)
     specs = []
     gemm_sig = {"a_ptr": "*i8", "w_ptr": "*i32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32",
-                "bias_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32",
-                **_i32("M", "N", "stride_am", "stride_wn", "stride_om", "M_BUCKET"),
-                **dict.fromkeys(("K", "W_BITS", "HAS_BIAS", "OUT_INT32", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-                                 "GROUP_M", "SPLIT_K"), "constexpr")}
+                "bias_ptr": "*bf16", "out_ptr": "*bf16", "ws_ptr": "*i32", "cnt_ptr": "*i32"}
     for regime in ("decode", "medium", "large"):
         configs = _gemm_configs(regime)
         # the split-K epilogue too: the largest split config beside the largest unsplit one
         split = [c for c in configs if c.kwargs["SPLIT_K"] > 1]
-        for i, cfg in enumerate(configs if full else
-                                pick([c for c in configs if c not in split]) + (pick(split) if split else [])):
-            bits = (4, 3, 2)[i % 3] if full else 3  # 3-bit: the widest unpacking
-            specs.append((f"rotated_matmul[{regime} w{bits} {label(cfg)}]", _rotated_matmul_kernel, gemm_sig,
-                          {"K": 4096, "W_BITS": bits, "HAS_BIAS": True, "OUT_INT32": False, **cfg.kwargs},
-                          opts(cfg)))
+        for cfg in configs if full else pick([c for c in configs if c not in split]) + (pick(split) if split else []):
+            for bits in bit_widths:
+                specs.append(spec(f"rotated_matmul[{regime} w{bits}]", _rotated_matmul_kernel, gemm_sig,
+                                  {"K": 4096, "W_BITS": bits, "HAS_BIAS": True, "OUT_INT32": False}, cfg,
+                                  _gemm_spill_note(regime, cfg, bits)))
     fused_sig = {"x_ptr": "*bf16", "f1_ptr": "*fp16", "f2_ptr": "*fp16", "codes_ptr": "*i8", "a_scale_ptr": "*fp32",
-                 "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-                 **_i32("M", "N", "stride_xm", "stride_wn", "stride_om"), "norm": "fp32", "scale_mult": "fp32",
-                 **dict.fromkeys(("K", "FACTORS", "d1", "d2", "D1", "D2", "RESCALE", "QMIN", "QMAX", "W_BITS",
-                                  "HAS_BIAS", "BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")}
+                 "w_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "norm": "fp32",
+                 "scale_mult": "fp32"}
     for i, cfg in enumerate(pick(_fused_configs(64 * 64))):  # 4096 = 64 x 64 (the two-factor prologue)
-        bits = (4, 3, 2)[i % 3] if full else 3
-        specs.append((f"fused_decode[64x64 w{bits} {label(cfg)}]", _fused_decode_kernel, fused_sig,
-                      {"K": 4096, "FACTORS": 2, "d1": 64, "d2": 64, "D1": 64, "D2": 64, "RESCALE": False,
-                       "QMIN": -4, "QMAX": 3, "W_BITS": bits, "HAS_BIAS": True, **cfg.kwargs}, opts(cfg)))
-    rows_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32",
-                **_i32("T", "K", "stride_xt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
-                **dict.fromkeys(("HAS_FACTOR", "D", "QMIN", "QMAX", "BLOCK_T"), "constexpr")}
+        bits = bit_widths[i % len(bit_widths)]
+        specs.append(spec(f"fused_decode[64x64 w{bits}]", _fused_decode_kernel, fused_sig,
+                          {"K": 4096, "FACTORS": 2, "d1": 64, "d2": 64, "D1": 64, "D2": 64, "RESCALE": False,
+                           "QMIN": -4, "QMAX": 3, "W_BITS": bits, "HAS_BIAS": True}, cfg))
+    rows_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32", "norm": "fp32",
+                "scale_mult": "fp32"}
     for cfg in pick(_rows_configs(128, True)):
-        specs.append((f"quantize_rows[{label(cfg)}]", _quantize_rows_kernel, rows_sig,
-                      {"HAS_FACTOR": True, "D": 128, "QMIN": -8, "QMAX": 7, **cfg.kwargs}, opts(cfg)))
+        specs.append(spec("quantize_rows[128]", _quantize_rows_kernel, rows_sig,
+                          {"HAS_FACTOR": True, "D": 128, "QMIN": -8, "QMAX": 7}, cfg))
     kron_sig = {"x_ptr": "*bf16", "f1_ptr": "*fp16", "f2_ptr": "*fp16", "codes_ptr": "*i8", "scales_ptr": "*fp32",
-                **_i32("T", "stride_xt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
-                **dict.fromkeys(("d1", "d2", "D1", "D2", "RESCALE", "QMIN", "QMAX", "TOKENS_PER_PROG"), "constexpr")}
+                "norm": "fp32", "scale_mult": "fp32"}
     for cfg in pick(_kron2_configs(112, 128)):
-        specs.append((f"kron2_quantize[112x128 {label(cfg)}]", _kron2_quantize_kernel, kron_sig,
-                      {"d1": 112, "d2": 128, "D1": 128, "D2": 128, "RESCALE": False, "QMIN": -8, "QMAX": 7,
-                       **cfg.kwargs}, opts(cfg)))
-    mix_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "y_ptr": "*fp32", **_i32("stride_xt", "stride_yt", "T_BUCKET"),
-               **dict.fromkeys(("m", "P", "M1", "BI", "BJ"), "constexpr")}
+        specs.append(spec("kron2_quantize[112x128]", _kron2_quantize_kernel, kron_sig,
+                          {"d1": 112, "d2": 128, "D1": 128, "D2": 128, "RESCALE": False, "QMIN": -8, "QMAX": 7}, cfg))
+    mix_sig = {"x_ptr": "*bf16", "f_ptr": "*fp16", "y_ptr": "*fp32"}
     for cfg in pick(_mix_configs(256)):  # 18944 = 148 x 128: the dense factor pads to 256
-        specs.append((f"mix_chunks[148x128 {label(cfg)}]", _mix_chunks_kernel, mix_sig,
-                      {"m": 148, "P": 128, "M1": 256, **cfg.kwargs}, opts(cfg)))
-    chunk_sig = {"y_ptr": "*fp32", "f2_ptr": "*fp16", "f3_ptr": "*fp16", "amax_ptr": "*fp32",
-                 **_i32("stride_yt", "T_BUCKET"), **dict.fromkeys(("m", "d2", "d3", "D2", "D3", "RESCALE"),
-                                                                   "constexpr")}
+        specs.append(spec("mix_chunks[148x128]", _mix_chunks_kernel, mix_sig, {"m": 148, "P": 128, "M1": 256}, cfg))
+    chunk_sig = {"y_ptr": "*fp32", "f2_ptr": "*fp16", "f3_ptr": "*fp16", "amax_ptr": "*fp32"}
     for cfg in pick(_chunk_configs()):  # 28672 = 28 x 32 x 32
-        specs.append((f"chunk_transform[28x32x32 {label(cfg)}]", _chunk_transform_kernel, chunk_sig,
-                      {"m": 28, "d2": 32, "d3": 32, "D2": 32, "D3": 32, "RESCALE": False, **cfg.kwargs}, opts(cfg)))
-    quant_sig = {"y_ptr": "*fp32", "amax_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32",
-                 **_i32("stride_yt", "stride_ct"), "norm": "fp32", "scale_mult": "fp32", "T_BUCKET": "i32",
-                 **dict.fromkeys(("K", "m", "MP", "QMIN", "QMAX", "BLOCK"), "constexpr")}
+        specs.append(spec("chunk_transform[28x32x32]", _chunk_transform_kernel, chunk_sig,
+                          {"m": 28, "d2": 32, "d3": 32, "D2": 32, "D3": 32, "RESCALE": False}, cfg))
+    quant_sig = {"y_ptr": "*fp32", "amax_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32", "norm": "fp32",
+                 "scale_mult": "fp32"}
     for cfg in pick(_quant_chunked_configs()):
-        specs.append((f"quantize_chunked[28672 {label(cfg)}]", _quantize_chunked_kernel, quant_sig,
-                      {"K": 28672, "m": 28, "MP": 32, "QMIN": -4, "QMAX": 3, **cfg.kwargs}, opts(cfg)))
+        specs.append(spec("quantize_chunked[28672]", _quantize_chunked_kernel, quant_sig,
+                          {"K": 28672, "m": 28, "MP": 32, "QMIN": -4, "QMAX": 3}, cfg))
     return specs

@@ -55,7 +55,7 @@ reached 0.99x / 0.94-0.96x / 0.63-0.68x of it at 2 / 3 / 4 bits, and 100 iterati
 Tested: the references on the CPU (tests/test_kmeans.py); the kernels under the interpreter
 (tests/kernels/test_kmeans.py, up to 33000 rows) and compiled for sm90/sm100 without a device, with no
 register spills in any config; the height is a runtime argument that sizes no register tile
-(tests/kernels/test_compile_sm90.py). Not yet run on a GPU: configs untuned, no performance
+(calm_kernels/compile_check.py). Not yet run on a GPU: configs untuned, no performance
 figure.
 """
 from __future__ import annotations

@@ -163,22 +163,3 @@ def test_token_split_plan():
     assert K._split_len(300, 3) == (128, 3)
     with pytest.raises(ValueError, match="splits"):
         C.linear_cka_kernel(torch.zeros(8, 4), torch.zeros(8, 4), splits=0)
-
-
-def _check_sm90(full: bool) -> None:
-    from _sm90_compile import SM90_SHARED_BYTES, compile_for_sm90
-
-    records = compile_for_sm90("calm_kernels._cka_triton", full)
-    assert records and all(r["shared"] <= SM90_SHARED_BYTES for r in records), records
-    sample = [r for r in records if r["label"].startswith("sample")]
-    assert sample and all(r["spill_bytes"] in (0, None) for r in sample), sample
-
-
-def test_gram_kernels_compile_for_sm90():
-    """The largest config of the Gram kernel in its three epilogues and the sample-space kernel compile."""
-    _check_sm90(full=False)
-
-
-@pytest.mark.slow
-def test_every_cka_config_compiles_for_sm90():
-    _check_sm90(full=True)

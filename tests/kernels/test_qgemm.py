@@ -2,12 +2,11 @@
 
 Run in its own process: TRITON_INTERPRET=1 python -m pytest -q tests/kernels/test_qgemm.py
 Every path (gemv, small, prefill, dense) is reached by M or forced with `path=`; split-K by pinned configs.
-The sm90 compile check runs tests/kernels/qgemm_sm90.py in a child process without the interpreter.
+The sm90/sm100 compile check is tests/kernels/test_compile.py (calm_kernels/compile_check.py).
 Oracle: x @ W^T in float64 with W the dequantized weight rounded to x's dtype (what both the kernel and
 PyTorch multiply). The kernel's relative error may be at most twice PyTorch's in the same dtype, plus a floor
 at the dtype's accumulation noise.
 """
-import os
 
 import pytest
 import torch
@@ -277,37 +276,3 @@ def test_autotune_key_leaves_out_slab_widths():
 
     assert not [name for name in T._KEY if name[0] in "BC" and name[1:].isdigit()]
     assert {"M_BUCKET", "N", "K", "TUNE_BITS"} <= set(T._KEY)
-
-
-def _compile_sm90(every_config: bool) -> list[dict]:
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia")
-    helper = Path(__file__).with_name("qgemm_sm90.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(helper)] + (["--all"] if every_config else []), env=env,
-                         capture_output=True, text=True, timeout=3600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-
-
-def test_kernels_compile_for_sm90_without_spills():
-    """One variant per path and format compiles for sm90 (no GPU needed) and ptxas reports no spills."""
-    rows = _compile_sm90(every_config=False)
-    assert len(rows) >= 7
-    spilled = [r["name"] for r in rows if r["spill_bytes"]]
-    assert not spilled, f"register spills in {spilled}"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CALM_COMPILE_ALL") != "1", reason="every autotune config takes ~8 minutes on "
-                    "2 cores: CALM_COMPILE_ALL=1 runs it (before changing a config list)")
-def test_every_autotune_config_compiles_for_sm90():
-    rows = _compile_sm90(every_config=True)
-    assert len(rows) > 100  # every config of every path, uniform 3/4-bit and codebook 3/4 with outliers
-    spilled = [r["name"] for r in rows if r["spill_bytes"]]
-    assert not spilled, f"register spills in {spilled}"
