@@ -43,10 +43,20 @@ def bucket(m: int) -> int:
 
 
 @triton.jit
+def _move_field(x, src, dst):
+    """x's bits at position src moved to position dst (one shift; src and dst are constants per register where
+    the code position a is, so the select folds away)."""
+    return tl.where(dst >= src, x << tl.maximum(dst - src, 0).to(tl.uint32),
+                    x >> tl.maximum(src - dst, 0).to(tl.uint32))
+
+
+@triton.jit
 def _tile_codes(w_ptr, row_off, nmask, t, word_start, cols,
-                BITS: tl.constexpr, A: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Codes of tile t of a slab as uint32 (A, NW, BLOCK_N): element (a, b) is local column t*BLOCK_K + b*A + a."""
-    MASK: tl.constexpr = (1 << BITS) - 1
+                BITS: tl.constexpr, A: tl.constexpr, NW: tl.constexpr, BLOCK_K: tl.constexpr, DST: tl.constexpr):
+    """Codes of tile t of a slab as uint32 (A, NW, BLOCK_N), element (a, b) local column t*BLOCK_K + b*A + a,
+    each code's bits at bit DST (and 0 elsewhere): DST = 0 gives the codes, DST = 23 - BITS the mantissa of
+    1 + code / 2^BITS. Moving each field straight to DST takes a shift and a mask per code (a shift, a mask, a
+    second shift and an OR when extracted first and placed after: sm90 SASS, bench/sass_count.py)."""
     a = tl.arange(0, A)
     b = tl.arange(0, NW)
     if BITS == 3:
@@ -61,17 +71,19 @@ def _tile_codes(w_ptr, row_off, nmask, t, word_start, cols,
         lo = tl.load(w_ptr + row_off[None, :] + (word_start + lo_idx)[:, None], mask=lo_m, other=0)
         hi = tl.load(w_ptr + row_off[None, :] + (hi_start + hi_idx)[:, None], mask=hi_m, other=0)
         lo = lo.to(tl.uint32, bitcast=True)
-        hi = hi.to(tl.uint32, bitcast=True)
-        lo_sh = (a * 2).to(tl.uint32)[:, None, None]
-        hi_sh = (a[:, None] + (b % 2)[None, :] * 16).to(tl.uint32)[:, :, None]
-        codes = ((lo[None, :, :] >> lo_sh) & 3) | (((hi[None, :, :] >> hi_sh) & 1) << 2)
+        # The half of the 1-bit word that belongs to this 2-bit word moves down once per word, so every code's
+        # shifts depend only on its position a (a constant per register).
+        hi = hi.to(tl.uint32, bitcast=True) >> ((b % 2) * 16).to(tl.uint32)[:, None]
+        a3 = a[:, None, None]
+        codes = ((_move_field(lo[None, :, :], 2 * a3, DST) & (3 << DST))
+                 | (_move_field(hi[None, :, :], a3, DST + 2) & (4 << DST)))
     else:
         nwords = tl.cdiv(cols, 32) * BITS
         idx = t * NW + b
         m = (idx < nwords)[:, None] & nmask[None, :]
         words = tl.load(w_ptr + row_off[None, :] + (word_start + idx)[:, None], mask=m, other=0)
         words = words.to(tl.uint32, bitcast=True)
-        codes = (words[None, :, :] >> (a * BITS).to(tl.uint32)[:, None, None]) & MASK
+        codes = _move_field(words[None, :, :], (a * BITS)[:, None, None], DST) & (((1 << BITS) - 1) << DST)
     return codes
 
 
@@ -82,10 +94,10 @@ def _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn
     A: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     NW: tl.constexpr = BLOCK_K // A
     local = t * BLOCK_K + tl.arange(0, NW)[None, :] * A + tl.arange(0, A)[:, None]
-    codes = _tile_codes(w_ptr, row_off, nmask, t, word_start, cols, BITS, A, NW, BLOCK_K)
     if MODE == 0:
         # Exponent trick: 1 + code / 2^BITS without a conversion, then one exact FMA (module docstring).
-        f = ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+        f = (_tile_codes(w_ptr, row_off, nmask, t, word_start, cols, BITS, A, NW, BLOCK_K, 23 - BITS)
+             | 0x3F800000).to(tl.float32, bitcast=True)
         if GROUP % BLOCK_K == 0:
             g = (col_start + t * BLOCK_K) // GROUP
             s = tl.load(meta0_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
@@ -113,6 +125,7 @@ def _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn
             w = f * (s * (1 << BITS)) - (z + (1 << BITS)) * s
     else:
         # Codebook: the float32 table of local column j starts at cb_start + j * 2^BITS (L1-resident gathers).
+        codes = _tile_codes(w_ptr, row_off, nmask, t, word_start, cols, BITS, A, NW, BLOCK_K, 0)
         lm = (local < cols)[:, :, None] & nmask[None, None, :]
         w = tl.load(meta0_ptr + cb_start + (local << BITS)[:, :, None] + codes.to(tl.int32), mask=lm, other=0.0)
     return w, local
