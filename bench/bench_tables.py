@@ -146,7 +146,32 @@ def _tps(r: dict | None) -> str:
     return "-" if r is None else f"{r['tokens_per_s']:.1f}"
 
 
+def sass_table(records: list[dict]) -> list[str]:
+    """bench/sass_count.py's static counts: instructions per weight of the hot loop, and the issue floor over the
+    memory floor at the shape (above 1: issue bound even at full bandwidth; above 1.33, the 75% goal is out of
+    reach as compiled)."""
+    rows = ["| case | SASS instructions per weight | H100 SXM issue / memory floor (us) | ratio | "
+            "H200 issue / memory floor (us) | ratio |", "|---|---|---|---|---|---|"]
+    for r in records:
+        floors = [f"{_us(g['issue_floor_us'])} / {_us(g['memory_floor_us'])} | {g['issue_over_memory']:.2f}"
+                  for g in (r["H100 SXM"], r["H200"])]
+        rows.append(f"| {r['case']} | {r['thread_instructions_per_weight']:.2f} | {' | '.join(floors)} |")
+    return rows
+
+
+def render_sass(results: Path = RESULTS) -> str:
+    parts = []
+    for path in sorted(results.glob("sass-*.json")):
+        records = json.loads(path.read_text())
+        meta = records[0]
+        parts += [f"{meta['arch']} (no GPU: compiled by triton {meta['triton']}, commit {meta['commit']}), "
+                  f"N x K = {' x '.join(map(str, meta['shape']))}:", "", *sass_table(records), ""]
+    return "\n".join(parts).rstrip() or "No counts yet: `python bench/sass_count.py --arch 90 --out ...`."
+
+
 def render(name: str, results: Path = RESULTS) -> str:
+    if name == "sass":
+        return render_sass(results)
     files = result_files(name, results)
     if not files:
         return NO_RESULTS.format(name=name)
@@ -161,7 +186,7 @@ def render(name: str, results: Path = RESULTS) -> str:
 
 
 def rewrite(text: str, results: Path = RESULTS) -> str:
-    for name in (*KERNELS, "generate"):
+    for name in (*KERNELS, "generate", "sass"):
         pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
         text = pattern.sub(lambda m, n=name: m.group(1) + render(n, results) + "\n" + m.group(2), text)
     return text
