@@ -91,3 +91,6 @@ def test_every_autotune_config_compiles(module):
     records = compile_records([module], full=True)
     assert len({r["arch"] for r in records}) == len(ARCHS)
     assert not failures(records), "\n".join(failures(records))
+    # The Lloyd kernel's promise is stricter: no spill at all, at any column height (its footprint is fixed).
+    lloyd = [r for r in records if r["kernel"] == "_kmeans_sorted_kernel"]
+    assert all(r["stack_bytes"] == 0 for r in lloyd), [r["label"] for r in lloyd if r["stack_bytes"]]
