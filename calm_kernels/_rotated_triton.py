@@ -11,6 +11,10 @@ the shift pairs below (SASS of the decode config BLOCK 16x64x256, 4 warps: 4-bit
 shift per code and the tile then goes through the same register-to-shared layout conversion. The gain
 needs the four bytes to land in one mma operand register (Marlin's lop3/prmt), which Triton's layouts do
 not expose; position-dependent inline PTX on packed elements would rely on an unverified register order.
+Also tried: 3-bit as planes within each 32-code group (two 2-bit words and a sign word, as the dequant-GEMM
+does): 12.0 SASS instructions per weight against the int64 pairs' 10.0 (sm90, best decode config,
+bench/sass_count.py), because the code index is split across threads here, so the word choice and the shifts
+are not constants per register.
 """
 from __future__ import annotations
 
