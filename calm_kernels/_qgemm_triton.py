@@ -127,7 +127,8 @@ def _tile_weights(w_ptr, meta0_ptr, meta1_ptr, offs_n, nmask, row_off, stride_sn
         # Codebook: the float32 table of local column j starts at cb_start + j * 2^BITS (L1-resident gathers).
         # No load mask: a column past the slab reads its last column's table (x is 0 there) and a row past N
         # has code 0 (its words load as 0), so every gather stays in the slab's tables; with the index in int32
-        # this took the 3-bit GEMV from 15.8 to 13.4 SASS instructions per weight (bench/sass_count.py, sm90).
+        # this took the 3-bit GEMV from 15.8 to 12.6 SASS instructions per weight (best configs, sm90,
+        # bench/sass_count.py).
         codes = _tile_codes(w_ptr, row_off, nmask, t, word_start, cols, BITS, A, NW, BLOCK_K, 0)
         entry = cb_start + (tl.minimum(local, cols - 1) << BITS)
         w = tl.load(meta0_ptr + (entry[:, :, None] + codes.to(tl.int32)))
@@ -462,7 +463,7 @@ def compile_specs(full: bool = False):
     (GEMV, small M, prefill, dequantize) and format (uniform 3-bit with split-K, codebook 1/2/3/4/8 with
     outliers). With `full`: every autotune config of every path at uniform 3 and 4 bits, and with codebooks
     where the autotuner may run them (prefill prunes the codebook tiles that spill), plus the other dtypes,
-    group shapes (scales per element / per word) and 8-bit. Every one must compile without spills."""
+    group shapes (scales per element / per word) and 8-bit. None may spill (beyond compile_check's few bytes)."""
     from calm_kernels.compile_check import spec
 
     def widths(bits: tuple[int, ...]) -> dict[str, int]:
