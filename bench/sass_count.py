@@ -87,12 +87,12 @@ _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
 
 
 def disassemble(cubin: bytes) -> str:
-    from calm_kernels.compile_check import _nvidia_tool
+    from calm_kernels.compile_check import nvidia_tool
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        return subprocess.run([str(_nvidia_tool("nvdisasm")), "-c", str(path)], capture_output=True, text=True,
+        return subprocess.run([str(nvidia_tool("nvdisasm")), "-c", str(path)], capture_output=True, text=True,
                               check=True).stdout
 
 
@@ -115,22 +115,17 @@ def hot_loop(sass: str) -> collections.Counter:
 
 
 def _commit() -> str:
-    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    """HEAD, marked when calm_kernels has uncommitted changes (the counts are then of code not in that commit)."""
+    from bench._common import git_commit
+
     dirty = subprocess.run(["git", "status", "--porcelain", "calm_kernels"], cwd=ROOT, capture_output=True, text=True)
-    return run.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if run.returncode == 0 else "unknown"
+    return git_commit() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _loop_of(spec, arch: int) -> collections.Counter:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from calm_kernels.compile_check import compile_spec
 
-    from calm_kernels.compile_check import _full_signature
-
-    compiled = triton.compile(ASTSource(spec.kernel, _full_signature(spec), dict(spec.constexprs)),
-                              target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    return hot_loop(disassemble(compiled.asm["cubin"]))
+    return hot_loop(disassemble(compile_spec(spec, arch).asm["cubin"]))
 
 
 def _per_weight(spec, body: collections.Counter) -> float:

@@ -78,7 +78,7 @@ def _full_signature(s: CompileSpec) -> dict[str, str]:
     return out
 
 
-def _nvidia_tool(name: str) -> Path:
+def nvidia_tool(name: str) -> Path:
     import triton
 
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
@@ -89,7 +89,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([str(_nvidia_tool("cuobjdump")), "-res-usage", str(path)], capture_output=True,
+        text = subprocess.run([str(nvidia_tool("cuobjdump")), "-res-usage", str(path)], capture_output=True,
                               text=True, check=True).stdout
     usage = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
     if "reg" not in usage:
@@ -97,18 +97,23 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
-def compile_one(s: CompileSpec, arch: int) -> dict:
-    """Compile one spec for cuda:`arch`; a record with ok, registers, stack_bytes, shared_bytes (or error)."""
+def compile_spec(s: CompileSpec, arch: int):
+    """triton.compile of one spec for cuda:`arch`, no GPU needed (the result's .asm holds ptx and cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    return triton.compile(ASTSource(s.kernel, _full_signature(s), dict(s.constexprs)),
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": s.num_warps, "num_stages": s.num_stages})
+
+
+def compile_one(s: CompileSpec, arch: int) -> dict:
+    """Compile one spec for cuda:`arch`; a record with ok, registers, stack_bytes, shared_bytes (or error)."""
     record = {"kernel": s.kernel.__name__, "label": s.label, "arch": arch, "may_spill": s.may_spill}
     t0 = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(s.kernel, _full_signature(s), dict(s.constexprs)),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": s.num_warps, "num_stages": s.num_stages})
+        compiled = compile_spec(s, arch)
         usage = resource_usage(compiled.asm["cubin"])
         record.update(ok=True, registers=usage["reg"], stack_bytes=usage.get("stack", 0) + usage.get("local", 0),
                       shared_bytes=int(compiled.metadata.shared))

@@ -50,7 +50,6 @@ def test_counts_a_real_kernel_and_the_table_shows_it(tmp_path: Path):
     # The uniform 4-bit GEMV: at least the two FMAs per weight (dequantize, multiply-add) and a code extraction
     assert record["opcodes"]["FFMA"] * record["num_warps"] * 32 >= 2 * record["weights_per_iteration"]
     assert 3 < record["thread_instructions_per_weight"] < 40
-    assert record["H200"]["memory_floor_us"] < record["H100 SXM"]["memory_floor_us"]
 
     from bench import bench_tables
 

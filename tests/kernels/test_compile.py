@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from calm_kernels.compile_check import ARCHS, MODULES, problems
+
 pytest.importorskip("triton.backends.nvidia")
 
 REPO = Path(__file__).resolve().parents[2]
-ARCHS = (90, 100)
-MODULES = ("_cka_triton", "_kmeans_triton", "_qgemm_triton", "_rotated_triton")
 FULL_BY_DEFAULT = ("_cka_triton", "_kmeans_triton")
 
 
@@ -46,8 +46,6 @@ def compile_records(modules: list[str], full: bool, coverage: bool = False, time
 
 
 def failures(records: list[dict]) -> list[str]:
-    from calm_kernels.compile_check import problems
-
     return problems([r for r in records if "label" in r])
 
 
